@@ -1,0 +1,85 @@
+"""Every default key name bitro reads or writes, in one place.
+
+Functions take these as defaults for their ``*_key`` / ``key_added`` arguments, so that
+``bt.tl.fit`` and ``bt.pl.*`` find what ``bt.pp.*`` wrote without being told.
+
+Layout of a bitro SpatialData (one object may hold many sections; ``{s}`` is the section id):
+
+- images ``"{s}_image"``: H&E, ``(c, y, x)`` uint8 RGB, multiscale, chunked, read lazily.
+- coordinate systems: ``"{s}"`` is the full-resolution pixel grid of the section's image
+  (Identity from the image's scale0); ``"{s}_um"`` is the same section in micrometres
+  (a ``Scale`` by the pixel size). The pixel size (um/px) is read back from that transformation.
+- shapes ``"{s}_spots"``: spot circles (radius in pixels), index = spot id.
+- shapes ``"{s}_cells"``: cell (nucleus) polygons, index = cell id.
+- table ``"spots"``: spots x genes raw counts, annotating every ``"{s}_spots"`` element.
+- table ``"cells"``: the cell table, annotating every ``"{s}_cells"`` element.
+- table ``"bulk"``: one row per slide (bulk profile), ``.obs["sample"]`` names the section.
+
+All distances inside a section are in that section's pixels; micrometres are only used at the
+API boundary (parameters given in um are converted with the section's pixel size).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+
+class Key:
+    """Default key names (see the module docstring for the layout)."""
+
+    # --- SpatialData element naming -----------------------------------------------------
+    IMAGE_SUFFIX: Final = "_image"
+    SPOTS_SUFFIX: Final = "_spots"
+    CELLS_SUFFIX: Final = "_cells"
+    MICRONS_SUFFIX: Final = "_um"
+
+    SPOTS_TABLE: Final = "spots"
+    CELLS_TABLE: Final = "cells"
+    BULK_TABLE: Final = "bulk"
+
+    # --- .obs ----------------------------------------------------------------------------
+    SAMPLE: Final = "sample"
+    REGION: Final = "region"
+    SPOT_ID: Final = "spot_id"
+    CELL_ID: Final = "cell_id"
+    PHENOTYPE: Final = "phenotype"
+    ARRAY_ROW: Final = "array_row"
+    ARRAY_COL: Final = "array_col"
+
+    # --- .obsm ---------------------------------------------------------------------------
+    SPATIAL: Final = "spatial"
+    FEATURES_RAW: Final = "X_bitro_raw"
+    FEATURES: Final = "X_bitro"
+    PSEUDO_CELL: Final = "bitro_pseudo_cell"
+    ATTENTION: Final = "bitro_attention"
+
+    # --- .obsp (as squidpy writes them with key_added="spatial") ---------------------------
+    GRAPH: Final = "spatial"
+    CONNECTIVITIES: Final = "spatial_connectivities"
+    DISTANCES: Final = "spatial_distances"
+
+    # --- .layers -------------------------------------------------------------------------
+    PREDICTED: Final = "bitro_predicted"
+
+    # --- .uns ----------------------------------------------------------------------------
+    UNS: Final = "bitro"
+
+    @staticmethod
+    def image(sample: str) -> str:
+        """Image element name of a section."""
+        return f"{sample}{Key.IMAGE_SUFFIX}"
+
+    @staticmethod
+    def spots(sample: str) -> str:
+        """Spot shapes element name of a section."""
+        return f"{sample}{Key.SPOTS_SUFFIX}"
+
+    @staticmethod
+    def cells(sample: str) -> str:
+        """Cell shapes element name of a section."""
+        return f"{sample}{Key.CELLS_SUFFIX}"
+
+    @staticmethod
+    def microns(coordinate_system: str) -> str:
+        """Name of the micrometre coordinate system paired with a pixel coordinate system."""
+        return f"{coordinate_system}{Key.MICRONS_SUFFIX}"

@@ -1,0 +1,75 @@
+"""Small helpers shared by the subpackages: key checks, pixel sizes, lazy imports."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Mapping
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bitro._constants import Key
+
+if TYPE_CHECKING:
+    import xarray as xr
+    from spatialdata import SpatialData
+
+
+def check_key(container: Mapping[str, Any] | Iterable[str], key: str, what: str) -> None:
+    """Raise a :class:`KeyError` naming ``key`` and listing the keys that do exist."""
+    keys = list(container.keys()) if isinstance(container, Mapping) else list(container)
+    if key not in keys:
+        msg = f"{what} {key!r} not found. Available: {sorted(map(str, keys)) or 'none'}."
+        raise KeyError(msg)
+
+
+def import_optional(module: str, extra: str | None = None) -> ModuleType:
+    """Import ``module`` or raise an :class:`ImportError` saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        hint = f"pip install 'bitro[{extra}]'" if extra else f"pip install {module.split('.')[0]}"
+        msg = f"This function needs the package {module!r}, which could not be imported ({e}). Install it with `{hint}`."
+        raise ImportError(msg) from e
+
+
+def scale0(image: xr.DataArray | xr.DataTree) -> xr.DataArray:
+    """The full-resolution level of a single- or multiscale image element."""
+    import xarray as xr
+
+    if isinstance(image, xr.DataTree):
+        return next(iter(image["scale0"].values()))
+    return image
+
+
+def image_samples(sdata: SpatialData) -> list[str]:
+    """Section ids of every image named ``"{sample}_image"`` in ``sdata`` (in element order)."""
+    return [k[: -len(Key.IMAGE_SUFFIX)] for k in sdata.images if k.endswith(Key.IMAGE_SUFFIX)]
+
+
+def pixel_size(sdata: SpatialData, image_key: str, coordinate_system: str | None = None) -> float:
+    """Micrometres per pixel of an image's full-resolution level.
+
+    Read from the ``Scale`` from the image to the micrometre coordinate system ``"{cs}_um"``
+    that bitro's readers write (``cs`` defaults to the image's first pixel coordinate system).
+    """
+    from spatialdata.transformations import get_transformation
+
+    check_key(sdata.images, image_key, "Image")
+    transforms = get_transformation(sdata.images[image_key], get_all=True)
+    if coordinate_system is None:
+        pixel_cs = [cs for cs in transforms if not cs.endswith(Key.MICRONS_SUFFIX)]
+        coordinate_system = pixel_cs[0] if pixel_cs else next(iter(transforms))
+    um_cs = Key.microns(coordinate_system)
+    if um_cs not in transforms:
+        msg = (
+            f"Image {image_key!r} has no micrometre coordinate system {um_cs!r}, so its pixel size is unknown. "
+            f"Record it with `bitro.io.set_pixel_size(sdata, {image_key!r}, um_per_px)` "
+            f"(coordinate systems present: {sorted(transforms)})."
+        )
+        raise ValueError(msg)
+    to_um = transforms[um_cs].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    to_px = transforms[coordinate_system].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    # um per pixel of the pixel coordinate system = scale(image->um) / scale(image->pixel cs)
+    return float(np.sqrt(abs(np.linalg.det(to_um[:2, :2]))) / np.sqrt(abs(np.linalg.det(to_px[:2, :2]))))
