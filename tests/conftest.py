@@ -40,3 +40,63 @@ def caplog_bitro(caplog):
     logger.addHandler(caplog.handler)
     yield caplog
     logger.removeHandler(caplog.handler)
+
+
+def _toy_tl_tables(n_samples: int = 3, n_genes: int = 12, n_features: int = 8, seed: int = 0):
+    """Small spot + cell tables in the layout `bt.pp` writes, with expression driven by the cell features.
+
+    Cells of 3 types (features shifted by type) lie at random in each section; spots on a 4 x 4 grid
+    (100 um apart, radius 25 um, 0.5 um/px); a spot's counts are Poisson around the sum of its cells'
+    type profiles.
+    """
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import squidpy as sq
+
+    rng = np.random.default_rng(seed)
+    px, n_cells = 0.5, 500
+    profiles = rng.gamma(2.0, 2.0, size=(3, n_genes))
+    type_shift = rng.normal(0, 1.5, size=(3, n_features))
+    spot_list, cell_list = [], []
+    for s in range(n_samples):
+        sample = f"S{s}"
+        grid = np.array([(100 + 200 * i, 100 + 200 * j) for i in range(4) for j in range(4)], float)
+        ids = [f"{i}x{j}" for i in range(4) for j in range(4)]
+        xy = rng.uniform(0, 800, size=(n_cells, 2))
+        ctype = rng.integers(0, 3, n_cells)
+        d = np.linalg.norm(xy[:, None] - grid[None], axis=2)
+        spot = np.where(d.min(1) <= 50, np.array(ids, dtype=object)[d.argmin(1)], None)
+        obs = pd.DataFrame(
+            {"sample": sample, "spot_id": spot, "phenotype": pd.Categorical(ctype.astype(str))},
+            index=[f"{sample}_c{i}" for i in range(n_cells)],
+        )
+        c = ad.AnnData(obs=obs)
+        c.obsm["X_bitro"] = (rng.normal(size=(n_cells, n_features)) + type_shift[ctype]).astype(np.float32)
+        c.obsm["spatial"] = xy
+        cell_list.append(c)
+        lam = np.stack([profiles[ctype[spot == i]].sum(0) * 3 + 0.5 for i in ids])
+        counts = rng.poisson(lam).astype(np.float32)
+        a = ad.AnnData(counts, obs=pd.DataFrame({"sample": sample, "spot_id": ids}, index=[f"{sample}_{i}" for i in ids]))
+        a.var_names = [f"G{g}" for g in range(n_genes)]
+        a.obsm["spatial"] = grid
+        spot_list.append(a)
+    spots = ad.concat(spot_list)
+    cells = ad.concat(cell_list)
+    cells.obs["phenotype"] = cells.obs["phenotype"].astype("category")
+    cells.obs["sample"] = cells.obs["sample"].astype("category")
+    sq.gr.spatial_neighbors_knn(cells, library_key="sample", n_neighs=6)
+    cells.uns["bitro"] = {"pixel_size": {f"S{s}": px for s in range(n_samples)}}
+    return spots, cells
+
+
+@pytest.fixture(scope="session")
+def _toy_tl_cache():
+    return _toy_tl_tables()
+
+
+@pytest.fixture
+def toy_tl(_toy_tl_cache):
+    """(spots, cells) for `bt.tl` tests: fresh copies of a small session-cached toy data set."""
+    spots, cells = _toy_tl_cache
+    return spots.copy(), cells.copy()

@@ -14,6 +14,8 @@ Layout of a bitro SpatialData (one object may hold many sections; ``{s}`` is the
 - table ``"spots"``: spots x genes raw counts, annotating every ``"{s}_spots"`` element.
 - table ``"cells"``: the cell table, annotating every ``"{s}_cells"`` element.
 - table ``"bulk"``: one row per slide (bulk profile), ``.obs["sample"]`` names the section.
+- synthetic data only (:func:`bitro.datasets.synthetic`): shapes ``"{s}_true_nuclei"`` (ground-truth
+  nucleus polygons) and table ``"truth"`` (one row per true cell, ``.obs["cell_type"]``, true expression).
 
 All distances inside a section are in that section's pixels; micrometres are only used at the
 API boundary (parameters given in um are converted with the section's pixel size).
@@ -31,11 +33,15 @@ class Key:
     IMAGE_SUFFIX: Final = "_image"
     SPOTS_SUFFIX: Final = "_spots"
     CELLS_SUFFIX: Final = "_cells"
+    TRUE_NUCLEI_SUFFIX: Final = "_true_nuclei"
     MICRONS_SUFFIX: Final = "_um"
+    NORMALIZED_SUFFIX: Final = "_normalized"
+    TISSUE_SUFFIX: Final = "_tissue"
 
     SPOTS_TABLE: Final = "spots"
     CELLS_TABLE: Final = "cells"
     BULK_TABLE: Final = "bulk"
+    TRUTH_TABLE: Final = "truth"
 
     # --- .obs ----------------------------------------------------------------------------
     SAMPLE: Final = "sample"
@@ -43,6 +49,7 @@ class Key:
     SPOT_ID: Final = "spot_id"
     CELL_ID: Final = "cell_id"
     PHENOTYPE: Final = "phenotype"
+    CELL_TYPE: Final = "cell_type"
     ARRAY_ROW: Final = "array_row"
     ARRAY_COL: Final = "array_col"
 
@@ -63,6 +70,25 @@ class Key:
 
     # --- .uns ----------------------------------------------------------------------------
     UNS: Final = "bitro"
+    EVALUATION: Final = "bitro_eval"
+    # --- shapes columns and SpatialData.attrs[UNS] ----------------------------------------
+    AREA_UM2: Final = "area_um2"
+    SEGMENTATION: Final = "segmentation"
+    #: Morphology columns of the cell table (``bt.pp.extract_cells``); lengths in um.
+    MORPHOLOGY: Final = (
+        "area_um2",
+        "perimeter_um",
+        "major_axis_um",
+        "minor_axis_um",
+        "eccentricity",
+        "solidity",
+        "circularity",
+        "haematoxylin_nucleus",
+        "eosin_nucleus",
+        "haematoxylin_surround",
+        "eosin_surround",
+    )
+    PIXEL_SIZE: Final = "pixel_size"
 
     @staticmethod
     def image(sample: str) -> str:
@@ -78,6 +104,21 @@ class Key:
     def cells(sample: str) -> str:
         """Cell shapes element name of a section."""
         return f"{sample}{Key.CELLS_SUFFIX}"
+
+    @staticmethod
+    def true_nuclei(sample: str) -> str:
+        """Ground-truth nucleus shapes element name of a synthetic section."""
+        return f"{sample}{Key.TRUE_NUCLEI_SUFFIX}"
+
+    @staticmethod
+    def normalized(image_key: str) -> str:
+        """Name of the stain-normalised copy of an image element."""
+        return f"{image_key}{Key.NORMALIZED_SUFFIX}"
+
+    @staticmethod
+    def tissue(image_key: str) -> str:
+        """Name of the tissue mask (labels) of an image element, as squidpy's ``detect_tissue`` names it."""
+        return f"{image_key}{Key.TISSUE_SUFFIX}"
 
     @staticmethod
     def microns(coordinate_system: str) -> str:

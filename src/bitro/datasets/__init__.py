@@ -1,1 +1,6 @@
-"""bitro.datasets."""
+"""bitro.datasets: the real HER2ST sections (bundled) and synthetic data."""
+
+from bitro.datasets._her2st import her2st, her2st_genes
+from bitro.datasets._synthetic import synthetic
+
+__all__ = ["her2st", "her2st_genes", "synthetic"]

@@ -7,7 +7,7 @@ Used by every reader (:func:`bitro.io.read_st`, :func:`bitro.io.read_wsi`) and b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -59,6 +59,27 @@ def image_element(
     )
 
 
+def pyramid_image_element(levels: Sequence[da.Array], sample: str, pixel_size: float) -> xr.DataTree:
+    """A multiscale RGB image element from ready-made pyramid levels (``(c, y, x)`` uint8 dask arrays, largest first).
+
+    For files that store their own pyramid (whole-slide TIFF/SVS): every stored level becomes a level
+    of the element, nothing is resampled. Level ``k`` maps to full-resolution pixels by the ratio of
+    the level sizes (which need not be a power of 2).
+    """
+    from spatialdata.models import Image2DModel
+    from spatialdata.models.pyramids_utils import dask_arrays_to_datatree
+    from spatialdata.transformations import set_transformation
+
+    # the coordinates (pixel centres in full-resolution units) that spatialdata itself gives read-back images
+    from spatialdata.transformations._utils import compute_coordinates
+
+    tree = dask_arrays_to_datatree(list(levels), dims=("c", "y", "x"), channels=["r", "g", "b"])
+    set_transformation(tree, section_transformations(sample, pixel_size), set_all=True)
+    tree = compute_coordinates(tree)
+    Image2DModel().validate(tree)
+    return tree
+
+
 def spots_element(xy: np.ndarray, radius_px: float | np.ndarray, spot_ids: Sequence[str], sample: str, pixel_size: float):
     """Spot circles (centres in pixels, radius in pixels), indexed by spot id."""
     from spatialdata.models import ShapesModel
@@ -73,12 +94,19 @@ def spots_element(xy: np.ndarray, radius_px: float | np.ndarray, spot_ids: Seque
     )
 
 
-def spots_table(adatas: Sequence[AnnData]) -> AnnData:
-    """Concatenate per-section spot AnnDatas into the ``"spots"`` table annotating every ``"{s}_spots"``.
+def polygons_element(
+    polygons: Sequence, ids: Sequence[str], sample: str, pixel_size: float, *, index_name: str = Key.CELL_ID
+):
+    """Polygon shapes (shapely polygons, vertices in pixels), indexed by ``ids``."""
+    import geopandas as gpd
+    from spatialdata.models import ShapesModel
 
-    Each input needs ``.obs["sample"]`` and ``.obsm["spatial"]``; its ``obs_names`` are the spot ids
-    of ``"{sample}_spots"``.
-    """
+    gdf = gpd.GeoDataFrame(geometry=list(polygons), index=pd.Index(list(ids), name=index_name))
+    return ShapesModel.parse(gdf, transformations=section_transformations(sample, pixel_size))
+
+
+def _annotating_table(adatas: Sequence[AnnData], element: Callable[[str], str], instance_key: str) -> AnnData:
+    """Concatenate per-section AnnDatas into one table annotating the element ``element(sample)`` of each."""
     import anndata as ad
     from spatialdata.models import TableModel
 
@@ -86,16 +114,45 @@ def spots_table(adatas: Sequence[AnnData]) -> AnnData:
     for a in adatas:
         a = a.copy()
         sample = str(a.obs[Key.SAMPLE].iloc[0])
-        a.obs[Key.REGION] = Key.spots(sample)
-        a.obs[Key.SPOT_ID] = a.obs_names.astype(str)
+        a.obs[Key.REGION] = element(sample)
+        a.obs[instance_key] = a.obs_names.astype(str)
         tables.append(a)
     table = ad.concat(tables, join="outer", fill_value=0, merge="same", uns_merge="first")
-    table.obs_names = [f"{s}_{i}" for s, i in zip(table.obs[Key.SAMPLE], table.obs[Key.SPOT_ID], strict=True)]
+    table.obs_names = [f"{s}_{i}" for s, i in zip(table.obs[Key.SAMPLE], table.obs[instance_key], strict=True)]
     table.obs[Key.SAMPLE] = pd.Categorical(table.obs[Key.SAMPLE])
     table.obs[Key.REGION] = pd.Categorical(table.obs[Key.REGION])
     return TableModel.parse(
-        table, region=list(table.obs[Key.REGION].cat.categories), region_key=Key.REGION, instance_key=Key.SPOT_ID
+        table, region=list(table.obs[Key.REGION].cat.categories), region_key=Key.REGION, instance_key=instance_key
     )
+
+
+def spots_table(adatas: Sequence[AnnData]) -> AnnData:
+    """Concatenate per-section spot AnnDatas into the ``"spots"`` table annotating every ``"{s}_spots"``.
+
+    Each input needs ``.obs["sample"]`` and ``.obsm["spatial"]``; its ``obs_names`` are the spot ids
+    of ``"{sample}_spots"``.
+    """
+    return _annotating_table(adatas, Key.spots, Key.SPOT_ID)
+
+
+def cells_table(adatas: Sequence[AnnData], *, element: Callable[[str], str] = Key.cells) -> AnnData:
+    """Concatenate per-section cell AnnDatas into a table annotating every ``element(sample)`` (``"{s}_cells"``).
+
+    Each input needs ``.obs["sample"]`` and ``.obsm["spatial"]``; its ``obs_names`` are the cell ids
+    (the index of the cell shapes element).
+    """
+    return _annotating_table(adatas, element, Key.CELL_ID)
+
+
+def bulk_table(counts: np.ndarray, samples: Sequence[str], genes: Sequence[str]) -> AnnData:
+    """The ``"bulk"`` table: one row of raw counts (sparse CSR, float32) per slide, ``.obs["sample"]`` its id."""
+    import anndata as ad
+    import scipy.sparse as sp
+    from spatialdata.models import TableModel
+
+    obs = pd.DataFrame({Key.SAMPLE: pd.Categorical(list(samples))}, index=pd.Index(list(samples)))
+    X = sp.csr_matrix(np.asarray(counts, dtype=np.float32))
+    return TableModel.parse(ad.AnnData(X, obs=obs, var=pd.DataFrame(index=pd.Index(list(genes)))))
 
 
 def section_sdata(sample: str, image: xr.DataTree, spots=None, table: AnnData | None = None) -> SpatialData:

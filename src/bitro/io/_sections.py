@@ -3,6 +3,21 @@
 bitro's own readers write the layout described in :mod:`bitro._constants`; objects made by
 spatialdata-io (Visium, Visium HD, Xenium) or by hand are accepted too, as long as each section
 has one H&E image, a pixel coordinate system and a recorded pixel size (see :func:`set_pixel_size`).
+
+What a section needs (see also :mod:`bitro.io`):
+
+- image: ``(c, y, x)`` uint8 RGB, single- or multiscale, with an Identity transformation to the
+  section's pixel coordinate system ``cs``. Images named ``"*_image"`` are taken (bitro's
+  ``"{s}_image"``, spatialdata-io's ``"{id}_full_image"``), else the largest identity image of each
+  coordinate system. An image that maps into ``cs`` by a scaling while a larger image is the identity
+  image of ``cs`` is a downscaled copy (spatialdata-io's ``"{id}_hires_image"``, ``"{id}_lowres_image"``)
+  and is skipped.
+- section id: ``s`` for bitro's ``"{s}_image"`` in coordinate system ``"{s}"``; otherwise the
+  coordinate system name (spatialdata-io names it after the dataset, e.g. ``"visium_ds"``), or the
+  image name without ``"_image"`` when the coordinate system is the generic ``"global"``.
+- pixel size: a transformation to ``"{cs}_um"`` (written by bitro's readers, or by
+  :func:`set_pixel_size` for objects from elsewhere).
+- spots (optional): ``"{s}_spots"``, else the one circles element (Points + ``radius`` in pixels) in ``cs``.
 """
 
 from __future__ import annotations
@@ -70,6 +85,47 @@ def _is_circles(gdf) -> bool:
     return "radius" in gdf.columns and len(gdf) > 0 and bool((gdf.geometry.geom_type == "Point").all())
 
 
+def _is_downscaled_copy(sdata: SpatialData, key: str) -> bool:
+    """Whether ``key`` maps by a non-identity (scaling) transformation into a coordinate system whose
+    identity image is larger.
+
+    spatialdata-io's ``"{id}_hires_image"`` and ``"{id}_lowres_image"`` are such copies of
+    ``"{id}_full_image"``: all three are in the coordinate system ``"{id}"``.
+    """
+    image = sdata.images[key]
+    for cs in _pixel_coordinate_systems(image):
+        if _is_identity(image, cs):
+            continue
+        for other, img in sdata.images.items():
+            if other != key and _n_pixels(img) > _n_pixels(image) and cs in _pixel_coordinate_systems(img):
+                if _is_identity(img, cs):
+                    return True
+    return False
+
+
+def _section_images(sdata: SpatialData) -> list[str]:
+    """The H&E image of every section: the images named ``"*_image"`` (bitro and spatialdata-io name them so),
+    else the largest identity image of each pixel coordinate system; downscaled copies are left out."""
+    keys = [k for k in sdata.images if k.endswith(Key.IMAGE_SUFFIX)]
+    if not keys:
+        best: dict[str, tuple[int, str]] = {}
+        for k, img in sdata.images.items():
+            for cs in _pixel_coordinate_systems(img):
+                if _is_identity(img, cs) and _n_pixels(img) > best.get(cs, (-1, ""))[0]:
+                    best[cs] = (_n_pixels(img), k)
+        keys = list(dict.fromkeys(k for _, k in best.values()))
+    return [k for k in keys if not _is_downscaled_copy(sdata, k)]
+
+
+def _sample_name(image_key: str, coordinate_system: str, systems: list[str]) -> str:
+    """Section id: ``"{s}"`` for bitro's ``"{s}_image"`` in coordinate system ``"{s}"``; else the coordinate
+    system (spatialdata-io names it after the dataset), unless that is the generic ``"global"``."""
+    prefix = image_key.removesuffix(Key.IMAGE_SUFFIX)
+    if prefix in systems or coordinate_system == "global":
+        return prefix
+    return coordinate_system
+
+
 def get_sections(
     sdata: SpatialData,
     *,
@@ -85,10 +141,9 @@ def get_sections(
     sdata
         The SpatialData object.
     image_key
-        Use only this image (one section). By default every image named ``"{sample}_image"``;
-        if there is none, the largest image of each pixel coordinate system (the
-        spatialdata-io Visium/Xenium layout, where the full-resolution H&E is the one image of
-        its coordinate system with an identity transformation).
+        Use only this image (one section). By default every image named ``"*_image"``, or if
+        there is none the largest identity image of each pixel coordinate system, leaving out
+        downscaled copies (spatialdata-io's ``"{id}_hires_image"`` beside ``"{id}_full_image"``).
     spots_key
         Spot circles of the section; by default ``"{sample}_spots"`` or the one circles element
         in the section's coordinate system.
@@ -107,14 +162,7 @@ def get_sections(
         check_key(sdata.images, image_key, "Image")
         image_keys = [image_key]
     else:
-        image_keys = [k for k in sdata.images if k.endswith(Key.IMAGE_SUFFIX)]
-        if not image_keys:  # spatialdata-io layout: the largest image of each coordinate system
-            best: dict[str, tuple[int, str]] = {}
-            for k, img in sdata.images.items():
-                for cs in _pixel_coordinate_systems(img):
-                    if _is_identity(img, cs) and _n_pixels(img) > best.get(cs, (-1, ""))[0]:
-                        best[cs] = (_n_pixels(img), k)
-            image_keys = list(dict.fromkeys(k for _, k in best.values()))
+        image_keys = _section_images(sdata)
     if not image_keys:
         msg = f"No image found in the SpatialData (images: {list(sdata.images) or 'none'}). Add an H&E image first."
         raise ValueError(msg)
@@ -127,7 +175,7 @@ def get_sections(
         if cs not in systems:
             msg = f"Image {key!r} is not in coordinate system {cs!r}; its coordinate systems are {systems}."
             raise ValueError(msg)
-        sample = key[: -len(Key.IMAGE_SUFFIX)] if key.endswith(Key.IMAGE_SUFFIX) else cs
+        sample = _sample_name(key, cs, systems)
         if samples is not None and sample not in samples:
             continue
         sk = spots_key

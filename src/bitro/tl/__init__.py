@@ -1,1 +1,11 @@
-"""bitro.tl."""
+"""bitro.tl: train BiTro models, predict, save and load them.
+
+torch and torch_geometric are imported inside the functions, not here.
+"""
+
+from bitro.tl._evaluate import evaluate
+from bitro.tl._fit import fit
+from bitro.tl._persist import BitroModel, load_model
+from bitro.tl._predict import predict
+
+__all__ = ["BitroModel", "evaluate", "fit", "load_model", "predict"]

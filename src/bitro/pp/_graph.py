@@ -1,0 +1,87 @@
+"""The cell kNN graph, built by squidpy within each sample."""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from bitro._constants import Key
+from bitro._utils import check_key
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+
+def spatial_graph(
+    cells: AnnData,
+    *,
+    n_neighs: int = 8,
+    library_key: str = Key.SAMPLE,
+    spatial_key: str = Key.SPATIAL,
+    key_added: str = Key.GRAPH,
+) -> None:
+    """Connect each cell to its ``n_neighs`` nearest cells of the same sample.
+
+    A thin wrapper of :func:`squidpy.gr.spatial_neighbors_knn` with ``library_key`` set, so no
+    edge joins two sections, and a check that every sample has enough cells.
+
+    Parameters
+    ----------
+    cells
+        The cell table from :func:`bitro.pp.extract_cells`.
+    n_neighs
+        Neighbours per cell.
+    library_key
+        Column of ``.obs`` naming the sample of each cell.
+    spatial_key
+        Coordinates in ``.obsm`` (section pixels).
+    key_added
+        Prefix of the keys squidpy writes.
+
+    Returns
+    -------
+    Nothing; sets ``cells.obsp["{key_added}_connectivities"]``, ``cells.obsp["{key_added}_distances"]``
+    and ``cells.uns["{key_added}_neighbors"]`` as squidpy writes them, and records the parameters in
+    ``cells.uns["bitro"]["spatial_graph"]``.
+
+    Examples
+    --------
+    >>> bt.pp.spatial_graph(cells, n_neighs=8)  # doctest: +SKIP
+    >>> cells.obsp["spatial_connectivities"]  # doctest: +SKIP
+    """
+    import squidpy as sq
+
+    check_key(cells.obs, library_key, "`.obs` column")
+    check_key(cells.obsm, spatial_key, "`.obsm` key")
+    if not (int(n_neighs) == n_neighs and n_neighs >= 1):
+        msg = f"`n_neighs` must be a positive integer, got {n_neighs!r}."
+        raise ValueError(msg)
+    counts = cells.obs[library_key].astype(str).value_counts()
+    small = counts[(counts > 0) & (counts <= n_neighs)]
+    if len(small):
+        msg = (
+            f"Samples {dict(small)} have no more than n_neighs={n_neighs} cells, too few for a {n_neighs}-NN graph. "
+            "Lower `n_neighs` or drop those samples."
+        )
+        raise ValueError(msg)
+    params = {"n_neighs": int(n_neighs), "library_key": library_key, "spatial_key": spatial_key, "key_added": key_added}
+    if cells.n_obs == 0:
+        from scipy import sparse
+
+        warnings.warn("The cell table is empty: the graph has no edges.", UserWarning, stacklevel=2)
+        cells.obsp[f"{key_added}_connectivities"] = sparse.csr_matrix((0, 0), dtype=np.float32)
+        cells.obsp[f"{key_added}_distances"] = sparse.csr_matrix((0, 0), dtype=np.float64)
+        cells.uns[f"{key_added}_neighbors"] = {
+            "connectivities_key": f"{key_added}_connectivities",
+            "distances_key": f"{key_added}_distances",
+            "params": params,
+        }
+    else:
+        if not cells.obs[library_key].dtype == "category":
+            cells.obs[library_key] = cells.obs[library_key].astype("category")
+        sq.gr.spatial_neighbors_knn(
+            cells, spatial_key=spatial_key, library_key=library_key, n_neighs=int(n_neighs), key_added=key_added
+        )
+    cells.uns.setdefault(Key.UNS, {})["spatial_graph"] = params

@@ -1,0 +1,126 @@
+"""Cell phenotypes: K-means on the reduced cell features, reusable on new slides."""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from bitro._constants import Key
+from bitro._logging import logger
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+_PARAMS = "phenotypes"
+
+
+def _reference_centroids(reference: AnnData | np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    from anndata import AnnData
+
+    if isinstance(reference, AnnData):
+        record = reference.uns.get(Key.UNS, {}).get(_PARAMS)
+        if record is None or "centroids" not in record:
+            msg = (
+                f"The reference AnnData has no `.uns[{Key.UNS!r}][{_PARAMS!r}]['centroids']`: pass a cell table on "
+                "which `bt.pp.phenotypes` was run."
+            )
+            raise ValueError(msg)
+        return np.asarray(record["centroids"], dtype=np.float64), reference.uns[Key.UNS].get("extract_cells", {})
+    centroids = np.asarray(reference, dtype=np.float64)
+    if centroids.ndim != 2 or len(centroids) == 0:
+        msg = f"`reference` must be a cell table or a (n_clusters, n_features) array of centroids, got shape {centroids.shape}."
+        raise ValueError(msg)
+    return centroids, {}
+
+
+def phenotypes(
+    cells: AnnData,
+    *,
+    n_clusters: int = 8,
+    reference: AnnData | np.ndarray | None = None,
+    use_rep: str = Key.FEATURES,
+    key_added: str = Key.PHENOTYPE,
+    random_state: int = 0,
+) -> None:
+    """Cluster cells into phenotypes by K-means on their reduced features.
+
+    Parameters
+    ----------
+    cells
+        The cell table from :func:`bitro.pp.extract_cells`.
+    n_clusters
+        Number of phenotypes (ignored with ``reference``).
+    reference
+        A cell table on which this function ran (or its centroids): new cells are assigned to the
+        nearest stored centroid instead of fitting new ones, so phenotype ``k`` means the same on
+        every slide. The features must come from the same PCA (``extract_cells(..., reference=...)``).
+    use_rep
+        Features in ``.obsm`` to cluster.
+    key_added
+        Column of ``.obs`` for the phenotypes.
+    random_state
+        Seed of K-means.
+
+    Returns
+    -------
+    Nothing; sets ``cells.obs[key_added]`` (categorical ``"0"``, ``"1"``, ...) and
+    ``cells.uns["bitro"]["phenotypes"]`` (parameters and ``"centroids"``).
+
+    Examples
+    --------
+    >>> bt.pp.phenotypes(cells, n_clusters=8)  # doctest: +SKIP
+    >>> bt.pp.phenotypes(new_cells, reference=cells)  # doctest: +SKIP
+    """
+    from bitro._utils import check_key
+
+    check_key(cells.obsm, use_rep, "`.obsm` key")
+    x = np.asarray(cells.obsm[use_rep], dtype=np.float64)
+    if reference is not None:
+        centroids, ref_cells = _reference_centroids(reference)
+        if centroids.shape[1] != x.shape[1]:
+            msg = (
+                f"The reference centroids have {centroids.shape[1]} features but `.obsm[{use_rep!r}]` has {x.shape[1]}. "
+                "Extract the cells with `bt.pp.extract_cells(..., reference=<training cell table>)`."
+            )
+            raise ValueError(msg)
+        own = cells.uns.get(Key.UNS, {}).get("extract_cells", {})
+        if "reducer" in ref_cells and "reducer" in own:
+            a, b = np.asarray(ref_cells["reducer"]["pca_components"]), np.asarray(own["reducer"]["pca_components"])
+            if a.shape != b.shape or not np.allclose(a, b):
+                msg = (
+                    "These cells' features come from a different PCA than the reference's, so the centroids do not "
+                    "apply. Extract them with `bt.pp.extract_cells(..., reference=<training cell table>)`."
+                )
+                raise ValueError(msg)
+        n_clusters = len(centroids)
+    elif not (int(n_clusters) == n_clusters and 1 <= n_clusters and (n_clusters <= len(x) or len(x) == 0)):
+        msg = f"`n_clusters` must be an integer from 1 to the number of cells ({len(x)}), got {n_clusters!r}."
+        raise ValueError(msg)
+
+    categories = [str(k) for k in range(int(n_clusters))]
+    if len(x) == 0:
+        warnings.warn("The cell table is empty: no phenotypes assigned.", UserWarning, stacklevel=2)
+        labels = np.zeros(0, dtype=int)
+        centroids = centroids if reference is not None else np.zeros((0, x.shape[1]))
+    elif reference is not None:
+        from scipy.spatial import cKDTree
+
+        labels = cKDTree(centroids).query(x, k=1)[1]
+    else:
+        from sklearn.cluster import KMeans
+
+        km = KMeans(n_clusters=int(n_clusters), n_init=10, random_state=random_state).fit(x)
+        labels, centroids = km.labels_, km.cluster_centers_
+    cells.obs[key_added] = pd.Categorical.from_codes(labels, categories=categories)
+    cells.uns.setdefault(Key.UNS, {})[_PARAMS] = {
+        "n_clusters": int(n_clusters),
+        "use_rep": use_rep,
+        "key_added": key_added,
+        "random_state": int(random_state),
+        "fitted_on": "reference" if reference is not None else "these cells",
+        "centroids": np.asarray(centroids, dtype=np.float64),
+    }
+    logger.info("Phenotypes %r: %d clusters over %d cells.", key_added, int(n_clusters), len(x))

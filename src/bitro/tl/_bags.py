@@ -1,0 +1,234 @@
+"""Bags of cells: which cells make each prediction, their tissue context, and batching.
+
+A *bag* is what one prediction is pooled over: the cells inside one spot (``target="spot"``) or all cells
+of a slide (``target="bulk"``). A bag is a list of *sequences*, the units the Transformer attends within:
+
+- spot bag: one sequence, the spot's cells (pooled) followed by *context* cells, the cells within
+  ``context_radius`` micrometres of the spot centre that are not in the spot. The Transformer attends to
+  them, the pooling does not. At most ``max_context`` context cells, subsampled deterministically
+  (evenly along their distance to the centre), so a spot's bag never depends on other spots.
+- bulk bag: the slide's cells cut into spatially contiguous chunks of about ``chunk_size`` cells, one
+  sequence each, all pooled. Training samples a few chunks per slide and step (memory stays bounded for
+  any slide size); prediction uses every chunk (see :func:`bitro.tl.predict`).
+
+Positions are micrometres relative to the sequence centre (spot centre, chunk centre).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from bitro._constants import Key
+from bitro._logging import logger
+from bitro._utils import check_key
+
+
+@dataclass
+class Seq:
+    """One sequence of a bag: cell rows (pooled cells first), how many are pooled, centre (um)."""
+
+    cells: np.ndarray
+    n_pool: int
+    centre: np.ndarray
+
+
+@dataclass
+class CellData:
+    """What the model reads from the cell table, as arrays."""
+
+    features: np.ndarray
+    xy_um: np.ndarray
+    sample: np.ndarray
+    spot_id: np.ndarray
+    phenotype: np.ndarray
+    adjacency: sp.csr_matrix
+    pixel_size: dict[str, float]
+
+    @property
+    def n_features(self) -> int:
+        """Feature dimension."""
+        return int(self.features.shape[1])
+
+
+def _missing(values: pd.Series) -> np.ndarray:
+    return values.isna().to_numpy() | (values.astype(str).to_numpy() == "")
+
+
+def cell_data(cells: AnnData, *, feature_key: str = Key.FEATURES, need_phenotype: bool = False) -> CellData:
+    """Check the cell table and read it into a :class:`CellData` (raises before any work on bad input)."""
+    if not isinstance(cells, AnnData):
+        msg = f"The cell table must be an AnnData, got {type(cells).__name__}. Pass `cells=sdata['cells']`."
+        raise TypeError(msg)
+    check_key(cells.obsm, feature_key, "Cell features .obsm")
+    check_key(cells.obsm, Key.SPATIAL, "Cell centroids .obsm")
+    check_key(cells.obs.columns, Key.SAMPLE, "Cell table column .obs")
+    check_key(cells.obsp, Key.CONNECTIVITIES, "Cell kNN graph .obsp (run `bt.pp.spatial_graph`)")
+    if need_phenotype:
+        check_key(cells.obs.columns, Key.PHENOTYPE, "Cell phenotypes .obs (run `bt.pp.phenotypes` or set cluster_weight=0)")
+    features = np.asarray(cells.obsm[feature_key], dtype=np.float32)
+    if features.ndim != 2 or not np.isfinite(features).all():
+        msg = f"Cell features .obsm[{feature_key!r}] must be a finite 2-D array (cells x features)."
+        raise ValueError(msg)
+    samples = cells.obs[Key.SAMPLE].astype(str).to_numpy()
+    sizes = cells.uns.get(Key.UNS, {}).get("pixel_size", {})
+    lacking = sorted(set(samples) - set(map(str, sizes)))
+    if lacking:
+        msg = (
+            f"The cell table has no pixel size for samples {lacking}: expected "
+            f"`cells.uns[{Key.UNS!r}]['pixel_size'] = {{sample: um_per_px}}` (written by `bt.pp.extract_cells`)."
+        )
+        raise KeyError(msg)
+    pixel_size = {str(k): float(v) for k, v in sizes.items()}
+    xy = np.asarray(cells.obsm[Key.SPATIAL], dtype=np.float64)[:, :2]
+    xy_um = xy * np.array([pixel_size[s] for s in samples])[:, None]
+    spot = cells.obs[Key.SPOT_ID] if Key.SPOT_ID in cells.obs else pd.Series([""] * cells.n_obs, index=cells.obs_names)
+    spot_id = np.where(_missing(spot), "", spot.astype(str).to_numpy()).astype(object)
+    if Key.PHENOTYPE in cells.obs:
+        ph = cells.obs[Key.PHENOTYPE].astype("category").cat.codes.to_numpy().astype(np.int64)
+    else:
+        ph = np.full(cells.n_obs, -1, dtype=np.int64)
+    adjacency = sp.csr_matrix(cells.obsp[Key.CONNECTIVITIES])
+    return CellData(features, xy_um, samples, spot_id, ph, adjacency, pixel_size)
+
+
+def spot_bags(
+    spots: AnnData, cells: CellData, *, context_radius: float, max_context: int
+) -> list[list[Seq] | None]:
+    """One bag per row of the spot table (``None`` for spots that contain no cell).
+
+    Spots are matched to cells by ``(.obs["sample"], .obs["spot_id"])`` (the spot table's ``obs_names``
+    when it has no ``"spot_id"`` column); spot centres are ``.obsm["spatial"]`` in the section's pixels.
+    """
+    from scipy.spatial import cKDTree
+
+    check_key(spots.obs.columns, Key.SAMPLE, "Spot table column .obs")
+    check_key(spots.obsm, Key.SPATIAL, "Spot centres .obsm")
+    s_sample = spots.obs[Key.SAMPLE].astype(str).to_numpy()
+    lacking = sorted(set(s_sample) - set(cells.pixel_size))
+    if lacking:
+        msg = f"Spot samples {lacking} have no cells in the cell table (samples there: {sorted(set(cells.sample))})."
+        raise KeyError(msg)
+    s_id = (spots.obs[Key.SPOT_ID] if Key.SPOT_ID in spots.obs else spots.obs_names.to_series()).astype(str).to_numpy()
+    centres = np.asarray(spots.obsm[Key.SPATIAL], dtype=np.float64)[:, :2]
+    bags: list[list[Seq] | None] = [None] * spots.n_obs
+    for sample in pd.unique(s_sample):
+        rows = np.flatnonzero(s_sample == sample)
+        cell_rows = np.flatnonzero(cells.sample == sample)
+        members = pd.Series(cell_rows).groupby(cells.spot_id[cell_rows]).agg(list).to_dict()
+        tree = cKDTree(cells.xy_um[cell_rows]) if context_radius > 0 and len(cell_rows) else None
+        for r in rows:
+            pooled = np.asarray(members.get(s_id[r], []), dtype=np.int64)
+            if not len(pooled):
+                continue
+            centre = centres[r] * cells.pixel_size[sample]
+            context = np.empty(0, dtype=np.int64)
+            if tree is not None and max_context > 0:
+                near = cell_rows[tree.query_ball_point(centre, context_radius)]
+                near = near[cells.spot_id[near] != s_id[r]]
+                if len(near) > max_context:
+                    order = np.argsort(np.linalg.norm(cells.xy_um[near] - centre, axis=1), kind="stable")
+                    near = near[order[np.linspace(0, len(near) - 1, max_context).round().astype(int)]]
+                context = np.sort(near)
+            bags[r] = [Seq(np.concatenate([pooled, context]), len(pooled), centre)]
+    n_empty = sum(b is None for b in bags)
+    if n_empty:
+        logger.info(f"{n_empty} of {spots.n_obs} spots contain no cell and are skipped.")
+    return bags
+
+
+def chunk_cells(xy_um: np.ndarray, chunk_size: int) -> list[np.ndarray]:
+    """Split cells into spatially contiguous chunks of at most ``chunk_size`` (recursive median splits)."""
+    out: list[np.ndarray] = []
+    stack = [np.arange(len(xy_um))]
+    while stack:
+        idx = stack.pop()
+        if len(idx) <= chunk_size:
+            out.append(idx)
+            continue
+        pts = xy_um[idx]
+        axis = int(np.argmax(pts.max(0) - pts.min(0)))
+        order = idx[np.argsort(pts[:, axis], kind="stable")]
+        half = len(order) // 2
+        stack.extend([order[half:], order[:half]])
+    return out
+
+
+def bulk_bags(bulk: AnnData, cells: CellData, *, chunk_size: int) -> list[list[Seq]]:
+    """One bag per row of the bulk table: all cells of its ``.obs["sample"]``, in chunks."""
+    check_key(bulk.obs.columns, Key.SAMPLE, "Bulk table column .obs")
+    b_sample = bulk.obs[Key.SAMPLE].astype(str).to_numpy()
+    lacking = sorted(set(b_sample) - set(cells.sample))
+    if lacking:
+        msg = f"Bulk samples {lacking} have no cells in the cell table (samples there: {sorted(set(cells.sample))})."
+        raise KeyError(msg)
+    bags = []
+    for sample in b_sample:
+        rows = np.flatnonzero(cells.sample == sample)
+        seqs = []
+        for part in chunk_cells(cells.xy_um[rows], chunk_size):
+            c = rows[np.sort(part)]
+            seqs.append(Seq(c, len(c), cells.xy_um[c].mean(0)))
+        bags.append(seqs)
+    return bags
+
+
+def _drop(seq: Seq, rate: float, rng: np.random.Generator) -> Seq:
+    keep = rng.random(len(seq.cells)) >= rate
+    keep[: seq.n_pool] |= ~keep[: seq.n_pool].any() & (np.arange(seq.n_pool) == 0)  # keep one pooled cell
+    return Seq(seq.cells[keep], int(keep[: seq.n_pool].sum()), seq.centre)
+
+
+def collate(
+    bags: Sequence[Sequence[Seq]],
+    cells: CellData,
+    *,
+    rng: np.random.Generator | None = None,
+    cell_dropout: float = 0.0,
+    max_cells: int | None = None,
+):
+    """Flat :class:`~bitro.tl._model.Batch` of ``bags``.
+
+    With ``rng`` (training): each bag keeps a random subset of its sequences of at most ``max_cells``
+    cells (bulk), and each cell is dropped with probability ``cell_dropout`` (one pooled cell always stays).
+    """
+    import torch
+
+    from bitro.tl._model import Batch
+
+    seqs, seq_bag = [], []
+    for b, bag in enumerate(bags):
+        chosen = list(bag)
+        if rng is not None and max_cells is not None and len(chosen) > 1:
+            order = rng.permutation(len(chosen))
+            sizes = np.cumsum([len(chosen[i].cells) for i in order])
+            chosen = [chosen[i] for i in np.sort(order[: max(1, int((sizes <= max_cells).sum()))])]
+        if rng is not None and cell_dropout > 0:
+            chosen = [_drop(s, cell_dropout, rng) for s in chosen]
+        seqs.extend(chosen)
+        seq_bag.extend([b] * len(chosen))
+    idx = np.concatenate([s.cells for s in seqs])
+    lengths = np.array([len(s.cells) for s in seqs])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    pool = np.concatenate([np.arange(len(s.cells)) < s.n_pool for s in seqs])
+    pos = cells.xy_um[idx] - np.repeat(np.stack([s.centre for s in seqs]), lengths, axis=0)
+    edges = []
+    for s, start in zip(seqs, starts, strict=True):
+        sub = cells.adjacency[s.cells][:, s.cells].tocoo()
+        edges.append(np.stack([sub.col, sub.row]) + start)  # messages flow from neighbour (col) to cell (row)
+    return Batch(
+        x=torch.from_numpy(cells.features[idx]),
+        pos=torch.from_numpy(pos.astype(np.float32)),
+        edge_index=torch.from_numpy(np.concatenate(edges, axis=1).astype(np.int64)),
+        seq=torch.from_numpy(np.repeat(np.arange(len(seqs)), lengths)),
+        pool=torch.from_numpy(pool),
+        bag=torch.from_numpy(np.asarray(seq_bag, dtype=np.int64)),
+        n_bags=len(bags),
+        phenotype=torch.from_numpy(cells.phenotype[idx]),
+        cell=torch.from_numpy(idx),
+    )

@@ -1,0 +1,241 @@
+"""Score predictions against the observed expression: PCC_overall, PCC_gene, JS divergence."""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from bitro._constants import Key
+from bitro._logging import logger
+from bitro.tl._metrics import js_divergence, pcc_per_gene, pcc_per_obs
+from bitro.tl._targets import SCALES, Scale, check_counts, check_scale, dense, to_scale
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+#: Rows transformed at a time when bringing raw counts to the prediction's scale (bounds memory).
+_CHUNK_ROWS = 512
+
+
+def resolve_table(data: AnnData | SpatialData, table_key: str) -> AnnData:
+    """The AnnData itself, or the table ``table_key`` of a SpatialData."""
+    from anndata import AnnData
+
+    if isinstance(data, AnnData):
+        return data
+    tables = getattr(data, "tables", None)
+    if tables is None:
+        msg = f"Expected an AnnData or a SpatialData, got {type(data).__name__}."
+        raise TypeError(msg)
+    if table_key not in tables:
+        msg = f"Table {table_key!r} not found in the SpatialData. Available tables: {sorted(tables) or 'none'}."
+        raise KeyError(msg)
+    return tables[table_key]
+
+
+def predicted_genes(adata: AnnData, layer: str) -> np.ndarray:
+    """Indices of the genes a prediction layer holds.
+
+    The columns of the DataFrame :func:`bitro.tl.predict` writes beside the layer
+    (``.obsm[layer]``) when present, otherwise every gene with at least one finite predicted value.
+    """
+    if layer not in adata.layers:
+        msg = (
+            f"No predictions in `.layers[{layer!r}]` (layers: {sorted(adata.layers) or 'none'}). "
+            "Run `bt.tl.predict` first, or pass the layer that holds the predictions as `layer=`."
+        )
+        raise KeyError(msg)
+    recorded = adata.obsm.get(layer)
+    if isinstance(recorded, pd.DataFrame):
+        idx = adata.var_names.get_indexer([str(g) for g in recorded.columns])
+        return idx[idx >= 0]
+    return np.flatnonzero(np.isfinite(dense(adata.layers[layer])).any(axis=0))
+
+
+def prediction_scale(adata: AnnData, scale: str | None) -> str:
+    """The target scale of the predictions: ``scale`` when given, else the one recorded by ``bt.tl.predict``."""
+    if scale is None:
+        scale = adata.uns.get(Key.UNS, {}).get("predict", {}).get("scale")
+    if scale is None:
+        msg = (
+            "The scale of the predictions is unknown: it is not recorded in `.uns['bitro']['predict']['scale']`. "
+            f"Pass it as `scale=` (one of {SCALES})."
+        )
+        raise ValueError(msg)
+    check_scale(str(scale))
+    return str(scale)
+
+
+def observed_on_scale(adata: AnnData, rows: np.ndarray, cols: np.ndarray, scale: str) -> np.ndarray:
+    """Raw counts of ``.X`` at ``rows`` x ``cols`` on a target scale (CP10k library size over all genes)."""
+    out = np.empty((len(rows), len(cols)))
+    for start in range(0, len(rows), _CHUNK_ROWS):
+        chunk = rows[start : start + _CHUNK_ROWS]
+        counts = dense(adata.X[chunk])
+        check_counts(counts, "The expression in `.X`")
+        out[start : start + len(chunk)] = to_scale(counts, scale)[:, cols]
+    return out
+
+
+def evaluate(
+    data: AnnData | SpatialData,
+    *,
+    layer: str = Key.PREDICTED,
+    scale: Scale | None = None,
+    truth: str | None = None,
+    groupby: str | None = Key.SAMPLE,
+    table_key: str = Key.SPOTS_TABLE,
+    key_added: str = Key.EVALUATION,
+) -> pd.DataFrame:
+    """Score predicted expression against the observed expression.
+
+    The observed raw counts in ``.X`` are brought to the scale of the predictions
+    (``"cp10k"``: ``log1p`` of counts per 10,000 with the library size over all genes of ``.X``;
+    ``"log1p"``: ``log1p`` of raw counts) and compared, within each group of ``groupby``
+    (a held-out section), on the genes and observations that have predictions:
+
+    - **PCC_overall**: for each observation (spot or bulk sample), the Pearson correlation over
+      genes between prediction and truth; the mean over observations. Observations whose truth or
+      prediction is constant over the genes are left out.
+    - **PCC_gene**: for each gene, the Pearson correlation over the observations of the group; the
+      mean over genes. Genes with zero variance in the truth of a group have no correlation: they
+      are NaN in ``.var`` and left out of the mean (their number is reported as
+      ``n_genes_constant``). Genes with a constant prediction but varying truth count as 0.
+    - **JS divergence**: for each observation, the Jensen-Shannon divergence (base 2, between 0
+      and 1) between predicted and observed profiles back on the linear scale (``expm1``, negative
+      predictions clipped to 0), each normalised to sum 1; the mean over observations. For a bulk
+      table (one row per slide) this is the bulk-profile JS divergence.
+
+    Parameters
+    ----------
+    data
+        Spot (or bulk) table with raw counts in ``.X`` and predictions in ``.layers[layer]``,
+        or a SpatialData holding it as table ``table_key``.
+    layer
+        Layer with the predictions, as written by :func:`bitro.tl.predict`.
+        Observations whose predictions are not all finite are not scored.
+    scale
+        Target scale of the predictions, ``"cp10k"`` or ``"log1p"``. By default the scale
+        recorded by :func:`bitro.tl.predict` in ``.uns["bitro"]["predict"]["scale"]``.
+    truth
+        A layer holding the observed expression already on the prediction's scale, used instead
+        of transforming ``.X``.
+    groupby
+        Column of ``.obs`` whose groups are scored separately (e.g. held-out sections).
+        ``None`` scores all observations together, e.g. a bulk table of slides.
+    table_key
+        Table of a SpatialData to score.
+    key_added
+        Prefix of the slots written.
+
+    Returns
+    -------
+    One row per group: the group, the number of observations ``n_obs`` and genes ``n_genes``
+    scored, ``n_genes_constant`` (genes left out of PCC_gene), ``pcc_overall``, ``pcc_gene`` and
+    ``js_divergence``. Also written to the table:
+
+    - ``.var["{key_added}_pcc"]``: PCC_gene of each gene (mean over groups; NaN when undefined),
+      and ``.var["{key_added}_pcc_{group}"]`` per group when there is more than one group.
+    - ``.obs["{key_added}_pcc"]``: the correlation over genes of each observation.
+    - ``.uns[key_added]``: ``"summary"`` (the returned frame), ``"mean"`` (each metric averaged
+      over groups), ``"scale"`` and ``"genes"``.
+    - ``.uns["bitro"]["evaluate"]``: the parameters.
+
+    Examples
+    --------
+    >>> import bitro as bt
+    >>> scores = bt.tl.evaluate(adata, scale="cp10k")  # doctest: +SKIP
+    >>> scores[["sample", "pcc_overall", "pcc_gene"]]  # doctest: +SKIP
+    """
+    adata = resolve_table(data, table_key)
+    if not key_added:
+        msg = "`key_added` must be a non-empty string."
+        raise ValueError(msg)
+    cols = predicted_genes(adata, layer)
+    if len(cols) == 0:
+        msg = f"`.layers[{layer!r}]` holds no finite prediction. Run `bt.tl.predict` first."
+        raise ValueError(msg)
+    if truth is not None and truth not in adata.layers:
+        msg = f"Truth layer {truth!r} not found. Available layers: {sorted(adata.layers) or 'none'}."
+        raise KeyError(msg)
+    scale = prediction_scale(adata, scale) if truth is None or scale is not None else None
+    if groupby is not None and groupby not in adata.obs:
+        msg = f"`groupby={groupby!r}` is not a column of `.obs` (columns: {list(adata.obs.columns)}). Use `groupby=None` to score all rows together."
+        raise KeyError(msg)
+    pred_all = dense(adata.layers[layer])[:, cols]
+    rows = np.flatnonzero(np.isfinite(pred_all).all(axis=1))
+    if len(rows) == 0:
+        msg = f"No observation has finite predictions for all {len(cols)} predicted genes in `.layers[{layer!r}]`."
+        raise ValueError(msg)
+
+    pred = pred_all[rows]
+    obs = dense(adata.layers[truth])[np.ix_(rows, cols)] if truth is not None else observed_on_scale(adata, rows, cols, scale)
+    groups = (
+        pd.Series(np.asarray(adata.obs[groupby])[rows]).astype(str).to_numpy()
+        if groupby is not None
+        else np.full(len(rows), "all")
+    )
+    group_col = groupby if groupby is not None else "group"
+
+    pcc_obs = pcc_per_obs(pred, obs)
+    summary, per_gene = [], {}
+    for g in pd.unique(groups):
+        m = groups == g
+        r_gene = pcc_per_gene(pred[m], obs[m])
+        per_gene[g] = r_gene
+        summary.append(
+            {
+                group_col: g,
+                "n_obs": int(m.sum()),
+                "n_genes": len(cols),
+                "n_genes_constant": int(np.isnan(r_gene).sum()),
+                "pcc_overall": float(np.nanmean(pcc_obs[m])) if np.isfinite(pcc_obs[m]).any() else np.nan,
+                "pcc_gene": float(np.nanmean(r_gene)) if np.isfinite(r_gene).any() else np.nan,
+                "js_divergence": js_divergence(np.clip(np.expm1(pred[m]), 0, None), np.expm1(obs[m])),
+            }
+        )
+    table = pd.DataFrame(summary)
+
+    gene_pcc = np.full(adata.n_vars, np.nan)
+    stacked = np.vstack(list(per_gene.values()))
+    with warnings.catch_warnings():  # genes that are NaN in every group stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        gene_pcc[cols] = np.nanmean(stacked, axis=0)
+    adata.var[f"{key_added}_pcc"] = gene_pcc
+    if len(per_gene) > 1:
+        for g, r in per_gene.items():
+            col = np.full(adata.n_vars, np.nan)
+            col[cols] = r
+            adata.var[f"{key_added}_pcc_{g}"] = col
+    obs_pcc = np.full(adata.n_obs, np.nan)
+    obs_pcc[rows] = pcc_obs
+    adata.obs[f"{key_added}_pcc"] = obs_pcc
+    metrics = ["pcc_overall", "pcc_gene", "js_divergence"]
+    adata.uns[key_added] = {
+        "summary": table,
+        "mean": {k: float(table[k].mean()) for k in metrics},
+        "scale": scale if scale is not None else "as given",
+        "genes": np.asarray(adata.var_names[cols], dtype=str),
+    }
+    params: dict[str, Any] = {
+        "layer": layer,
+        "scale": scale if scale is not None else "as given",
+        "truth": truth if truth is not None else "X",
+        "groupby": groupby if groupby is not None else "none",
+        "table_key": table_key,
+        "key_added": key_added,
+    }
+    adata.uns.setdefault(Key.UNS, {})["evaluate"] = params
+    logger.info(
+        "Scored %d observations x %d genes in %d group(s): PCC_overall %.3f, PCC_gene %.3f, JS %.3f.",
+        len(rows),
+        len(cols),
+        len(table),
+        *(adata.uns[key_added]["mean"][k] for k in metrics),
+    )
+    return table
+

@@ -1,0 +1,268 @@
+"""The BiTro network (torch + torch_geometric): cells -> GAT -> Transformer -> gene-query pooling -> readout.
+
+Only imported from inside :mod:`bitro.tl` functions, so ``import bitro`` stays free of torch.
+
+Every projection that LoRA (:mod:`peft`) should be able to reach is an explicit :class:`torch.nn.Linear`:
+``in_proj``, ``pos_proj``, each Transformer layer's ``q``/``k``/``v``/``o``/``ff1``/``ff2`` and the shared
+readout MLP. Attention is :func:`torch.nn.functional.scaled_dot_product_attention` with a key padding mask,
+so a bag's prediction does not depend on which bags share its batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch_geometric.nn import GATConv
+from torch_geometric.utils import to_dense_batch
+
+#: Wavelengths (micrometres) of the Fourier position features.
+POSITION_WAVELENGTHS_UM: tuple[float, ...] = (12.5, 25.0, 50.0, 100.0, 200.0, 400.0)
+#: Length (micrometres) that linear position features are divided by.
+POSITION_UNIT_UM: float = 100.0
+
+
+@dataclass
+class Architecture:
+    """Hyper-parameters of :class:`BitroNet` (stored in the model's JSON config)."""
+
+    n_features: int
+    n_genes: int
+    dim: int = 64
+    gat_layers: int = 1
+    gat_heads: int = 4
+    transformer_layers: int = 1
+    transformer_heads: int = 4
+    ff_dim: int = 128
+    dropout: float = 0.1
+    readout: str = "gene"
+    readout_hidden: int = 64
+
+    def to_dict(self) -> dict:
+        """JSON-able dict."""
+        return asdict(self)
+
+
+READOUTS: tuple[str, ...] = ("gene", "shared")
+
+
+@dataclass
+class Batch:
+    """A batch of bags as flat tensors.
+
+    Attributes
+    ----------
+    x
+        ``(n_tokens, n_features)`` cell features; tokens are ordered by sequence, sequences by bag.
+    pos
+        ``(n_tokens, 2)`` cell position relative to its sequence's centre, in micrometres.
+    edge_index
+        ``(2, n_edges)`` kNN edges between tokens of the same sequence.
+    seq
+        ``(n_tokens,)`` sequence of each token (sorted).
+    pool
+        ``(n_tokens,)`` True for tokens pooled into the bag's prediction (False: context only).
+    bag
+        ``(n_sequences,)`` bag of each sequence (sorted).
+    n_bags
+        Number of bags.
+    phenotype
+        ``(n_tokens,)`` phenotype code of each token (-1: unknown).
+    cell
+        ``(n_tokens,)`` row of each token in the cell table.
+    """
+
+    x: torch.Tensor
+    pos: torch.Tensor
+    edge_index: torch.Tensor
+    seq: torch.Tensor
+    pool: torch.Tensor
+    bag: torch.Tensor
+    n_bags: int
+    phenotype: torch.Tensor
+    cell: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The batch on ``device``."""
+        kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return Batch(**kw)
+
+    @property
+    def pooled_bag(self) -> torch.Tensor:
+        """Bag of each pooled token."""
+        return self.bag[self.seq][self.pool]
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm Transformer encoder layer with explicit q/k/v/o and feed-forward :class:`~torch.nn.Linear` layers."""
+
+    def __init__(self, dim: int, heads: int, ff_dim: int, dropout: float):
+        super().__init__()
+        if dim % heads:
+            msg = f"dim={dim} must be divisible by transformer_heads={heads}."
+            raise ValueError(msg)
+        self.heads, self.dropout = heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.ff1, self.ff2 = nn.Linear(dim, ff_dim), nn.Linear(ff_dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(n_seq, length, dim)``; ``mask``: ``(n_seq, length)``, True for real tokens."""
+        s, n, d = x.shape
+        y = self.norm1(x)
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(s, n, self.heads, d // self.heads).transpose(1, 2)
+
+        att = F.scaled_dot_product_attention(
+            split(self.q(y)),
+            split(self.k(y)),
+            split(self.v(y)),
+            attn_mask=mask[:, None, None, :],
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        x = x + self.drop(self.o(att.transpose(1, 2).reshape(s, n, d)))
+        return x + self.drop(self.ff2(self.drop(F.gelu(self.ff1(self.norm2(x))))))
+
+
+class GATBlock(nn.Module):
+    """Residual GAT layer on the cell kNN graph: ``h + ReLU(LayerNorm(GATConv(h)))``."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        if dim % heads:
+            msg = f"dim={dim} must be divisible by gat_heads={heads}."
+            raise ValueError(msg)
+        self.conv = GATConv(dim, dim // heads, heads=heads, concat=True, dropout=dropout)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, h: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        """Update the token embeddings ``h`` along ``edge_index``."""
+        return h + F.relu(self.norm(self.conv(h, edge_index)))
+
+
+def position_features(pos_um: torch.Tensor) -> torch.Tensor:
+    """Fourier and linear features of positions given in micrometres (never rescaled per bag)."""
+    w = torch.tensor(POSITION_WAVELENGTHS_UM, dtype=pos_um.dtype, device=pos_um.device)
+    ang = 2 * math.pi * pos_um[:, :, None] / w  # (n, 2, n_wavelengths)
+    return torch.cat([torch.sin(ang).flatten(1), torch.cos(ang).flatten(1), pos_um / POSITION_UNIT_UM], dim=1)
+
+
+class BitroNet(nn.Module):
+    """The BiTro network.
+
+    cells -> ``in_proj`` -> GAT layers (kNN graph) -> + position embedding (um) -> Transformer layers
+    (context tokens included) -> gene-query attention pooling over the bag's pooled cells -> readout
+    (per-gene linear weights, or the paper's MLP shared by all genes) -> one value per gene and bag.
+    """
+
+    def __init__(self, arch: Architecture):
+        super().__init__()
+        if arch.readout not in READOUTS:
+            msg = f"readout={arch.readout!r} is not supported; use one of {READOUTS}."
+            raise ValueError(msg)
+        self.arch = arch
+        d, g = arch.dim, arch.n_genes
+        self.in_proj = nn.Linear(arch.n_features, d)
+        self.in_drop = nn.Dropout(arch.dropout)
+        self.gat = nn.ModuleList(GATBlock(d, arch.gat_heads, arch.dropout) for _ in range(arch.gat_layers))
+        self.pos_proj = nn.Linear(4 * len(POSITION_WAVELENGTHS_UM) + 2, d)
+        self.transformer = nn.ModuleList(
+            TransformerLayer(d, arch.transformer_heads, arch.ff_dim, arch.dropout) for _ in range(arch.transformer_layers)
+        )
+        self.out_norm = nn.LayerNorm(d)
+        self.gene_queries = nn.Parameter(torch.randn(g, d) / math.sqrt(d))
+        self.pool_norm = nn.LayerNorm(d)
+        if arch.readout == "gene":
+            self.gene_weight = nn.Parameter(torch.randn(g, d) / math.sqrt(d))
+            self.gene_bias = nn.Parameter(torch.zeros(g))
+        else:
+            self.readout_mlp = nn.Sequential(
+                nn.Linear(d, arch.readout_hidden), nn.ReLU(), nn.Linear(arch.readout_hidden, 1)
+            )
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def encode(self, batch: Batch) -> torch.Tensor:
+        """Token embeddings ``(n_tokens, dim)`` after GAT and Transformer layers."""
+        h = self.in_drop(self.in_proj(batch.x))
+        for block in self.gat:
+            h = block(h, batch.edge_index)
+        h = h + self.pos_proj(position_features(batch.pos))
+        if len(self.transformer):
+            hd, mask = to_dense_batch(h, batch.seq)
+            for layer in self.transformer:
+                hd = layer(hd, mask)
+            h = hd[mask]
+        return self.out_norm(h)
+
+    def attend(self, h_pooled: torch.Tensor, bag: torch.Tensor, n_bags: int):
+        """Gene-query attention pooling over each bag.
+
+        Returns ``logits`` ``(n_pooled, n_genes)``, ``lse`` ``(n_bags, n_genes)`` (log-sum-exp of the
+        logits per bag) and ``z`` ``(n_bags, n_genes, dim)`` (attention-weighted means). The attention of a
+        cell is ``exp(logits - lse[bag])``; bags evaluated in parts combine exactly with
+        :func:`combine_parts`.
+        """
+        hd, mask = to_dense_batch(h_pooled, bag, batch_size=n_bags)  # (B, L, d)
+        logits = hd @ self.gene_queries.T / math.sqrt(hd.shape[-1])  # (B, L, G)
+        logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
+        lse = torch.logsumexp(logits, dim=1)  # (B, G)
+        att = torch.exp(logits - lse[:, None, :]).nan_to_num(0.0)
+        z = att.transpose(1, 2) @ hd  # (B, G, d)
+        return logits[mask], lse, z
+
+    def readout(self, z: torch.Tensor) -> torch.Tensor:
+        """``(n_bags, n_genes, dim)`` pooled embeddings -> ``(n_bags, n_genes)`` predictions (z-scores)."""
+        z = self.pool_norm(z)
+        if self.arch.readout == "gene":
+            return (z * self.gene_weight).sum(-1) + self.gene_bias
+        return self.readout_mlp(z).squeeze(-1)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictions ``(n_bags, n_genes)`` and the attention ``(n_pooled, n_genes)`` of every pooled token."""
+        h = self.encode(batch)
+        bag = batch.pooled_bag
+        logits, lse, z = self.attend(h[batch.pool], bag, batch.n_bags)
+        return self.readout(z), torch.exp(logits - lse[bag])
+
+
+def combine_parts(lse: torch.Tensor, z: torch.Tensor, part_bag: torch.Tensor, n_bags: int):
+    """Combine the pooling of bags evaluated in parts (chunks) into whole-bag pooling, exactly.
+
+    ``lse`` ``(n_parts, G)`` and ``z`` ``(n_parts, G, d)`` come from :meth:`BitroNet.attend` on the parts;
+    ``part_bag`` says which bag each part belongs to. Returns the bags' ``lse`` and ``z``.
+    """
+    g = lse.shape[1]
+    idx = part_bag[:, None].expand(-1, g)
+    m = torch.full((n_bags, g), float("-inf"), dtype=lse.dtype, device=lse.device).scatter_reduce(
+        0, idx, lse, reduce="amax"
+    )
+    w = torch.exp(lse - m[part_bag])  # (P, G)
+    total = torch.zeros((n_bags, g), dtype=lse.dtype, device=lse.device).index_add(0, part_bag, w)
+    zb = torch.zeros((n_bags, *z.shape[1:]), dtype=z.dtype, device=z.device).index_add(0, part_bag, w[:, :, None] * z)
+    return m + torch.log(total), zb / total[:, :, None]
+
+
+def cluster_loss(att: torch.Tensor, y: torch.Tensor, bag: torch.Tensor, phenotype: torch.Tensor) -> torch.Tensor:
+    """The paper's cluster loss (Eq. 12), normalised to the scale of the MSE.
+
+    Pseudo-cell expression ``A[g, i] * y[g]`` is multiplied by the number of pooled cells of the bag, which
+    puts it on the scale of the (z-scored) bag targets; the loss is the mean squared distance of each
+    cell's scaled pseudo-cell expression to the mean of its phenotype cluster in the batch. Cells with an
+    unknown phenotype (-1) are left out.
+    """
+    n_per_bag = torch.bincount(bag, minlength=y.shape[0]).to(y.dtype)
+    cell_expr = att * y[bag] * n_per_bag[bag][:, None]  # (n_pooled, G)
+    keep = phenotype >= 0
+    if not keep.any():
+        return y.new_zeros(())
+    cell_expr, ph = cell_expr[keep], phenotype[keep]
+    k = int(ph.max()) + 1
+    counts = torch.bincount(ph, minlength=k).to(y.dtype)
+    means = torch.zeros((k, y.shape[1]), dtype=y.dtype, device=y.device).index_add(0, ph, cell_expr)
+    means = means / counts.clamp(min=1)[:, None]
+    return ((cell_expr - means[ph]) ** 2).mean()

@@ -1,0 +1,105 @@
+"""Training targets: gene selection, target scale, gene-wise z-scores.
+
+Every statistic here (highly variable genes, z-score means and standard deviations) is computed on
+the TRAINING samples only and stored with the model, so that a held-out section is never looked at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+
+Scale = Literal["cp10k", "log1p"]
+SCALES: tuple[str, ...] = ("cp10k", "log1p")
+
+
+def dense(x) -> np.ndarray:
+    """A dense float64 copy of a (sparse or dense) matrix."""
+    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
+
+
+def check_counts(x: np.ndarray, what: str) -> None:
+    """Raise when ``x`` holds NaN, infinite or negative values (counts or TPM are expected)."""
+    if not np.isfinite(x).all():
+        msg = f"{what} contains NaN or infinite values; give raw counts (or TPM) with every value finite."
+        raise ValueError(msg)
+    if (x < 0).any():
+        msg = (
+            f"{what} contains negative values ({int((x < 0).sum())} entries); give raw counts (or TPM), "
+            "not log-transformed or scaled data."
+        )
+        raise ValueError(msg)
+
+
+def check_scale(scale: str) -> None:
+    """Raise when ``scale`` is not a known target scale."""
+    if scale not in SCALES:
+        msg = f"scale={scale!r} is not supported; use one of {SCALES}."
+        raise ValueError(msg)
+
+
+def to_scale(counts: np.ndarray, scale: str) -> np.ndarray:
+    """Counts -> target scale.
+
+    ``"cp10k"``: ``log1p(10^4 * counts / library size)`` with the library size over ALL genes given;
+    ``"log1p"``: ``log1p(counts)``.
+    """
+    if scale == "log1p":
+        return np.log1p(counts)
+    lib = counts.sum(axis=1, keepdims=True)
+    return np.log1p(np.divide(counts * 1e4, lib, out=np.zeros_like(counts), where=lib > 0))
+
+
+def select_genes(
+    values: np.ndarray, var_names: Sequence[str], *, genes: Sequence[str] | None, n_top_genes: int
+) -> list[str]:
+    """The model's genes: ``genes`` as given, or the ``n_top_genes`` most variable (on ``values``, training rows).
+
+    Ranked by variance, ties broken by mean then by name, so the choice is deterministic.
+    """
+    names = [str(g) for g in var_names]
+    if genes is not None:
+        genes = [str(g) for g in genes]
+        missing = [g for g in genes if g not in set(names)]
+        if missing:
+            msg = (
+                f"{len(missing)} requested genes are not in the expression table: {missing[:20]}"
+                f"{' ...' if len(missing) > 20 else ''}. Drop them from `genes` or add them to the data."
+            )
+            raise KeyError(msg)
+        if len(set(genes)) != len(genes):
+            msg = "`genes` contains duplicates; give each gene once."
+            raise ValueError(msg)
+        return genes
+    if n_top_genes < 1:
+        msg = f"n_top_genes must be positive, got {n_top_genes}."
+        raise ValueError(msg)
+    var, mean = values.var(axis=0), values.mean(axis=0)
+    order = np.lexsort((np.array(names), -mean, -var))
+    return [names[i] for i in order[: min(n_top_genes, len(names))]]
+
+
+@dataclass
+class ZScore:
+    """Gene-wise z-scores fitted on training rows (``std`` floored so constant genes stay finite)."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, values: np.ndarray) -> ZScore:
+        """Means and standard deviations of the columns of ``values``."""
+        std = values.std(axis=0)
+        return cls(mean=values.mean(axis=0), std=np.where(std > 1e-8, std, 1.0))
+
+    def transform(self, values: np.ndarray) -> np.ndarray:
+        """Target scale -> z-scores."""
+        return (values - self.mean) / self.std
+
+    def inverse(self, z: np.ndarray) -> np.ndarray:
+        """z-scores -> target scale."""
+        return z * self.std + self.mean

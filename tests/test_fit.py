@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+import bitro as bt
+
+pytest.importorskip("torch")
+
+TINY = {"dim": 16, "heads": 2, "ff_dim": 32, "max_context": 16, "context_radius": 60.0, "batch_size": 8}
+
+
+def _fit(spots, cells, **kw):
+    return bt.tl.fit(spots, cells=cells, **{**TINY, "epochs": 3, "patience": 3, **kw})
+
+
+def test_fit_predict_writes_slots(toy_tl):
+    spots, cells = toy_tl
+    model = _fit(spots, cells)
+    assert model.genes and len(model.genes) == spots.n_vars  # 12 genes < n_top_genes: all of them
+    assert len(model.history[0]["train_loss"]) == 3 and len(model.history[0]["val_pcc_gene"]) == 3
+    assert model.history[0]["validation_samples"] and len(model.history[0]["validation_samples"]) == 1
+    bt.tl.predict(model, spots, cells=cells, attention=True)
+    pred = spots.obsm["bitro_predicted"]
+    assert list(pred.columns) == model.genes and np.isfinite(pred.to_numpy()).all()
+    layer = spots.layers["bitro_predicted"]
+    np.testing.assert_allclose(layer[:, spots.var_names.get_indexer(model.genes)], pred.to_numpy())
+    pseudo = cells.obsm["bitro_pseudo_cell"]
+    in_spot = cells.obs["spot_id"].notna().to_numpy()
+    assert pseudo[in_spot].notna().all().all() and pseudo[~in_spot].isna().all().all()
+    # a spot's pseudo-cells sum to its prediction
+    key = cells.obs["sample"].astype(str) + "_" + cells.obs["spot_id"].astype(str)
+    sums = pseudo[in_spot].groupby(key[in_spot].to_numpy()).sum()
+    np.testing.assert_allclose(sums.loc[pred.index], pred, rtol=1e-4)
+    att = cells.obsm["bitro_attention"]
+    assert att[in_spot].notna().all().all()
+    assert spots.uns["bitro"]["predict"]["key_added"] == "bitro_predicted"
+
+
+def test_same_seed_same_model(toy_tl):
+    spots, cells = toy_tl
+    preds = []
+    for seed in (0, 0, 1):
+        bt.tl.predict(_fit(spots, cells, epochs=2, seed=seed), spots, cells=cells)
+        preds.append(spots.obsm["bitro_predicted"].to_numpy().copy())
+    np.testing.assert_array_equal(preds[0], preds[1])
+    assert not np.allclose(preds[0], preds[2])
+
+
+def test_tiny_model_overfits_a_few_bags(toy_tl):
+    spots, cells = toy_tl
+    few = spots[spots.obs["sample"] == "S0"].copy()
+    model = _fit(few, cells, validation=None, epochs=60, lr=3e-3, dropout=0.0, cell_dropout=0.0, cluster_weight=0.0, weight_decay=0.0)
+    mse = model.history[0]["train_mse"]
+    assert mse[-1] < 0.1 * mse[0]
+
+
+def test_genes_scale_and_ensemble(toy_tl):
+    spots, cells = toy_tl
+    model = _fit(spots, cells, genes=["G3", "G1"], scale="log1p", n_seeds=2, validation=0.25, refit=True, epochs=2)
+    assert model.genes == ["G3", "G1"] and len(model.nets) == 2 and "refit" in model.history[0]
+    sub = spots[:, ["G1"]].copy()  # a table with only one of the model's genes
+    bt.tl.predict(model, sub, cells=cells)
+    assert list(sub.obsm["bitro_predicted"].columns) == ["G3", "G1"]
+    np.testing.assert_allclose(sub.layers["bitro_predicted"][:, 0], sub.obsm["bitro_predicted"]["G1"])
+    top = _fit(spots, cells, n_top_genes=4, epochs=1)
+    values = np.log1p(spots.X / spots.X.sum(1, keepdims=True) * 1e4)
+    assert set(top.genes) == set(spots.var_names[np.argsort(-values.var(0))[:4]])
+
+
+def test_spots_without_cells_are_skipped(toy_tl, caplog_bitro):
+    spots, cells = toy_tl
+    empty = ad.AnnData(
+        np.ones((1, spots.n_vars), np.float32),
+        obs=pd.DataFrame({"sample": "S0", "spot_id": "nowhere"}, index=["S0_nowhere"]),
+        var=spots.var,
+    )
+    empty.obsm["spatial"] = np.array([[5000.0, 5000.0]])
+    both = ad.concat([spots, empty], merge="same")
+    model = _fit(both, cells, epochs=1)
+    assert "1 of 49 spots contain no cell" in caplog_bitro.text
+    bt.tl.predict(model, both, cells=cells)
+    assert both.obsm["bitro_predicted"].loc["S0_nowhere"].isna().all()
+    assert both.obsm["bitro_predicted"].drop(index="S0_nowhere").notna().all().all()
+
+
+def test_bulk_target(toy_tl):
+    spots, cells = toy_tl
+    bulk = ad.AnnData(
+        np.stack([spots[spots.obs["sample"] == s].X.sum(0) for s in ("S0", "S1", "S2")]),
+        obs=pd.DataFrame({"sample": ["S0", "S1", "S2"]}, index=["b0", "b1", "b2"]),
+        var=spots.var,
+    )
+    model = _fit(bulk, cells, target="bulk", chunk_size=64, max_cells=200, validation=None, epochs=2)
+    bt.tl.predict(model, bulk, cells=cells)
+    full = bulk.obsm["bitro_predicted"].to_numpy().copy()
+    assert np.isfinite(full).all()
+    pseudo = cells.obsm["bitro_pseudo_cell"].to_numpy()
+    assert np.isfinite(pseudo).all()  # every cell is in its slide's bag
+    bt.tl.predict(model, bulk, cells=cells, tokens_per_batch=100)  # other packing of the chunks: same result
+    np.testing.assert_allclose(bulk.obsm["bitro_predicted"].to_numpy(), full, rtol=1e-5)
+
+
+def test_spatialdata_input(toy_tl):
+    from spatialdata import SpatialData
+
+    spots, cells = toy_tl
+    sdata = SpatialData(tables={"spots": spots, "cells": cells})
+    model = bt.tl.fit(sdata, target="spot", **TINY, epochs=1)
+    bt.tl.predict(model, sdata)
+    assert "bitro_predicted" in sdata.tables["spots"].obsm
+    assert "bitro_pseudo_cell" in sdata.tables["cells"].obsm
+
+
+def test_resume_from_checkpoint(toy_tl, tmp_path):
+    spots, cells = toy_tl
+    kw = {"patience": 10, "seed": 3}
+    full = _fit(spots, cells, epochs=4, checkpoint_dir=tmp_path / "a", **kw)
+    _fit(spots, cells, epochs=2, checkpoint_dir=tmp_path / "b", **kw)  # "interrupted" after 2 epochs
+    resumed = _fit(spots, cells, epochs=4, checkpoint_dir=tmp_path / "b", **kw)
+    assert resumed.history[0]["train_loss"] == full.history[0]["train_loss"]
+    for a, b in zip(full.nets[0].state_dict().values(), resumed.nets[0].state_dict().values(), strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    with pytest.raises(ValueError, match="different fit"):
+        _fit(spots, cells, epochs=4, checkpoint_dir=tmp_path / "b", lr=1e-2, **kw)
+
+
+def _x_with(spots, value):
+    bad = spots.copy()
+    bad.X[0, 0] = value
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("change", "kwargs", "error", "match"),
+    [
+        (lambda s, c: (_x_with(s, -1.0), c), {}, ValueError, "negative"),
+        (lambda s, c: (_x_with(s, np.nan), c), {}, ValueError, "NaN"),
+        (lambda s, c: (s, c), {"genes": ["G1", "NOPE"]}, KeyError, "NOPE"),
+        (lambda s, c: (s, c), {"target": "cells"}, ValueError, "target"),
+        (lambda s, c: (s, c), {"scale": "tpm"}, ValueError, "scale"),
+        (lambda s, c: (s, c), {"validation": 1.5}, ValueError, "validation"),
+        (lambda s, c: (s, c), {"readout": "mlp"}, ValueError, "readout"),
+        (lambda s, c: (s, c), {"lr": 0.0}, ValueError, "lr"),
+        (lambda s, c: (s[s.obs["sample"] == "S0"].copy(), c), {}, ValueError, "only"),
+        (lambda s, c: (s, c[:, :]), {"feature_key": "X_missing"}, KeyError, "X_missing"),
+        (lambda s, c: (s, ad.AnnData(obs=c.obs.drop(columns="phenotype"), obsm=dict(c.obsm), obsp=dict(c.obsp), uns=c.uns)), {}, KeyError, "phenotype"),
+        (lambda s, c: (s, ad.AnnData(obs=c.obs, obsm=dict(c.obsm), obsp=dict(c.obsp))), {}, KeyError, "pixel size"),
+    ],
+)
+def test_bad_input(toy_tl, change, kwargs, error, match):
+    spots, cells = change(*toy_tl)
+    before_x, before_keys = spots.X.copy(), set(cells.obsm)
+    with pytest.raises(error, match=match):
+        _fit(spots, cells, **kwargs)
+    np.testing.assert_array_equal(spots.X, before_x)
+    assert set(cells.obsm) == before_keys
+
+
+def test_cell_table_missing(toy_tl):
+    spots, _ = toy_tl
+    with pytest.raises(ValueError, match="cell table"):
+        bt.tl.fit(spots)
