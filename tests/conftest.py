@@ -100,3 +100,14 @@ def toy_tl(_toy_tl_cache):
     """(spots, cells) for `bt.tl` tests: fresh copies of a small session-cached toy data set."""
     spots, cells = _toy_tl_cache
     return spots.copy(), cells.copy()
+
+
+@pytest.fixture
+def torch_one_thread():
+    """Run torch on one thread (tiny models on a shared machine are faster so); restore afterwards."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

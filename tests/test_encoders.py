@@ -97,7 +97,7 @@ def test_callable_wrong_shape_through_extract_cells():
     sdata = section_sdata("s0", image_element(np.full((3, 200, 200), 200, np.uint8), "s0", 0.5, scale_factors=[]))
     polys = [Point(20 + 15 * i, 100).buffer(4) for i in range(10)]
     sdata.shapes["s0_cells"] = polygons_element(polys, [f"c{i}" for i in range(10)], "s0", 0.5)
-    with pytest.raises(ValueError, match=r"expected \(10, 4\)"):
+    with pytest.raises(ValueError, match=r"expected shape \(10, 4\)"):
         bt.pp.extract_cells(sdata, encoder=flaky)
     assert "cells" not in sdata.tables
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 from bitro.tl._bags import cell_data, collate, spot_bags  # noqa: E402
 from bitro.tl._model import Architecture, BitroNet, cluster_loss, combine_parts  # noqa: E402

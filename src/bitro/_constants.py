@@ -74,6 +74,7 @@ class Key:
     # --- shapes columns and SpatialData.attrs[UNS] ----------------------------------------
     AREA_UM2: Final = "area_um2"
     SEGMENTATION: Final = "segmentation"
+    NORMALIZE_STAIN: Final = "normalize_stain"
     #: Morphology columns of the cell table (``bt.pp.extract_cells``); lengths in um.
     MORPHOLOGY: Final = (
         "area_um2",

@@ -48,16 +48,16 @@ class _Morphology:
 #: Cell types, in the order they are used (``n_cell_types`` takes the first ones). They differ in
 #: nucleus size, elongation, haematoxylin intensity and texture, as real ones do.
 CELL_TYPES: tuple[_Morphology, ...] = (
-    _Morphology("epithelial", (5.2, 4.0), 1.0, 0.35, 0.9, 0.06, 5.0, 0.60, 1.5, 1.0, False),
-    _Morphology("lymphocyte", (2.7, 2.5), 2.0, 0.10, 0.4, 0.03, 0.8, 0.50, 1.3, 1.0, False),
-    _Morphology("fibroblast", (7.0, 1.7), 1.5, 0.12, 0.4, 0.03, 0.8, 0.70, 1.15, 0.4, True),
-    _Morphology("macrophage", (4.0, 3.1), 0.7, 0.20, 0.4, 0.14, 3.0, 0.35, 1.6, 0.7, False),
-    _Morphology("plasma", (3.3, 2.8), 1.6, 0.40, 0.9, 0.04, 2.5, 0.50, 1.4, 0.9, False),
-    _Morphology("endothelial", (5.5, 1.4), 1.1, 0.10, 0.4, 0.03, 0.6, 0.60, 1.15, 0.5, True),
+    _Morphology("epithelial", (5.2, 4.0), 1.1, 0.25, 0.9, 0.06, 5.0, 0.60, 1.5, 1.0, False),
+    _Morphology("lymphocyte", (2.7, 2.5), 1.8, 0.08, 0.4, 0.03, 0.8, 0.50, 1.3, 1.0, False),
+    _Morphology("fibroblast", (7.0, 1.7), 1.5, 0.10, 0.4, 0.03, 0.8, 0.70, 1.15, 0.4, True),
+    _Morphology("macrophage", (4.0, 3.1), 0.9, 0.15, 0.4, 0.14, 3.0, 0.35, 1.6, 0.7, False),
+    _Morphology("plasma", (3.3, 2.8), 1.5, 0.30, 0.9, 0.04, 2.5, 0.50, 1.4, 0.9, False),
+    _Morphology("endothelial", (5.5, 1.4), 1.2, 0.08, 0.4, 0.03, 0.6, 0.60, 1.15, 0.5, True),
 )
 
 _N_VERTICES = 32  # vertices of a nucleus polygon
-_GAP_UM = 1.0  # smallest background gap between two nuclei
+_GAP_UM = 1.5  # smallest background gap between two nuclei
 _BLUR_UM = 0.35  # optical blur (Gaussian sigma)
 _STROMA_EOSIN = 0.45  # eosin of the extracellular matrix
 _FIBRE_EOSIN = 0.35  # extra eosin of collagen fibres
@@ -70,39 +70,54 @@ _CELL_FACTOR_SD = 0.25  # log-normal spread of a cell's expression around its ty
 
 
 def _check(
-    n_samples, size, pixel_size, n_cell_types, n_genes, n_markers, spot_diameter_um, spot_pitch_um, **kw
+    *,
+    n_samples: int,
+    size: int,
+    pixel_size: float,
+    n_cell_types: int,
+    n_genes: int,
+    n_markers: int,
+    spot_diameter_um: float,
+    spot_pitch_um: float,
+    niche_size_um: float,
+    tissue_fraction: float,
+    counts_per_cell: float,
+    ambient: float,
+    **_,
 ) -> None:
     """Raise a clear error for a parameter that cannot work, before anything is generated."""
+    names = [m.name for m in CELL_TYPES]
     checks = [
-        (int(n_samples) == n_samples and n_samples >= 1, f"`n_samples` must be a positive integer, got {n_samples!r}."),
+        (int(n_samples) == n_samples >= 1, f"`n_samples` must be a positive integer, got {n_samples!r}."),
         (
             int(n_cell_types) == n_cell_types and 1 <= n_cell_types <= len(CELL_TYPES),
-            f"`n_cell_types` must be an integer from 1 to {len(CELL_TYPES)} (the morphologies bitro can draw: "
-            f"{[m.name for m in CELL_TYPES]}), got {n_cell_types!r}.",
+            f"`n_cell_types` must be an integer from 1 to {len(CELL_TYPES)} (the morphologies bitro draws: "
+            f"{names}), got {n_cell_types!r}.",
         ),
         (
             np.isfinite(pixel_size) and 0 < pixel_size <= 1,
-            f"`pixel_size` must be in (0, 1] micrometres per pixel so that nuclei span several pixels, got {pixel_size!r}.",
+            f"`pixel_size` must be in (0, 1] micrometres per pixel, so that nuclei span several pixels; "
+            f"got {pixel_size!r}.",
         ),
         (
             np.isfinite(spot_diameter_um) and spot_diameter_um > 0,
-            f"`spot_diameter_um` must be a positive number, got {spot_diameter_um!r}.",
+            f"`spot_diameter_um` must be a positive number of micrometres, got {spot_diameter_um!r}.",
         ),
         (
             np.isfinite(spot_pitch_um) and spot_pitch_um >= spot_diameter_um,
             f"`spot_pitch_um` ({spot_pitch_um!r}) must be at least `spot_diameter_um` ({spot_diameter_um!r}): "
             "spots must not overlap.",
         ),
-        (int(n_markers) == n_markers and n_markers >= 0, f"`n_markers` must be an integer >= 0, got {n_markers!r}."),
+        (int(n_markers) == n_markers >= 0, f"`n_markers` must be an integer >= 0, got {n_markers!r}."),
         (
-            int(n_genes) == n_genes and n_genes >= max(1, n_cell_types * n_markers),
+            int(n_genes) == n_genes >= max(1, n_cell_types * n_markers),
             f"`n_genes` ({n_genes!r}) must be an integer of at least `n_cell_types * n_markers` "
             f"({n_cell_types} * {n_markers}), so that every type gets its own marker genes.",
         ),
-        (0 < kw["tissue_fraction"] <= 1, f"`tissue_fraction` must be in (0, 1], got {kw['tissue_fraction']!r}."),
-        (kw["niche_size_um"] > 0, f"`niche_size_um` must be positive, got {kw['niche_size_um']!r}."),
-        (kw["counts_per_cell"] > 0, f"`counts_per_cell` must be positive, got {kw['counts_per_cell']!r}."),
-        (kw["ambient"] >= 0, f"`ambient` must be >= 0, got {kw['ambient']!r}."),
+        (0 < tissue_fraction <= 1, f"`tissue_fraction` must be in (0, 1], got {tissue_fraction!r}."),
+        (niche_size_um > 0, f"`niche_size_um` must be a positive number of micrometres, got {niche_size_um!r}."),
+        (counts_per_cell > 0, f"`counts_per_cell` must be positive, got {counts_per_cell!r}."),
+        (ambient >= 0, f"`ambient` must be >= 0, got {ambient!r}."),
     ]
     for ok, msg in checks:
         if not ok:
@@ -120,7 +135,7 @@ def _type_profiles(
     rng: np.random.Generator, n_types: int, n_genes: int, n_markers: int, counts_per_cell: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean expected counts per cell of each type (types x genes) and the marker type of each gene (-1: none)."""
-    base = rng.normal(0.0, 0.8, n_genes)
+    base = rng.normal(0.0, 0.5, n_genes)
     log_rates = base[None, :] + rng.normal(0.0, 0.5, (n_types, n_genes))
     marker_of = np.full(n_genes, -1)
     genes = rng.permutation(n_genes)
@@ -144,7 +159,7 @@ def _smooth_fields(rng: np.random.Generator, size: int, sigma_px: float, n: int 
 
 def _at(fields: np.ndarray, step: int, xy: np.ndarray) -> np.ndarray:
     """Values ``(n, points)`` of coarse fields at pixel positions ``xy``."""
-    coords = np.stack([xy[:, 1], xy[:, 0]]) / step - 0.5  # pixel centres as zoom(grid_mode=True) places them
+    coords = np.stack([xy[:, 1], xy[:, 0]]) / step - 0.5  # coarse cell k is centred on pixel (k + 0.5) * step
     return np.stack([ndimage.map_coordinates(f, coords, order=1) for f in fields])
 
 
@@ -217,8 +232,8 @@ def _place_cells(
     niche_px: float,
     angle_fields: tuple[np.ndarray, int],
     pixel_size: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cell types, nucleus outlines and centres: niche-driven types, no two nuclei closer than the gap."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cell types and nucleus outlines: niche-driven types, no two nuclei closer than the gap."""
     size = tissue.shape[0]
     types_used = CELL_TYPES[:n_types]
     # candidates: a jittered grid fine enough for the smallest cells
@@ -251,16 +266,16 @@ def _place_cells(
     order = np.lexsort((rng.uniform(size=len(centres)), -area))
     order = order[inside[order]]
     src, dst = _conflicts(zones, centres)
-    by_src = np.argsort(src, kind="stable")
-    neighbours = np.split(dst[by_src], np.cumsum(np.bincount(src, minlength=len(centres)))[:-1])
+    neighbours = dst[np.argsort(src, kind="stable")]
+    bounds = np.r_[0, np.cumsum(np.bincount(src, minlength=len(centres)))]
     blocked = np.zeros(len(centres), dtype=bool)
     kept = []
     for i in order:
         if not blocked[i]:
             kept.append(i)
-            blocked[neighbours[i]] = True
+            blocked[neighbours[bounds[i] : bounds[i + 1]]] = True
     kept = np.sort(np.asarray(kept, dtype=int))
-    return types[kept], outlines[kept], centres[kept]
+    return types[kept], outlines[kept]
 
 
 def _tissue(rng: np.random.Generator, size: int, fraction: float, pixel_size: float) -> np.ndarray:
@@ -282,10 +297,12 @@ def _tissue(rng: np.random.Generator, size: int, fraction: float, pixel_size: fl
     return tissue
 
 
-def _fibres(rng: np.random.Generator, tissue: np.ndarray, angle_fields: tuple[np.ndarray, int], pixel_size: float) -> np.ndarray:
-    """Collagen-like fibres in ``[0, 1]``: short strokes along the local fibre direction, one per 20 um^2 of tissue."""
+def _fibres(
+    rng: np.random.Generator, tissue: np.ndarray, angle_fields: tuple[np.ndarray, int], pixel_size: float
+) -> np.ndarray:
+    """Collagen-like fibres in ``[0, 1]``: short strokes along the local fibre direction, one per 40 um^2 of tissue."""
     size = tissue.shape[0]
-    n = int(tissue.sum() * pixel_size**2 / 20.0)
+    n = int(tissue.sum() * pixel_size**2 / 40.0)
     start = rng.uniform(0, size, (n, 2))
     theta = _at(*angle_fields, start)[0] * (np.pi / 2) + rng.normal(0, 0.15, n)
     length = rng.uniform(8.0, 25.0, n) / pixel_size
@@ -296,7 +313,7 @@ def _fibres(rng: np.random.Generator, tissue: np.ndarray, angle_fields: tuple[np
     y = (start[:, 1:] + t * np.sin(theta)[:, None]).astype(int).clip(0, size - 1)
     weight = np.broadcast_to(strength[:, None], x.shape) * (steps[None, :] <= length[:, None])
     out = np.bincount((y * size + x).ravel(), weights=weight.ravel(), minlength=size * size).reshape(size, size)
-    return (out / (np.quantile(out[tissue], 0.99) + 1e-12)).clip(0, 1).astype(np.float32) * tissue
+    return out.clip(0, 1).astype(np.float32) * tissue
 
 
 def _nucleus_pixels(outlines: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -345,10 +362,11 @@ def _render(
     distance, (iy, ix) = ndimage.distance_transform_edt(labels[::f, ::f] == 0, return_indices=True)
     owner = labels[::f, ::f][iy, ix] - 1
     margin = np.array([m.cytoplasm_um for m in CELL_TYPES])[types] / (pixel_size * f)
-    inside = distance <= margin[owner]
-    membrane = inside & ((owner != np.roll(owner, 1, axis=0)) | (owner != np.roll(owner, 1, axis=1)))
-    owner = np.where(inside, owner, -1).repeat(f, axis=0).repeat(f, axis=1)[:size, :size]
-    body = np.nonzero((owner >= 0) & (labels == 0))
+    outside = (distance - margin[owner]).astype(np.float32)  # <= 0 inside a cell body
+    membrane = (outside <= 0) & ((owner != np.roll(owner, 1, axis=0)) | (owner != np.roll(owner, 1, axis=1)))
+    inside = (_full(outside, f, size) <= 0) if f > 1 else outside <= 0  # smooth outline at full resolution
+    owner = owner.repeat(f, axis=0).repeat(f, axis=1)[:size, :size]
+    body = np.nonzero(inside & (labels == 0))
     cyto = np.array([m.cytoplasm_eosin for m in CELL_TYPES])[types]
     e[body] = cyto[owner[body]] * (1 + 0.1 * coarse_grain[body])
     h[body] = np.maximum(h[body], _CYTOPLASM_HAEMATOXYLIN)
@@ -414,7 +432,7 @@ def _section(
     niche_px = niche_size_um / pixel_size
     tissue = _tissue(rng, size, tissue_fraction, pixel_size)
     angle_fields = _smooth_fields(rng, size, niche_px)  # local direction of stroma fibres
-    types, outlines, centres = _place_cells(rng, tissue, len(profiles), niche_px, angle_fields, pixel_size)
+    types, outlines = _place_cells(rng, tissue, len(profiles), niche_px, angle_fields, pixel_size)
     image = _render(rng, tissue, angle_fields, types, outlines, pixel_size)
     polygons = shapely.polygons(outlines)
     centroids = shapely.get_coordinates(shapely.centroid(polygons))
@@ -456,7 +474,7 @@ def synthetic(
     spot_pitch_um: float = 100.0,
     niche_size_um: float = 120.0,
     tissue_fraction: float = 0.8,
-    counts_per_cell: float = 40.0,
+    counts_per_cell: float = 100.0,
     ambient: float = 0.05,
     bulk: bool = False,
     seed: int = 0,
@@ -478,6 +496,9 @@ def synthetic(
     term (``ambient`` times the section's mean spot profile); a slide's bulk profile is a Poisson draw of
     the sum over all its cells. The same seed gives the same data, and section ``i`` does not depend on
     ``n_samples``.
+
+    .. image:: /_static/synthetic.png
+       :alt: A synthetic section with its spots, a crop, and the true nuclei coloured by cell type.
 
     Parameters
     ----------

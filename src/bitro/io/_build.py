@@ -25,10 +25,16 @@ if TYPE_CHECKING:
 IMAGE_CHUNK = 1024
 
 
-def section_transformations(sample: str, pixel_size: float) -> dict[str, Any]:
-    """Transformations of a section's full-resolution elements: pixels (Identity) and micrometres (Scale)."""
+def section_transformations(sample: str, pixel_size: float, *, image: bool = False) -> dict[str, Any]:
+    """Transformations of a section's full-resolution elements: pixels (Identity) and micrometres (Scale).
+
+    For images (``image=True``) the Scale names the channel axis too (factor 1), as the zarr format
+    stores it; otherwise an image read back from zarr would not equal the one written.
+    """
     from spatialdata.transformations import Identity, Scale
 
+    if image:
+        return {sample: Identity(), Key.microns(sample): Scale([1.0, pixel_size, pixel_size], axes=("c", "y", "x"))}
     return {sample: Identity(), Key.microns(sample): Scale([pixel_size, pixel_size], axes=("x", "y"))}
 
 
@@ -53,7 +59,7 @@ def image_element(
         data,
         dims=("c", "y", "x"),
         c_coords=["r", "g", "b"],
-        transformations=section_transformations(sample, pixel_size),
+        transformations=section_transformations(sample, pixel_size, image=True),
         scale_factors=factors or None,
         chunks=(3, IMAGE_CHUNK, IMAGE_CHUNK),
     )
@@ -74,7 +80,7 @@ def pyramid_image_element(levels: Sequence[da.Array], sample: str, pixel_size: f
     from spatialdata.transformations._utils import compute_coordinates
 
     tree = dask_arrays_to_datatree(list(levels), dims=("c", "y", "x"), channels=["r", "g", "b"])
-    set_transformation(tree, section_transformations(sample, pixel_size), set_all=True)
+    set_transformation(tree, section_transformations(sample, pixel_size, image=True), set_all=True)
     tree = compute_coordinates(tree)
     Image2DModel().validate(tree)
     return tree
@@ -116,9 +122,9 @@ def _annotating_table(adatas: Sequence[AnnData], element: Callable[[str], str], 
         sample = str(a.obs[Key.SAMPLE].iloc[0])
         a.obs[Key.REGION] = element(sample)
         a.obs[instance_key] = a.obs_names.astype(str)
+        a.obs_names = [f"{sample}_{i}" for i in a.obs[instance_key]]
         tables.append(a)
     table = ad.concat(tables, join="outer", fill_value=0, merge="same", uns_merge="first")
-    table.obs_names = [f"{s}_{i}" for s, i in zip(table.obs[Key.SAMPLE], table.obs[instance_key], strict=True)]
     table.obs[Key.SAMPLE] = pd.Categorical(table.obs[Key.SAMPLE])
     table.obs[Key.REGION] = pd.Categorical(table.obs[Key.REGION])
     return TableModel.parse(

@@ -253,9 +253,15 @@ def set_pixel_size(
     if not np.isfinite(um_per_px) or um_per_px <= 0:
         msg = f"The pixel size must be a positive number of micrometres per pixel, got {um_per_px!r}."
         raise ValueError(msg)
-    scale = Scale([um_per_px, um_per_px], axes=("x", "y"))
+    from spatialdata.models import get_axes_names
+
     for _, name, element in sdata.gen_spatial_elements():
         transforms = get_transformation(element, get_all=True)
         if cs in transforms:
+            # images: name the channel axis as zarr stores it, so that a written object reads back identical
+            if "c" in get_axes_names(element):
+                scale = Scale([1.0, um_per_px, um_per_px], axes=("c", "y", "x"))
+            else:
+                scale = Scale([um_per_px, um_per_px], axes=("x", "y"))
             set_transformation(element, Sequence([transforms[cs], scale]), to_coordinate_system=Key.microns(cs))
     return float(um_per_px)

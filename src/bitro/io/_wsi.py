@@ -19,15 +19,14 @@ if TYPE_CHECKING:
 _UM_PER_RESOLUTION_UNIT = {2: 25400.0, 3: 10000.0}
 #: Micrometres per unit of OME PhysicalSizeXUnit.
 _UM_PER_OME_UNIT = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+#: "|MPP = 0.2520|" in an Aperio SVS image description.
+_SVS_MPP = re.compile(r"\|\s*MPP\s*=\s*([0-9.]+(?:[eE][-+]?[0-9]+)?)")
 
 
 def _mpp_svs(tif: tifffile.TiffFile) -> float | None:
-    import tifffile
-
-    if not tif.is_svs:
-        return None
-    mpp = tifffile.svs_description_metadata(tif.pages.first.description).get("MPP")
-    return float(mpp) if mpp else None
+    description = tif.pages.first.description or ""
+    match = _SVS_MPP.search(description) if description.startswith("Aperio") else None
+    return float(match.group(1)) if match else None
 
 
 def _mpp_ome(tif: tifffile.TiffFile) -> float | None:

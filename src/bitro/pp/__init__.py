@@ -3,5 +3,14 @@
 from bitro.pp._cells import extract_cells
 from bitro.pp._graph import spatial_graph
 from bitro.pp._phenotypes import phenotypes
+from bitro.pp._segment import load_segmentation, segment_nuclei
+from bitro.pp._stain import normalize_stain
 
-__all__ = ["extract_cells", "phenotypes", "spatial_graph"]
+__all__ = [
+    "extract_cells",
+    "load_segmentation",
+    "normalize_stain",
+    "phenotypes",
+    "segment_nuclei",
+    "spatial_graph",
+]

@@ -103,42 +103,43 @@ class HandcraftedEncoder(Encoder):
         names = [f"{stain}_{s}" for stain in ("haematoxylin", "eosin") for s in self._stats]
         return names + ["r_mean", "g_mean", "b_mean", "r_std", "g_std", "b_std", "background_fraction"]
 
+    @staticmethod
+    def _weights(s: int) -> np.ndarray:
+        """Columns averaging a flattened ``s x s`` crop: over all of it, a central disc, the ring around it."""
+        yy, xx = np.mgrid[:s, :s]
+        r2 = ((yy - (s - 1) / 2) ** 2 + (xx - (s - 1) / 2) ** 2).ravel()
+        masks = np.stack([np.ones(s * s, bool), r2 <= (s / 6) ** 2, (r2 > (s / 6) ** 2) & (r2 <= (s / 3) ** 2)], 1)
+        return (masks / masks.sum(axis=0)).astype(np.float32)
+
     def __call__(self, crops: np.ndarray) -> np.ndarray:
         n, s = crops.shape[0], crops.shape[1]
         stains = hed(crops)  # (n, 2, s, s)
-        flat = stains.reshape(n, 2, s * s)
-        yy, xx = np.mgrid[:s, :s]
-        r2 = ((yy - (s - 1) / 2) ** 2 + (xx - (s - 1) / 2) ** 2).ravel()
-        centre, ring = r2 <= (s / 6) ** 2, (r2 > (s / 6) ** 2) & (r2 <= (s / 3) ** 2)
-        gy, gx = np.gradient(stains, axis=(2, 3))
-        grad = np.sqrt(gx**2 + gy**2).reshape(n, 2, s * s)
+        flat = stains.reshape(n * 2, s * s)
+        means = flat @ self._weights(s)  # (2n, 3): whole crop, centre, ring
+        std = np.sqrt(np.maximum((flat * flat).mean(axis=1) - means[:, 0] ** 2, 0))
+        gx = stains[..., :, 1:] - stains[..., :, :-1]
+        gy = stains[..., 1:, :] - stains[..., :-1, :]
+        grad = np.sqrt(gx[..., :-1, :] ** 2 + gy[..., :, :-1] ** 2).reshape(n * 2, -1)
+        grad_mean = grad.mean(axis=1)
+        grad_std = np.sqrt(np.maximum((grad * grad).mean(axis=1) - grad_mean**2, 0))
+        contrast = [(np.abs(gx).reshape(n * 2, -1).mean(axis=1) + np.abs(gy).reshape(n * 2, -1).mean(axis=1)) / 2]
+        for d in (2, 4):
+            dx = np.abs(stains[..., :, d:] - stains[..., :, :-d]).reshape(n * 2, -1).mean(axis=1)
+            dy = np.abs(stains[..., d:, :] - stains[..., :-d, :]).reshape(n * 2, -1).mean(axis=1)
+            contrast.append((dx + dy) / 2)
         # percentiles (nearest rank) of the 2x2-binned crop: 4x less to sort, nearly the same values
         h2 = s // 2
-        binned = stains[:, :, : 2 * h2, : 2 * h2].reshape(n, 2, h2, 2, h2, 2).mean(axis=(3, 5)).reshape(n, 2, -1)
+        binned = stains[:, :, : 2 * h2, : 2 * h2].reshape(n * 2, h2, 2, h2, 2).mean(axis=(2, 4)).reshape(n * 2, -1)
         ranks = [round(q * (binned.shape[-1] - 1)) for q in (0.1, 0.5, 0.9)]
-        percentiles = np.partition(binned, ranks, axis=-1)[..., ranks]  # (n, 2, 3)
-        contrast = [
-            (
-                np.abs(stains[..., d:, :] - stains[..., :-d, :]).mean(axis=(2, 3))
-                + np.abs(stains[..., d:] - stains[..., :-d]).mean(axis=(2, 3))
-            )
-            / 2
-            for d in (1, 2, 4)
-        ]
-        per_stain = [
-            flat.mean(axis=2),
-            flat.std(axis=2),
-            *np.moveaxis(percentiles, 2, 0),
-            flat[..., centre].mean(axis=2),
-            flat[..., ring].mean(axis=2),
-            grad.mean(axis=2),
-            grad.std(axis=2),
-            *contrast,
-        ]  # each (n, 2)
-        stain_feats = np.stack(per_stain, axis=2).reshape(n, -1)  # (n, 2 * n_stats), stain-major
-        rgb = crops.reshape(n, s * s, 3).astype(np.float32) / 255.0
-        background = (rgb.min(axis=2) > 0.86).mean(axis=1, keepdims=True)
-        return np.concatenate([stain_feats, rgb.mean(axis=1), rgb.std(axis=1), background], axis=1).astype(np.float32)
+        percentiles = np.partition(binned, ranks, axis=-1)[:, ranks]  # (2n, 3)
+        per_stain = np.stack(
+            [means[:, 0], std, *percentiles.T, means[:, 1], means[:, 2], grad_mean, grad_std, *contrast], axis=1
+        )  # (2n, n_stats)
+        stain_feats = per_stain.reshape(n, 2 * len(self._stats))  # stain-major
+        rgb = np.ascontiguousarray(np.moveaxis(crops, 3, 1)).reshape(n, 3, s * s)
+        background = (np.minimum(np.minimum(rgb[:, 0], rgb[:, 1]), rgb[:, 2]) > 219).mean(axis=1, keepdims=True)
+        rgb = rgb.astype(np.float32) / 255.0
+        return np.concatenate([stain_feats, rgb.mean(axis=2), rgb.std(axis=2), background], axis=1).astype(np.float32)
 
 
 class TorchEncoder(Encoder):
@@ -157,6 +158,7 @@ class TorchEncoder(Encoder):
         batch_size: int = 256,
         device: str = "cpu",
     ) -> None:
+        device = resolve_device(device)
         self.module = module.eval().to(device)
         self.name, self.mean, self.std = name, mean, std
         self.batch_size, self.device = batch_size, device
@@ -374,14 +376,14 @@ def get_encoder(
         enc = encoder
     elif isinstance(encoder, str):
         if encoder.startswith("timm:"):
-            enc = _build_timm(encoder[5:], weights=weights, batch_size=batch_size, device=resolve_device(device))
+            enc = _build_timm(encoder[5:], weights=weights, batch_size=batch_size, device=device)
         elif encoder in ENCODERS:
-            enc = ENCODERS[encoder](weights=weights, batch_size=batch_size, device=resolve_device(device))
+            enc = ENCODERS[encoder](weights=weights, batch_size=batch_size, device=device)
         else:
             msg = f"Unknown encoder {encoder!r}. Use one of {sorted(ENCODERS)}, 'timm:<name>', a torch module or a callable."
             raise ValueError(msg)
     elif torch is not None and isinstance(encoder, torch.nn.Module):
-        enc = TorchEncoder(encoder, name=f"torch:{type(encoder).__name__}", batch_size=batch_size, device=resolve_device(device))
+        enc = TorchEncoder(encoder, name=f"torch:{type(encoder).__name__}", batch_size=batch_size, device=device)
     elif callable(encoder):
         enc = CallableEncoder(encoder)
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -257,7 +258,7 @@ def segment_nuclei(
     threshold: float | None = None,
     sigma_um: float = 0.7,
     blob_sigma_um: float = 1.4,
-    min_distance_um: float = 2.8,
+    min_distance_um: float = 3.5,
     client: Client | None = None,
     n_jobs: int | None = None,
 ) -> None:
@@ -445,3 +446,140 @@ def _segment_section(
         min_distance_um=min_distance_um,
     )
     logger.info("Found %d nuclei in section %r -> shapes[%r].", len(polygons), section.sample, key)
+
+
+_FORMATS = ("geojson", "hovernet", "cellvit", "shapes")
+
+
+def _read_hovernet(path) -> list:
+    import json
+
+    from shapely import Polygon
+
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or not isinstance(data.get("nuc"), dict):
+        msg = f"{str(path)!r} is not a HoVer-Net JSON file: expected an object with a 'nuc' mapping of nucleus id -> {{'contour': [[x, y], ...]}}."
+        raise ValueError(msg)
+    polygons = []
+    for nucleus_id, nucleus in data["nuc"].items():
+        contour = np.asarray(nucleus.get("contour", []) if isinstance(nucleus, dict) else [], dtype=float)
+        if contour.ndim != 2 or contour.shape[0] < 3 or contour.shape[1] != 2:
+            msg = f"Nucleus {nucleus_id!r} in {str(path)!r} has no valid 'contour' (a list of at least 3 [x, y] points)."
+            raise ValueError(msg)
+        polygons.append(Polygon(contour))
+    return polygons
+
+
+def _shapes_in_pixels(sdata: SpatialData, key: str, section: Section) -> gpd.GeoDataFrame:
+    """Shapes element ``key`` with geometries in the section's pixel coordinate system (circles as polygons)."""
+    from spatialdata import transform
+    from spatialdata.transformations import get_transformation
+
+    from bitro._utils import check_key
+
+    check_key(sdata.shapes, key, "Shapes element")
+    systems = list(get_transformation(sdata.shapes[key], get_all=True))
+    if section.coordinate_system not in systems:
+        msg = (
+            f"Shapes {key!r} are in the coordinate systems {systems}, but image {section.image_key!r} of section "
+            f"{section.sample!r} is in {section.coordinate_system!r}. Give the shapes a transformation to "
+            f"{section.coordinate_system!r} (spatialdata.transformations.set_transformation) first."
+        )
+        raise ValueError(msg)
+    gdf = transform(sdata.shapes[key], to_coordinate_system=section.coordinate_system)
+    if "radius" in gdf.columns and (gdf.geometry.geom_type == "Point").all():
+        gdf = gdf.set_geometry(gdf.geometry.buffer(gdf["radius"].to_numpy()))
+    return gdf
+
+
+def load_segmentation(
+    sdata: SpatialData,
+    source: str | os.PathLike,
+    *,
+    format: Literal["geojson", "hovernet", "cellvit", "shapes"] = "geojson",
+    image_key: str | None = None,
+    key_added: str | None = None,
+) -> None:
+    """Use an existing nucleus segmentation as the cells of a section.
+
+    Polygons from files must be in full-resolution pixels of the section's image (``x`` = column,
+    ``y`` = row), as HoVer-Net, CellViT and QuPath export them.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData object; a shapes element is added (replacing one of the same name).
+    source
+        A file (``"geojson"``, ``"hovernet"``, ``"cellvit"``) or the name of a shapes element of
+        ``sdata`` (``"shapes"``).
+    format
+        ``"geojson"``: a GeoJSON FeatureCollection of polygons (QuPath export; read with geopandas).
+        ``"hovernet"``: HoVer-Net JSON, ``{"nuc": {id: {"contour": [[x, y], ...]}}}``.
+        ``"cellvit"``: a GeoParquet file with a geometry column (HEST / CellViT segmentations).
+        ``"shapes"``: polygons, or circles, already in ``sdata`` in any coordinate system related to
+        the section's; they are transformed to the section's pixels and keep their index.
+    image_key
+        The section's image; needed when ``sdata`` has more than one section.
+    key_added
+        Name of the shapes element; by default ``"{sample}_cells"``.
+
+    Returns
+    -------
+    Nothing; adds to ``sdata``:
+
+    - ``shapes["{sample}_cells"]`` (or ``key_added``): the polygons in the section's pixels with the
+      image's transformations, indexed by cell id (``"{sample}_{i}"`` for files), column ``"area_um2"``;
+    - ``attrs["bitro"]["segmentation"][sample]``: the format and source.
+
+    Examples
+    --------
+    >>> import bitro as bt
+    >>> bt.pp.load_segmentation(sdata, "C2_nuclei.geojson", format="geojson")  # doctest: +SKIP
+    """
+    from pathlib import Path
+
+    import geopandas as gpd
+
+    from bitro.io import get_sections
+
+    if format not in _FORMATS:
+        msg = f"Unknown segmentation `format={format!r}`; choose one of {list(_FORMATS)}."
+        raise ValueError(msg)
+    sections = get_sections(sdata, image_key=image_key)
+    if len(sections) > 1:
+        msg = f"`sdata` has {len(sections)} sections ({[s.sample for s in sections]}); pass `image_key=` to pick one."
+        raise ValueError(msg)
+    section = sections[0]
+    index = None
+    if format == "shapes":
+        gdf = _shapes_in_pixels(sdata, str(source), section)
+        polygons, index = list(gdf.geometry), gdf.index.astype(str)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            msg = f"Segmentation file {str(path)!r} not found (format={format!r})."
+            raise FileNotFoundError(msg)
+        if format == "hovernet":
+            polygons = _read_hovernet(path)
+        else:
+            gdf = gpd.read_file(path) if format == "geojson" else gpd.read_parquet(path)
+            polygons = list(gdf.geometry)
+    geometry = gpd.GeoSeries(polygons, dtype="geometry")
+    bad = ~geometry.geom_type.isin(["Polygon", "MultiPolygon"]).to_numpy()
+    if bad.any():
+        msg = (
+            f"{bad.sum()} of {len(geometry)} geometries in {str(source)!r} are not polygons "
+            f"(types found: {sorted(set(geometry.geom_type.astype(str)))}); nuclei must be Polygon or MultiPolygon."
+        )
+        raise ValueError(msg)
+    key = key_added or section.cells_key
+    sdata.shapes[key] = cells_element(
+        polygons,
+        section,
+        sdata,
+        columns={Key.AREA_UM2: geometry.area.to_numpy() * section.pixel_size**2},
+        index=index,
+    )
+    record_segmentation(sdata, section, key, method=format, source=str(source), n_cells=len(polygons))
+    logger.info("Loaded %d nuclei for section %r -> shapes[%r].", len(polygons), section.sample, key)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from bitro._constants import Key
 from bitro._logging import logger
@@ -53,7 +54,8 @@ def predicted_genes(adata: AnnData, layer: str) -> np.ndarray:
     if isinstance(recorded, pd.DataFrame):
         idx = adata.var_names.get_indexer([str(g) for g in recorded.columns])
         return idx[idx >= 0]
-    return np.flatnonzero(np.isfinite(dense(adata.layers[layer])).any(axis=0))
+    x = adata.layers[layer]
+    return np.flatnonzero(np.isfinite(x.toarray() if sp.issparse(x) else np.asarray(x)).any(axis=0))
 
 
 def prediction_scale(adata: AnnData, scale: str | None) -> str:
@@ -166,14 +168,14 @@ def evaluate(
     if groupby is not None and groupby not in adata.obs:
         msg = f"`groupby={groupby!r}` is not a column of `.obs` (columns: {list(adata.obs.columns)}). Use `groupby=None` to score all rows together."
         raise KeyError(msg)
-    pred_all = dense(adata.layers[layer])[:, cols]
+    pred_all = dense(adata.layers[layer][:, cols])
     rows = np.flatnonzero(np.isfinite(pred_all).all(axis=1))
     if len(rows) == 0:
         msg = f"No observation has finite predictions for all {len(cols)} predicted genes in `.layers[{layer!r}]`."
         raise ValueError(msg)
 
     pred = pred_all[rows]
-    obs = dense(adata.layers[truth])[np.ix_(rows, cols)] if truth is not None else observed_on_scale(adata, rows, cols, scale)
+    obs = dense(adata.layers[truth][:, cols])[rows] if truth is not None else observed_on_scale(adata, rows, cols, scale)
     groups = (
         pd.Series(np.asarray(adata.obs[groupby])[rows]).astype(str).to_numpy()
         if groupby is not None

@@ -350,12 +350,12 @@ def fit(
     >>> model = bt.tl.fit(sdata, target="spot")  # doctest: +SKIP
     >>> bt.tl.predict(model, new_sdata)  # doctest: +SKIP
     """
+    params = {k: v for k, v in locals().items() if k not in ("adata", "cells", "genes")}
     from bitro.tl._bags import bulk_bags, cell_data, spot_bags
     from bitro.tl._model import Architecture
     from bitro.tl._persist import FORMAT_VERSION, BitroModel
     from bitro.tl._predict import encoder_info
 
-    params = {k: v for k, v in locals().items() if k not in ("adata", "cells", "genes")}
     params["checkpoint_dir"] = None if checkpoint_dir is None else str(checkpoint_dir)
     _check_params(**params)
     table, cells = resolve_tables(target, adata, cells)

@@ -12,6 +12,7 @@ from anndata import AnnData
 from bitro._constants import Key
 from bitro._logging import logger
 from bitro._settings import settings
+from bitro.tl._fit import resolve_tables
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -111,34 +112,11 @@ def predict_bags(
     return (y, rows, att_sum / len(nets)) if attention else (y, None, None)
 
 
-def _resolve(model: BitroModel, adata, cells):
-    from bitro._utils import check_key
-
-    table_key = Key.SPOTS_TABLE if model.target == "spot" else Key.BULK_TABLE
-    if not isinstance(adata, AnnData):
-        try:
-            from spatialdata import SpatialData
-        except ImportError:  # pragma: no cover - spatialdata is a dependency
-            SpatialData = ()  # noqa: N806
-        if not isinstance(adata, SpatialData):
-            msg = f"`adata` must be an AnnData or a SpatialData, got {type(adata).__name__}."
-            raise TypeError(msg)
-        check_key(adata.tables, table_key, "Table")
-        if cells is None:
-            check_key(adata.tables, Key.CELLS_TABLE, "Cell table")
-            cells = adata.tables[Key.CELLS_TABLE]
-        adata = adata.tables[table_key]
-    if cells is None:
-        msg = "Give the cell table: `cells=` (an AnnData), or pass a SpatialData holding a 'cells' table."
-        raise ValueError(msg)
-    return adata, cells
-
-
 def check_features(model_config: dict, cells: AnnData) -> None:
     """Raise when the cell table's features do not match those the model was trained on."""
-    key, dim = model_config["feature_key"], model_config["architecture"]["n_features"]
     from bitro._utils import check_key
 
+    key, dim = model_config["feature_key"], model_config["architecture"]["n_features"]
     check_key(cells.obsm, key, "Cell features .obsm")
     got = np.shape(cells.obsm[key])[1]
     if got != dim:
@@ -221,7 +199,7 @@ def predict(
     """
     from bitro.tl._bags import bulk_bags, cell_data, spot_bags
 
-    table, cells = _resolve(model, adata, cells)
+    table, cells = resolve_tables(model.target, adata, cells)
     check_features(model.config, cells)
     if tokens_per_batch < 1:
         msg = f"tokens_per_batch must be positive, got {tokens_per_batch}."
@@ -241,7 +219,6 @@ def predict(
     pred = np.full((table.n_obs, len(genes)), np.nan, dtype=np.float32)
     pred[keep] = y
     # pseudo-cells: attention share x the bag's prediction on the target scale
-    bag_rows = np.flatnonzero(keep)
     owner = np.full(cells.n_obs, -1)
     for j, bag in enumerate(b for b in bags if b is not None):
         for s in bag:
@@ -267,7 +244,6 @@ def predict(
         "attention_key": attention_key if attention else None,
         "n_predicted": int(keep.sum()),
         "n_genes": len(genes),
-        "bag_rows": int(len(bag_rows)),
     }
     for t in (table, cells):
         t.uns.setdefault(Key.UNS, {})["predict"] = params
