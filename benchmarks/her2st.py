@@ -1,0 +1,229 @@
+"""Leave-one-section-out benchmark of ``bt.tl.fit`` / ``bt.tl.predict`` on the four HER2ST sections.
+
+For each held-out section (B4, C2, C3, C4) and each target scale (``cp10k``: log1p of counts per 10k;
+``log1p``: log1p of raw counts), on the 785 Hist2ST genes:
+
+- ``mean``: the training-mean profile (high PCC_overall, no PCC_gene);
+- ``ridge``: ridge regression (RidgeCV) on colour statistics of each spot's crop (RGB / HSV / optical
+  density: mean, std, 10/50/90th percentiles);
+- ``bitro``: the default model; and ablation rows (cp10k only unless ``--full``): no GAT, no
+  Transformer, no context, the paper's shared readout, cluster loss off.
+
+PCC_overall: mean over spots of the Pearson correlation over genes. PCC_gene: mean over genes of the
+Pearson correlation over the held-out section's spots; genes with zero variance in the held-out truth
+are left out. Cell features: the weight-free "handcrafted" encoder and the bundled EfficientNet-Lite0
+(concatenated raw features), with the scaler + PCA (128) and the K-means phenotypes fitted on the
+training sections' cells only. Early stopping holds out one training section; the held-out section is
+never looked at during training.
+
+Segmentation and raw cell features are cached in ``benchmarks/_cache/`` (first run: about 15 min on 2
+cores). Run from the repository root::
+
+    python benchmarks/her2st.py            # default model + baselines on both scales, ablations on cp10k
+    python benchmarks/her2st.py --quick    # default model + baselines, cp10k only
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / "_cache"
+SECTIONS = ("B4", "C2", "C3", "C4")
+ENCODERS = ("handcrafted", "efficientnet")
+ABLATIONS = {
+    "bitro": {},
+    "no GAT": {"gat_layers": 0},
+    "no Transformer": {"transformer_layers": 0},
+    "no context": {"context_radius": 0.0},
+    "shared readout": {"readout": "shared"},
+    "cluster loss off": {"cluster_weight": 0.0},
+}
+
+
+# -- cache -------------------------------------------------------------------------------------------------
+def colour_stats(crop: np.ndarray) -> np.ndarray:
+    """Colour statistics of an RGB crop (pixels inside the spot circle)."""
+    from skimage.color import rgb2hsv
+
+    rgb = crop.reshape(-1, 3).astype(np.float64) / 255.0
+    hsv = rgb2hsv(rgb.reshape(-1, 1, 3)).reshape(-1, 3)
+    od = -np.log(np.clip(rgb, 1 / 255, 1))
+    out = []
+    for v in (rgb, hsv, od):
+        out += [v.mean(0), v.std(0), *np.percentile(v, [10, 50, 90], axis=0)]
+    return np.concatenate(out)
+
+
+def build_cache(section: str) -> Path:
+    """Segment one section, extract raw cell features with every encoder, and spot colour statistics."""
+    import bitro as bt
+    from bitro._constants import Key
+    from bitro._utils import scale0
+
+    file = CACHE / f"her2st_{section}.npz"
+    if file.is_file():
+        return file
+    CACHE.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    sdata = bt.datasets.her2st([section])
+    bt.pp.segment_nuclei(sdata)
+    out = {}
+    for enc in ENCODERS:
+        cells = bt.pp.extract_cells(sdata, encoder=enc, key_added=f"cells_{enc}")
+        out[f"raw_{enc}"] = np.asarray(cells.obsm[Key.FEATURES_RAW], np.float32)
+        out["xy"] = np.asarray(cells.obsm[Key.SPATIAL])
+        out["spot_id"] = cells.obs[Key.SPOT_ID].astype(object).where(cells.obs[Key.SPOT_ID].notna(), "").astype(str).to_numpy()
+        out["pixel_size"] = np.array(cells.uns[Key.UNS]["pixel_size"][section])
+    spots = sdata[Key.SPOTS_TABLE]
+    image = scale0(sdata.images[Key.image(section)])
+    radius = sdata.shapes[Key.spots(section)]["radius"].reindex(spots.obs[Key.SPOT_ID]).to_numpy()
+    stats = []
+    for (x, y), r in zip(np.asarray(spots.obsm[Key.SPATIAL]), radius, strict=True):
+        x0, y0, ri = int(x - r), int(y - r), int(np.ceil(2 * r))
+        crop = image.isel(y=slice(max(y0, 0), y0 + ri), x=slice(max(x0, 0), x0 + ri)).transpose("y", "x", "c").values
+        yy, xx = np.mgrid[: crop.shape[0], : crop.shape[1]]
+        inside = (xx + max(x0, 0) + 0.5 - x) ** 2 + (yy + max(y0, 0) + 0.5 - y) ** 2 <= r**2
+        stats.append(colour_stats(crop[inside]))
+    out["colour"] = np.stack(stats)
+    out["colour_spot_id"] = spots.obs[Key.SPOT_ID].astype(str).to_numpy()
+    np.savez_compressed(file, **out)
+    print(f"cached {section}: {len(out['xy'])} cells in {time.perf_counter() - t:.0f} s", flush=True)
+    return file
+
+
+# -- one fold ---------------------------------------------------------------------------------------------
+def load_all(sections):
+    """Spot table (all sections, raw counts) and the cell table (raw features, graph) of all sections."""
+    import anndata as ad
+    import pandas as pd
+
+    import bitro as bt
+    from bitro._constants import Key
+
+    sdata = bt.datasets.her2st(list(sections))
+    spots = sdata[Key.SPOTS_TABLE]
+    parts, colour = [], {}
+    for s in sections:
+        z = np.load(build_cache(s), allow_pickle=False)
+        raw = np.concatenate([z[f"raw_{e}"] for e in ENCODERS], axis=1)
+        obs = pd.DataFrame({Key.SAMPLE: s, Key.SPOT_ID: pd.Series(z["spot_id"]).replace("", None).to_numpy()})
+        obs.index = [f"{s}_{i}" for i in range(len(obs))]
+        a = ad.AnnData(obs=obs)
+        a.obsm[Key.FEATURES_RAW] = raw
+        a.obsm[Key.SPATIAL] = z["xy"]
+        parts.append((a, float(z["pixel_size"])))
+        colour.update({(s, sid): v for sid, v in zip(z["colour_spot_id"], z["colour"], strict=True)})
+    cells = ad.concat([a for a, _ in parts])
+    cells.obs[Key.SAMPLE] = cells.obs[Key.SAMPLE].astype("category")
+    cells.uns[Key.UNS] = {"pixel_size": {s: px for s, (_, px) in zip(sections, parts, strict=True)}}
+    bt.pp.spatial_graph(cells)
+    key = zip(spots.obs[Key.SAMPLE].astype(str), spots.obs[Key.SPOT_ID].astype(str), strict=True)
+    spots.obsm["colour"] = np.stack([colour[k] for k in key])
+    return spots, cells
+
+
+def fold_features(cells, train_mask, *, n_components=128, n_phenotypes=8, seed=0):
+    """Scaler + PCA and K-means phenotypes fitted on the training cells, applied to all."""
+    import pandas as pd
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    from bitro._constants import Key
+
+    raw = cells.obsm[Key.FEATURES_RAW]
+    scaler = StandardScaler().fit(raw[train_mask])
+    pca = PCA(n_components=min(n_components, raw.shape[1]), random_state=seed).fit(scaler.transform(raw[train_mask]))
+    x = pca.transform(scaler.transform(raw)).astype(np.float32)
+    km = KMeans(n_phenotypes, n_init=3, random_state=seed).fit(x[train_mask][::4])
+    out = cells.copy()
+    out.obsm[Key.FEATURES] = x
+    out.obs[Key.PHENOTYPE] = pd.Categorical(km.predict(x))
+    return out
+
+
+def metrics(pred, truth):
+    from bitro.tl._metrics import pcc_gene, pcc_overall
+
+    return pcc_overall(pred, truth), pcc_gene(pred, truth)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="default model and baselines on cp10k only")
+    p.add_argument("--full", action="store_true", help="ablations on both scales")
+    p.add_argument("--configs", nargs="*", default=None, help=f"subset of {list(ABLATIONS)}")
+    p.add_argument("--sections", nargs="*", default=list(SECTIONS))
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--set", nargs="*", default=[], help="extra fit parameters for every bitro row, e.g. epochs=30")
+    args = p.parse_args()
+
+    import torch
+    from sklearn.linear_model import RidgeCV
+    from sklearn.preprocessing import StandardScaler
+
+    import bitro as bt
+    from bitro._constants import Key
+    from bitro.tl._targets import dense, to_scale
+
+    torch.set_num_threads(args.threads)
+    bt.settings.progress = False
+    t_all = time.perf_counter()
+    for s in args.sections:
+        build_cache(s)
+    t0 = time.perf_counter()
+    spots, cells = load_all(args.sections)
+    genes = bt.datasets.her2st_genes()
+    counts = dense(spots.X)
+    samples = spots.obs[Key.SAMPLE].astype(str).to_numpy()
+    extra = {k: type(v)(x) for k, x in (s.split("=") for s in args.set) for v in [ABLATIONS_DEFAULTS.get(k, 0.0)]}
+    scales = ["cp10k"] if args.quick else ["cp10k", "log1p"]
+    configs = args.configs or (["bitro"] if args.quick else list(ABLATIONS))
+    rows = []
+    print(f"{'scale':6} {'model':18} {'held-out':8} {'PCC_overall':>11} {'PCC_gene':>9} {'fit s':>7}", flush=True)
+    for held in args.sections:
+        test = samples == held
+        fold_cells = fold_features(cells, cells.obs[Key.SAMPLE].astype(str).to_numpy() != held)
+        for scale in scales:
+            truth_all = to_scale(counts, scale)[:, spots.var_names.get_indexer(genes)]
+            truth = truth_all[test]
+            res = {"mean": np.broadcast_to(truth_all[~test].mean(0), truth.shape)}
+            colour = StandardScaler().fit(spots.obsm["colour"][~test])
+            ridge = RidgeCV(alphas=np.logspace(-1, 4, 11)).fit(colour.transform(spots.obsm["colour"][~test]), truth_all[~test])
+            res["ridge"] = ridge.predict(colour.transform(spots.obsm["colour"][test]))
+            fit_s = {}
+            for name in configs:
+                if scale != "cp10k" and name != "bitro" and not args.full:
+                    continue
+                t = time.perf_counter()
+                model = bt.tl.fit(spots[~test].copy(), cells=fold_cells, genes=genes, scale=scale, **{**ABLATIONS[name], **extra})
+                fit_s[name] = time.perf_counter() - t
+                held_spots = spots[test].copy()
+                bt.tl.predict(model, held_spots, cells=fold_cells)
+                res[name] = held_spots.obsm[Key.PREDICTED][genes].to_numpy()
+            for name, pred in res.items():
+                ok = np.isfinite(pred).all(1)
+                po, pg = metrics(pred[ok], truth[ok])
+                rows.append((scale, name, held, po, pg))
+                print(f"{scale:6} {name:18} {held:8} {po:11.3f} {pg:9.3f} {fit_s.get(name, 0):7.1f}", flush=True)
+    print("\nMean over held-out sections")
+    print(f"{'scale':6} {'model':18} {'PCC_overall':>11} {'PCC_gene':>9}")
+    for scale in scales:
+        for name in ["mean", "ridge", *configs]:
+            sel = [r for r in rows if r[0] == scale and r[1] == name]
+            if sel:
+                print(f"{scale:6} {name:18} {np.mean([r[3] for r in sel]):11.3f} {np.mean([r[4] for r in sel]):9.3f}")
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    print(f"\nwall time {time.perf_counter() - t0:.0f} s (features cached; {time.perf_counter() - t_all:.0f} s in all), peak RSS {peak_gb:.2f} GB")
+
+
+ABLATIONS_DEFAULTS = {"epochs": 0, "patience": 0, "dim": 0, "max_context": 0, "n_seeds": 0, "batch_size": 0, "transformer_layers": 0, "gat_layers": 0}
+
+if __name__ == "__main__":
+    main()
