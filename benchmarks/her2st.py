@@ -78,7 +78,8 @@ def build_cache(section: str) -> Path:
         cells = bt.pp.extract_cells(sdata, encoder=enc, key_added=f"cells_{enc}")
         out[f"raw_{enc}"] = np.asarray(cells.obsm[Key.FEATURES_RAW], np.float32)
         out["xy"] = np.asarray(cells.obsm[Key.SPATIAL])
-        out["spot_id"] = cells.obs[Key.SPOT_ID].astype(object).where(cells.obs[Key.SPOT_ID].notna(), "").astype(str).to_numpy()
+        spot = cells.obs[Key.SPOT_ID]
+        out["spot_id"] = np.asarray(spot.astype(object).where(spot.notna(), "").astype(str), dtype=str)
         out["pixel_size"] = np.array(cells.uns[Key.UNS]["pixel_size"][section])
     spots = sdata[Key.SPOTS_TABLE]
     image = scale0(sdata.images[Key.image(section)])
@@ -91,7 +92,7 @@ def build_cache(section: str) -> Path:
         inside = (xx + max(x0, 0) + 0.5 - x) ** 2 + (yy + max(y0, 0) + 0.5 - y) ** 2 <= r**2
         stats.append(colour_stats(crop[inside]))
     out["colour"] = np.stack(stats)
-    out["colour_spot_id"] = spots.obs[Key.SPOT_ID].astype(str).to_numpy()
+    out["colour_spot_id"] = np.asarray(spots.obs[Key.SPOT_ID].astype(str), dtype=str)
     np.savez_compressed(file, **out)
     print(f"cached {section}: {len(out['xy'])} cells in {time.perf_counter() - t:.0f} s", flush=True)
     return file

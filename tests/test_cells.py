@@ -251,6 +251,20 @@ def test_bad_input(toy, toy_cells):
     assert set(toy.tables) == before
 
 
+def test_image_must_be_uint8_rgb():
+    import spatialdata as sd
+
+    sdata = toy_sdata()
+    from spatialdata.models import Image2DModel
+
+    from bitro.io._build import section_transformations
+
+    gray = Image2DModel.parse(np.zeros((1, 64, 64), np.uint8), dims=("c", "y", "x"), transformations=section_transformations("s0", PX))
+    bad = sd.SpatialData(images={"s0_image": gray}, shapes={"s0_cells": sdata.shapes["s0_cells"]})
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        bt.pp.extract_cells(bad)
+
+
 def test_shapes_in_another_coordinate_system():
     import geopandas as gpd
     from spatialdata.models import ShapesModel

@@ -60,6 +60,17 @@ def test_efficientnet_encoder(crops):
     assert (out >= 0).all() and out.std(axis=0).max() > 0
 
 
+def test_combined_encoder(crops):
+    enc = get_encoder(["handcrafted", lambda c: np.ones((len(c), 2))])
+    assert enc.dim == HandcraftedEncoder().dim + 2
+    assert enc.name.startswith("handcrafted+callable:")
+    out = enc(crops)
+    np.testing.assert_array_equal(out[:, :-2], get_encoder("handcrafted")(crops))
+    assert len(enc.feature_names()) == enc.dim
+    with pytest.raises(ValueError, match="empty list"):
+        get_encoder([])
+
+
 def test_torch_module_encoder(crops):
     import torch
 
@@ -99,6 +110,19 @@ def test_callable_wrong_shape_through_extract_cells():
     sdata.shapes["s0_cells"] = polygons_element(polys, [f"c{i}" for i in range(10)], "s0", 0.5)
     with pytest.raises(ValueError, match=r"expected shape \(10, 4\)"):
         bt.pp.extract_cells(sdata, encoder=flaky)
+    assert "cells" not in sdata.tables
+
+
+def test_non_finite_features_fail_clearly():
+    from shapely.geometry import Point
+
+    import bitro as bt
+    from bitro.io._build import image_element, polygons_element, section_sdata
+
+    sdata = section_sdata("s0", image_element(np.full((3, 100, 100), 200, np.uint8), "s0", 0.5, scale_factors=[]))
+    sdata.shapes["s0_cells"] = polygons_element([Point(50, 50).buffer(4)], ["c0"], "s0", 0.5)
+    with pytest.raises(ValueError, match=r"1 cells have non-finite features \(e.g. \['c0'\]\)"):
+        bt.pp.extract_cells(sdata, encoder=lambda c: np.full((len(c), 2), np.nan))
     assert "cells" not in sdata.tables
 
 

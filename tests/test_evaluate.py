@@ -142,3 +142,13 @@ def test_evaluate_no_finite_prediction(spots):
     spots.layers[Key.PREDICTED] = np.full(spots.shape, np.nan)
     with pytest.raises(ValueError, match=r"bt\.tl\.predict"):
         bt.tl.evaluate(spots, scale="log1p")
+
+
+def test_evaluate_js_leaves_out_empty_profiles(spots):
+    x = spots.X.toarray()
+    x[0, :4] = 0  # a spot with no count in the predicted genes: its JS divergence is undefined
+    spots.X = x
+    table = bt.tl.evaluate(spots, scale="log1p")
+    pred = spots.layers[Key.PREDICTED]
+    expected = np.mean([_js(np.clip(np.expm1(pred[i, :4]), 0, None), x[i, :4]) for i in range(1, 6)])
+    assert table.loc[0, "js_divergence"] == pytest.approx(expected)

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -37,16 +35,17 @@ def test_her2st_two_sections_in_one_object():
     assert len(genes) == 785 and len(set(genes)) == 785 and set(genes) <= set(table.var_names)
 
 
-def test_her2st_from_a_folder_and_the_environment(tmp_path):
+def test_her2st_from_a_folder_and_the_data_dir_setting(tmp_path, monkeypatch):
     for suffix in (".jpg", ".tsv.gz", "_selection.tsv"):
         shutil.copy(BUNDLED_DIR / f"C3{suffix}", tmp_path / f"C3{suffix}")
     (tmp_path / "C9_selection.tsv").write_text("incomplete section: ignored\n")
     sdata = bt.datasets.her2st(path=tmp_path)
     assert list(sdata.images) == ["C3_image"]
-    code = "import bitro as bt; print(list(bt.datasets.her2st().images))"
-    env = {"BITRO_HER2ST_DIR": str(tmp_path), "PATH": ""}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
-    assert out.strip() == "['C3_image']"
+    assert sdata[Key.SPOTS_TABLE].uns[Key.UNS]["dataset"]["path"] == str(tmp_path.resolve())
+    # bitro.settings.data_dir (from BITRO_HER2ST_DIR, see test_package) is the default folder
+    monkeypatch.setattr(bt.settings, "data_dir", tmp_path)
+    assert list(bt.datasets.her2st().images) == ["C3_image"]
+    assert len(bt.datasets.her2st_genes()) == 785  # not in that folder: the bundled list
 
 
 def test_her2st_bad_input(tmp_path):

@@ -74,18 +74,21 @@ def test_read_st_opens_lazily_and_decodes_once(her2st_dir):
     _lazy_image.clear_cache()
     sdata = bt.io.read_st(her2st_dir, "C2")
     assert len(_lazy_image._cache) == 0  # opening read the header only
-    level0 = sdata[Key.image("C2")]["scale0"]["image"]
-    crop = level0[:, 4000:4100, 4000:4200].values
-    assert crop.shape == (3, 100, 200) and len(_lazy_image._cache) == 1
-    (decoded,) = _lazy_image._cache.values()
-    level0[:, 100:300, 7000:9000].values  # another crop: same decode
-    coarse = sdata[Key.image("C2")]["scale2"]["image"][:, 1000:1030, 1000:1020].values  # from the same decode
-    assert len(_lazy_image._cache) == 1 and next(iter(_lazy_image._cache.values())) is decoded
-    block_mean = decoded[4000:4120, 4000:4080].reshape(30, 4, 20, 4, 3).mean(axis=(1, 3)).transpose(2, 0, 1)
-    assert np.abs(coarse - block_mean).max() <= 0.5
-    np.testing.assert_array_equal(crop, decoded[4000:4100, 4000:4200].transpose(2, 0, 1))
-    with _lazy_image.allow_large_images(), Image.open(her2st_dir / "C2.jpg") as im:
-        assert np.asarray(im.crop((4000, 4000, 4200, 4100)))[..., 0].mean() == pytest.approx(crop[0].mean(), abs=1.5)
+    image = sdata[Key.image("C2")]
+    # a coarse level needs no full decode: libjpeg's reduced (1/8) decode
+    coarse = image["scale3"]["image"][:, 500:515, 500:510].values
+    assert [key[-1] for key in _lazy_image._cache] == [8]
+    level0 = image["scale0"]["image"]
+    crop = level0[:, 4000:4120, 4000:4080].values
+    assert crop.shape == (3, 120, 80) and [key[-1] for key in _lazy_image._cache] == [8, 1]
+    decoded = _lazy_image._cache[next(k for k in _lazy_image._cache if k[-1] == 1)]
+    level0[:, 100:300, 7000:9000].values  # another crop: the same decode
+    image["scale1"]["image"][:, 2000:2060, 2000:2040].values  # level 1 averages the same decode
+    assert len(_lazy_image._cache) == 2 and any(v is decoded for v in _lazy_image._cache.values())
+    np.testing.assert_array_equal(crop, decoded[4000:4120, 4000:4080].transpose(2, 0, 1))
+    full = decoded.astype(float)
+    block_mean = full[4000:4120, 4000:4080].reshape(15, 8, 10, 8, 3).mean(axis=(1, 3)).transpose(2, 0, 1)
+    assert np.abs(coarse - block_mean).mean() < 1.0  # DCT-domain reduction ~ block mean
     _lazy_image.clear_cache()
 
 

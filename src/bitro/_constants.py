@@ -52,6 +52,13 @@ class Key:
     CELL_TYPE: Final = "cell_type"
     ARRAY_ROW: Final = "array_row"
     ARRAY_COL: Final = "array_col"
+    #: Pseudo-bulk tables (``bt.tl.pseudobulk``): the block of each row, its number of spots, and the ids of its
+    #: spots joined by ``SPOT_IDS_SEP`` (empty for a whole-section row). A bulk row with spot ids is a region:
+    #: its bag is the cells of those spots.
+    BLOCK: Final = "block"
+    N_SPOTS: Final = "n_spots"
+    SPOT_IDS: Final = "spot_ids"
+    SPOT_IDS_SEP: Final = ";"
 
     # --- .obsm ---------------------------------------------------------------------------
     SPATIAL: Final = "spatial"

@@ -1,12 +1,14 @@
 """Lazy access to flat (non-tiled) RGB images such as the JPEGs of legacy ST sections.
 
-A JPEG has no random access: any pixel needs the whole file decoded. :func:`lazy_rgb` opens the
-file for its header only (size, mode) and returns a dask array whose chunks all slice one shared
-decode. The first chunk that is computed decodes the file once (under a lock, so concurrent
-chunks wait for it instead of decoding again); later chunks, of this or of any pyramid level
-derived from it (block averages of the decode), reuse it. At most :data:`DECODED_CACHE_SIZE` decoded images are kept
-per process (least recently used first out), so reading section after section stays bounded in
-memory.
+A JPEG has no random access: any pixel needs the whole file decoded. :func:`lazy_rgb_pyramid`
+opens the file for its header only (size, mode) and returns dask arrays, one per pyramid level,
+whose chunks all slice a cached decode. The first full-resolution chunk that is computed decodes
+the file once (under a lock, so concurrent chunks wait for it instead of decoding again); every
+later chunk reuses that decode. Coarse levels of a JPEG come from libjpeg's reduced decodes (DCT
+scaling at 1/4, 1/8: a fraction of the cost of a full decode, and no full decode needed to
+show the whole slide), then block averages; other formats average blocks of the full decode.
+Decodes are kept per process up to :data:`DECODED_CACHE_BYTES` (least recently used out first), so
+reading section after section stays bounded in memory.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ import numpy as np
 if TYPE_CHECKING:
     import dask.array as da
 
-#: Decoded images kept in memory per process.
-DECODED_CACHE_SIZE = 2
+#: Bytes of decoded images kept in memory per process (the most recent decode is always kept).
+DECODED_CACHE_BYTES = 768 * 2**20
+#: Reduced decodes that libjpeg makes by DCT scaling (1/2 is left out: it costs about as much as a full decode).
+JPEG_REDUCTIONS = (8, 4)
 
 _cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
 _cache_lock = threading.Lock()
@@ -87,10 +91,11 @@ def _file_key(path: Path) -> tuple:
     return (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
 
-def _decode(path: Path) -> np.ndarray:
-    """Decode the whole file into a ``(y, x, 3)`` uint8 array (RGB; an alpha channel is dropped).
+def _decode(path: Path, reduce: int = 1) -> np.ndarray:
+    """Decode the file into a ``(y, x, 3)`` uint8 array (RGB; an alpha channel is dropped).
 
-    JPEGs are decoded with libjpeg-turbo (:mod:`imagecodecs`) straight into the array: ~5x faster
+    ``reduce`` (2, 4 or 8; JPEG only) asks libjpeg for a decode at that fraction of the size.
+    Full JPEG decodes use libjpeg-turbo through :mod:`imagecodecs`, straight into the array: ~4x faster
     than PIL here and without PIL's 4-bytes-per-pixel intermediate copy. Other formats go through PIL.
     """
     import imagecodecs
@@ -98,10 +103,12 @@ def _decode(path: Path) -> np.ndarray:
 
     try:
         data = path.read_bytes()
-        if data[:2] == b"\xff\xd8":  # JPEG start-of-image marker
+        if reduce == 1 and _is_jpeg(data):
             arr = imagecodecs.jpeg8_decode(data)
         else:
             with allow_large_images(), Image.open(path) as im:
+                if reduce > 1:
+                    im.draft("RGB", (im.width // reduce, im.height // reduce))
                 arr = np.asarray(im)
     except (OSError, RuntimeError, ValueError) as e:
         msg = f"Cannot decode the image {str(path)!r}: {e}. The file may be truncated or corrupt."
@@ -112,22 +119,29 @@ def _decode(path: Path) -> np.ndarray:
     return arr[..., :3]
 
 
-def decoded(path: Path) -> np.ndarray:
-    """The decoded pixels of ``path`` (``(y, x, 3)`` uint8), decoded at most once while cached."""
-    key = _file_key(path)
+def _is_jpeg(head: bytes) -> bool:
+    return head[:2] == b"\xff\xd8"  # JPEG start-of-image marker
+
+
+def decoded(path: Path, reduce: int = 1) -> np.ndarray:
+    """The decoded pixels of ``path`` (``(y, x, 3)`` uint8), decoded at most once while cached.
+
+    ``reduce`` > 1: a JPEG's reduced decode at ``1/reduce`` of the size (see :func:`_decode`).
+    """
+    key = (*_file_key(path), reduce)
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
         lock = _decode_locks.setdefault(key, threading.Lock())
-    with lock:  # one decode per file; other threads wait for it
+    with lock:  # one decode per file and size; other threads wait for it
         with _cache_lock:
             if key in _cache:
                 return _cache[key]
-        arr = _decode(path)
+        arr = _decode(path, reduce)
         with _cache_lock:
             _cache[key] = arr
-            while len(_cache) > DECODED_CACHE_SIZE:
+            while len(_cache) > 1 and sum(a.nbytes for a in _cache.values()) > DECODED_CACHE_BYTES:
                 _cache.popitem(last=False)
     return arr
 
@@ -139,26 +153,27 @@ def clear_cache() -> None:
 
 
 class _LazyRGB:
-    """Array-like ``(c, y, x)`` view of an image file at ``1/factor`` of its size.
+    """Array-like ``(c, y, x)`` view of an image file at ``1/factor`` of its size (``factor`` a power of 2).
 
-    Slicing decodes the file (once, cached); a level with ``factor > 1`` averages
-    ``factor x factor`` blocks of the decoded full resolution.
+    Slicing decodes the file (once, cached). A level with ``factor > 1`` averages blocks of a JPEG's
+    reduced decode (``1/reduce``, at most 1/8) or, for other formats, of the full decode.
     """
 
     ndim = 3
     dtype = np.dtype(np.uint8)
 
-    def __init__(self, path: Path, height: int, width: int, factor: int) -> None:
+    def __init__(self, path: Path, height: int, width: int, factor: int, *, jpeg: bool) -> None:
         self.path, self.factor = path, factor
+        self.reduce = next((r for r in JPEG_REDUCTIONS if factor % r == 0), 1) if jpeg else 1
         self.shape = (3, height // factor, width // factor)
 
     def __getitem__(self, index: tuple[slice, slice, slice]) -> np.ndarray:
         c, y, x = (slice(*s.indices(n)[:2]) for s, n in zip(index, self.shape, strict=True))
-        full, f = decoded(self.path), self.factor
+        source, f = decoded(self.path, self.reduce), self.factor // self.reduce
         if f == 1:
-            return np.ascontiguousarray(full[y, x, c].transpose(2, 0, 1))
+            return np.ascontiguousarray(source[y, x, c].transpose(2, 0, 1))
         ny, nx = y.stop - y.start, x.stop - x.start
-        block = full[y.start * f : y.stop * f, x.start * f : x.stop * f, c].reshape(ny, f, nx, f, -1)
+        block = source[y.start * f : y.stop * f, x.start * f : x.stop * f, c].reshape(ny, f, nx, f, -1)
         total = np.zeros((ny, nx, block.shape[-1]), dtype=np.uint32)
         for i in range(f):  # ~10x faster than block.mean(axis=(1, 3)), which reduces over strided axes
             for j in range(f):
@@ -166,14 +181,15 @@ class _LazyRGB:
         return ((total + f * f // 2) // (f * f)).astype(np.uint8).transpose(2, 0, 1).copy()
 
     def __dask_tokenize__(self) -> tuple:
-        return ("bitro-lazy-rgb", *_file_key(self.path), self.factor)
+        return ("bitro-lazy-rgb", *_file_key(self.path), self.factor, self.reduce)
 
 
 def lazy_rgb_pyramid(path: Path, *, n_levels: int | None = None, chunk: int) -> list[da.Array]:
     """Pyramid levels (``(c, y, x)`` uint8 dask arrays) of an RGB(A) image file; opening reads the header only.
 
-    Level ``k`` is the image reduced ``2**k`` times by averaging blocks; all levels slice one cached
-    decode of the file, so a coarse level costs no second decode and no chain of resampling steps.
+    Level ``k`` is the image reduced ``2**k`` times; all chunks of a level slice one cached decode
+    (the full decode for level 0, a reduced JPEG decode for coarse levels), so no chunk decodes the
+    file again and no level is a chain of resampling steps.
 
     Parameters
     ----------
@@ -206,8 +222,16 @@ def lazy_rgb_pyramid(path: Path, *, n_levels: int | None = None, chunk: int) -> 
         logger.warning("The image %r has an alpha channel; it is dropped (only RGB is used).", str(path))
     if n_levels is None:
         n_levels = len(pyramid_factors(height, width)) + 1
+    with open(path, "rb") as f:
+        jpeg = _is_jpeg(f.read(2))
     meta = np.empty((0, 0, 0), dtype=np.uint8)
     return [
-        da.from_array(_LazyRGB(path, height, width, 2**k), chunks=(3, chunk, chunk), asarray=False, meta=meta, fancy=False)
+        da.from_array(
+            _LazyRGB(path, height, width, 2**k, jpeg=jpeg),
+            chunks=(3, chunk, chunk),
+            asarray=False,
+            meta=meta,
+            fancy=False,
+        )
         for k in range(n_levels)
     ]

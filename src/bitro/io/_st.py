@@ -94,7 +94,8 @@ def _read_counts(file: Path) -> pd.DataFrame:
         msg = f"The counts {str(file)!r} hold non-numeric values; expected raw UMI counts."
         raise ValueError(msg)
     if counts.index.duplicated().any():
-        msg = f"The counts {str(file)!r} list some spots twice (e.g. {list(counts.index[counts.index.duplicated()][:5])})."
+        dup = list(counts.index[counts.index.duplicated()][:5])
+        msg = f"The counts {str(file)!r} list some spots twice (e.g. {dup})."
         raise ValueError(msg)
     return counts
 

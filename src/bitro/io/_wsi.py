@@ -55,7 +55,8 @@ def _mpp_resolution_tags(tif: tifffile.TiffFile) -> float | None:
 
 def slide_pixel_size(tif: tifffile.TiffFile) -> tuple[float | None, str]:
     """Micrometres per pixel of a slide's full resolution from its metadata, and where it was found."""
-    for source, read in (("SVS MPP", _mpp_svs), ("OME PhysicalSizeX", _mpp_ome), ("TIFF resolution tags", _mpp_resolution_tags)):
+    readers = (("SVS MPP", _mpp_svs), ("OME PhysicalSizeX", _mpp_ome), ("TIFF resolution tags", _mpp_resolution_tags))
+    for source, read in readers:
         mpp = read(tif)
         if mpp is not None and np.isfinite(mpp) and mpp > 0:
             return mpp, source
@@ -122,8 +123,8 @@ def read_wsi(path: str | Path, *, sample: str | None = None, pixel_size: float |
         file_mpp, source = slide_pixel_size(tif)
     if axes != "YXS" or shapes[0][2] not in (3, 4) or series.dtype != np.uint8:
         msg = (
-            f"The slide {str(path)!r} holds {series.dtype} pixels with axes {axes!r} and shape {shapes[0]}; bitro needs "
-            "an 8-bit RGB slide (axes 'YXS' with 3 samples). Convert it to RGB first."
+            f"The slide {str(path)!r} holds {series.dtype} pixels with axes {axes!r} and shape {shapes[0]}; "
+            "bitro needs an 8-bit RGB slide (axes 'YXS' with 3 samples). Convert it to RGB first."
         )
         raise ValueError(msg)
     if pixel_size is None:
@@ -135,7 +136,9 @@ def read_wsi(path: str | Path, *, sample: str | None = None, pixel_size: float |
             raise ValueError(msg)
         pixel_size = file_mpp
     elif file_mpp is not None and not np.isclose(file_mpp, pixel_size, rtol=0.05):
-        logger.warning("%s: using the given pixel size %.4g um/px, not the file's %.4g (%s).", path.name, pixel_size, file_mpp, source)
+        logger.warning(
+            "%s: using the given pixel size %.4g um/px, not the file's %.4g (%s).", path.name, pixel_size, file_mpp, source
+        )
     if shapes[0][2] == 4:
         logger.warning("The slide %r has an alpha channel; it is dropped (only RGB is used).", str(path))
     sample = _sample_name(path) if sample is None else sample

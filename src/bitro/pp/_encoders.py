@@ -7,7 +7,8 @@ Every encoder maps a batch of crops ``(n, s, s, 3) uint8`` (RGB, ``s = 48`` by d
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +47,7 @@ def hed(crops: np.ndarray) -> np.ndarray:
 _STAIN_LUT = _stain_lut()
 
 
-class Encoder:
+class Encoder(ABC):
     """Base class of cell crop encoders.
 
     Attributes
@@ -61,8 +62,9 @@ class Encoder:
     name: str = "encoder"
     dim: int = 0
 
-    def __call__(self, crops: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def __call__(self, crops: np.ndarray) -> np.ndarray:
+        """Vectors ``(n, dim)`` float32 of crops ``(n, s, s, 3)`` uint8."""
 
     def feature_names(self) -> list[str]:
         """Names of the output dimensions."""
@@ -205,6 +207,22 @@ class CallableEncoder(Encoder):
         return out.astype(np.float32)
 
 
+class CombinedEncoder(Encoder):
+    """Several encoders side by side: their vectors concatenated."""
+
+    def __init__(self, encoders: list[Encoder]) -> None:
+        self.encoders = encoders
+        self.name = "+".join(e.name for e in encoders)
+        self.dim = sum(e.dim for e in encoders)
+
+    def __call__(self, crops: np.ndarray) -> np.ndarray:
+        return np.concatenate([e(crops) for e in self.encoders], axis=1)
+
+    def feature_names(self) -> list[str]:
+        """Names of the output dimensions."""
+        return [name for e in self.encoders for name in e.feature_names()]
+
+
 def _efficientnet_lite0() -> torch.nn.Module:
     """EfficientNet-Lite0 (Tan & Le 2019, the 'lite' variant: ReLU6, no squeeze-excitation), without classifier.
 
@@ -329,6 +347,10 @@ def _build_timm(name: str, *, weights: str | Path | None, batch_size: int, devic
 ENCODERS: dict[str, Callable[..., Encoder]] = {"handcrafted": _build_handcrafted, "efficientnet": _build_efficientnet}
 
 
+def _takes_weights(encoder: Any) -> bool:
+    return isinstance(encoder, str) and (encoder.startswith("timm:") or encoder == "efficientnet")
+
+
 def resolve_device(device: str) -> str:
     """``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``; other values unchanged."""
     if device != "auto":
@@ -339,7 +361,7 @@ def resolve_device(device: str) -> str:
 
 
 def get_encoder(
-    encoder: str | Callable[[np.ndarray], Any] | Encoder,
+    encoder: str | Callable[[np.ndarray], Any] | Encoder | Sequence[str | Callable[[np.ndarray], Any] | Encoder],
     *,
     weights: str | Path | None = None,
     batch_size: int = 256,
@@ -353,10 +375,11 @@ def get_encoder(
     encoder
         ``"handcrafted"``, ``"efficientnet"``, ``"timm:<model name>"`` (needs ``weights`` and the
         ``timm`` package), an :class:`Encoder`, a :class:`torch.nn.Module` (fed ImageNet-normalised
-        ``(n, 3, s, s)`` float crops) or a callable mapping ``(n, s, s, 3) uint8`` crops to ``(n, d)``.
+        ``(n, 3, s, s)`` float crops) or a callable mapping ``(n, s, s, 3) uint8`` crops to ``(n, d)``;
+        or a list of these, whose vectors are concatenated.
     weights
         Local path to the weights of a ``"timm:..."`` model or a replacement for the bundled
-        EfficientNet-Lite0 weights.
+        EfficientNet-Lite0 weights (in a list, for the entry that takes weights).
     batch_size
         Crops per forward pass of torch models.
     device
@@ -372,6 +395,15 @@ def get_encoder(
         msg = f"The encoder weights file {str(weights)!r} does not exist. Give the path to a local weights file."
         raise FileNotFoundError(msg)
     torch = sys.modules.get("torch")
+    if isinstance(encoder, list | tuple):
+        if not encoder:
+            msg = "`encoder` is an empty list; give at least one encoder."
+            raise ValueError(msg)
+        parts = [
+            get_encoder(e, weights=weights if _takes_weights(e) else None, batch_size=batch_size, device=device, crop_px=crop_px)
+            for e in encoder
+        ]
+        return CombinedEncoder(parts)
     if isinstance(encoder, Encoder):
         enc = encoder
     elif isinstance(encoder, str):

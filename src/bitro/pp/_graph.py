@@ -6,8 +6,10 @@ import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 
 from bitro._constants import Key
+from bitro._logging import logger
 from bitro._utils import check_key
 
 if TYPE_CHECKING:
@@ -34,7 +36,7 @@ def spatial_graph(
     n_neighs
         Neighbours per cell.
     library_key
-        Column of ``.obs`` naming the sample of each cell.
+        Column of ``.obs`` naming the sample of each cell (made categorical if it is not).
     spatial_key
         Coordinates in ``.obsm`` (section pixels).
     key_added
@@ -79,7 +81,8 @@ def spatial_graph(
             "params": params,
         }
     else:
-        if not cells.obs[library_key].dtype == "category":
+        if not isinstance(cells.obs[library_key].dtype, pd.CategoricalDtype):  # squidpy needs a categorical
+            logger.info("Converting `.obs[%r]` to categorical for squidpy.", library_key)
             cells.obs[library_key] = cells.obs[library_key].astype("category")
         sq.gr.spatial_neighbors_knn(
             cells, spatial_key=spatial_key, library_key=library_key, n_neighs=int(n_neighs), key_added=key_added

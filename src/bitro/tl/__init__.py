@@ -7,5 +7,17 @@ from bitro.tl._evaluate import evaluate
 from bitro.tl._fit import fit
 from bitro.tl._persist import BitroModel, load_model
 from bitro.tl._predict import predict
+from bitro.tl._pseudobulk import pseudobulk
+from bitro.tl._transfer import TransferredModel, load_adapters, transfer
 
-__all__ = ["BitroModel", "evaluate", "fit", "load_model", "predict"]
+__all__ = [
+    "BitroModel",
+    "TransferredModel",
+    "evaluate",
+    "fit",
+    "load_adapters",
+    "load_model",
+    "predict",
+    "pseudobulk",
+    "transfer",
+]

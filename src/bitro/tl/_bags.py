@@ -159,17 +159,30 @@ def chunk_cells(xy_um: np.ndarray, chunk_size: int) -> list[np.ndarray]:
     return out
 
 
-def bulk_bags(bulk: AnnData, cells: CellData, *, chunk_size: int) -> list[list[Seq]]:
-    """One bag per row of the bulk table: all cells of its ``.obs["sample"]``, in chunks."""
+def bulk_bags(bulk: AnnData, cells: CellData, *, chunk_size: int) -> list[list[Seq] | None]:
+    """One bag per row of the bulk table: all cells of its ``.obs["sample"]``, in chunks.
+
+    A row with spot ids in ``.obs["spot_ids"]`` (a region, see :func:`bitro.tl.pseudobulk`) keeps only the cells
+    of those spots (``None`` when none of them has a cell).
+    """
     check_key(bulk.obs.columns, Key.SAMPLE, "Bulk table column .obs")
     b_sample = bulk.obs[Key.SAMPLE].astype(str).to_numpy()
     lacking = sorted(set(b_sample) - set(cells.sample))
     if lacking:
         msg = f"Bulk samples {lacking} have no cells in the cell table (samples there: {sorted(set(cells.sample))})."
         raise KeyError(msg)
-    bags = []
-    for sample in b_sample:
+    regions = [""] * bulk.n_obs
+    if Key.SPOT_IDS in bulk.obs:
+        ids = bulk.obs[Key.SPOT_IDS]
+        regions = np.where(_missing(ids), "", ids.astype(str).to_numpy())
+    bags: list[list[Seq] | None] = []
+    for sample, region in zip(b_sample, regions, strict=True):
         rows = np.flatnonzero(cells.sample == sample)
+        if region:
+            rows = rows[np.isin(cells.spot_id[rows], region.split(Key.SPOT_IDS_SEP))]
+            if not len(rows):
+                bags.append(None)
+                continue
         seqs = []
         for part in chunk_cells(cells.xy_um[rows], chunk_size):
             c = rows[np.sort(part)]

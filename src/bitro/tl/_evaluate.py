@@ -109,8 +109,9 @@ def evaluate(
       ``n_genes_constant``). Genes with a constant prediction but varying truth count as 0.
     - **JS divergence**: for each observation, the Jensen-Shannon divergence (base 2, between 0
       and 1) between predicted and observed profiles back on the linear scale (``expm1``, negative
-      predictions clipped to 0), each normalised to sum 1; the mean over observations. For a bulk
-      table (one row per slide) this is the bulk-profile JS divergence.
+      predictions clipped to 0), each normalised to sum 1; the mean over observations whose
+      observed and predicted profiles are not all zero. For a bulk table (one row per slide) this
+      is the bulk-profile JS divergence.
 
     Parameters
     ----------
@@ -184,6 +185,8 @@ def evaluate(
     group_col = groupby if groupby is not None else "group"
 
     pcc_obs = pcc_per_obs(pred, obs)
+    lin_pred, lin_obs = np.clip(np.expm1(pred), 0, None), np.expm1(obs)
+    has_mass = (lin_pred.sum(axis=1) > 0) & (lin_obs.sum(axis=1) > 0)  # JS is undefined for an all-zero profile
     summary, per_gene = [], {}
     for g in pd.unique(groups):
         m = groups == g
@@ -197,7 +200,9 @@ def evaluate(
                 "n_genes_constant": int(np.isnan(r_gene).sum()),
                 "pcc_overall": float(np.nanmean(pcc_obs[m])) if np.isfinite(pcc_obs[m]).any() else np.nan,
                 "pcc_gene": float(np.nanmean(r_gene)) if np.isfinite(r_gene).any() else np.nan,
-                "js_divergence": js_divergence(np.clip(np.expm1(pred[m]), 0, None), np.expm1(obs[m])),
+                "js_divergence": js_divergence(lin_pred[m & has_mass], lin_obs[m & has_mass])
+                if (m & has_mass).any()
+                else np.nan,
             }
         )
     table = pd.DataFrame(summary)

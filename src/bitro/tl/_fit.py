@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
     from bitro.tl._bags import CellData, Seq
+    from bitro.tl._model import BitroNet
     from bitro.tl._persist import BitroModel
 
 TARGETS: tuple[str, ...] = ("spot", "bulk")
@@ -140,8 +141,13 @@ def _train(
     device,
     folder: Path | None,
     desc: str,
+    net: BitroNet | None = None,
 ):
-    """Train one network; early stopping on ``val_idx`` when it is not empty. Returns ``(net, history)``."""
+    """Train one network; early stopping on ``val_idx`` when it is not empty. Returns ``(net, history)``.
+
+    ``net``: train this network (e.g. with LoRA adapters, :func:`bitro.tl.transfer`) instead of a new one;
+    only its parameters that require gradients are optimised.
+    """
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
@@ -152,8 +158,9 @@ def _train(
     from bitro.tl._predict import predict_bags
 
     torch.manual_seed(seed)
-    net = BitroNet(arch).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+    net = BitroNet(arch).to(device) if net is None else net.to(device)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(trainable, lr=hp["lr"], weight_decay=hp["weight_decay"])
     fingerprint = _fingerprint(arch.to_dict(), hp, seed, train_idx.tolist(), val_idx.tolist(), yz.shape, float(yz.sum()))
     history: dict[str, Any] = {k: [] for k in ("train_loss", "train_mse", "train_cluster", "val_mse", "val_pcc_gene")}
     state = {"epoch": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0, "stopped": False, "history": history}
@@ -166,7 +173,7 @@ def _train(
     monitor_pcc = len(val_idx) >= 3
     target = torch.as_tensor(yz, dtype=torch.float32)
     cw, bs = hp["cluster_weight"], hp["batch_size"]
-    bar = tqdm(range(epochs), desc=desc, disable=not settings.progress, initial=state["epoch"])
+    bar = tqdm(total=epochs, desc=desc, disable=not settings.progress, initial=state["epoch"])
     for epoch in range(state["epoch"], epochs):
         if state["stopped"]:
             break

@@ -1,0 +1,149 @@
+"""Does transfer learning between the bulk and spot levels help? ``bt.tl.transfer`` on the four HER2ST sections.
+
+Leave-one-section-out (B4, C2, C3, C4), 785 Hist2ST genes, target scale cp10k (log1p of counts per 10k).
+Bulk samples are pseudo-bulk (``bt.tl.pseudobulk``): raw counts summed over ``--block``x``--block`` array blocks
+of spots (bag: the cells of those spots) plus one row per whole section (bag: all cells of the section).
+
+Spot level (held-out section's spots; PCC_overall, PCC_gene):
+  - ``mean``: training-mean profile;
+  - ``spot only``: ``bt.tl.fit`` on the training sections' spots;
+  - ``bulk -> spot``: ``bt.tl.fit`` on the training sections' pseudo-bulk, then ``bt.tl.transfer`` (LoRA) to their spots.
+Bulk level (held-out section's blocks and whole section; PCC_overall, PCC_gene over its blocks, JS divergence):
+  - ``mean``, ``bulk only`` (the bulk model above), ``spot -> bulk`` (the spot-only model fine-tuned with LoRA on the
+    training pseudo-bulk).
+Also: the share of parameters the fine-tuning trains and its wall time against training from scratch on the same
+data (median over folds; ratio = fine-tune / from scratch). The held-out section is never used for training,
+early stopping, PCA, phenotypes or normalisation statistics.
+
+Cell features come from the cache of ``benchmarks/her2st.py`` (``benchmarks/_cache/``, built on first use), with
+the scaler + PCA and phenotypes fitted per fold on the training cells (``her2st.fold_features``).
+
+Run from the repository root::
+
+    python benchmarks/transfer.py                     # 4 folds, LoRA
+    python benchmarks/transfer.py --methods lora full --epochs 30 --sections C2 C3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", nargs="*", default=["B4", "C2", "C3", "C4"], help="held-out sections (folds)")
+    p.add_argument("--methods", nargs="*", default=["lora"], help="transfer methods: lora, full")
+    p.add_argument("--epochs", type=int, default=40, help="most epochs of every fit and fine-tuning (early stopping)")
+    p.add_argument("--block", type=int, default=4, help="pseudo-bulk block side (array positions)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = p.parse_args()
+
+    import torch
+
+    import bitro as bt
+    from bitro._constants import Key
+    from bitro.tl._metrics import js_divergence, pcc_gene, pcc_overall
+    from bitro.tl._targets import dense, to_scale
+    from her2st import SECTIONS, build_cache, fold_features, load_all
+
+    torch.set_num_threads(args.threads)
+    bt.settings.progress = False
+    for s in SECTIONS:
+        build_cache(s)
+    t_all = time.perf_counter()
+    spots, cells = load_all(SECTIONS)
+    genes = bt.datasets.her2st_genes()
+    bulk = bt.tl.pseudobulk(spots, block_size=args.block)
+    s_sample = spots.obs[Key.SAMPLE].astype(str).to_numpy()
+    b_sample = bulk.obs[Key.SAMPLE].astype(str).to_numpy()
+    gi = spots.var_names.get_indexer(genes)
+    s_truth = to_scale(dense(spots.X), "cp10k")[:, gi]
+    b_truth = to_scale(dense(bulk.X), "cp10k")[:, gi]
+    is_block = (bulk.obs[Key.BLOCK] != "section").to_numpy()
+    fit_kw = {"genes": genes, "epochs": args.epochs}
+    print(
+        f"{spots.n_obs} spots, {bulk.n_obs} pseudo-bulk rows ({int(is_block.sum())} blocks of <= {args.block}x{args.block} "
+        f"spots + {int((~is_block).sum())} sections), {cells.n_obs} cells, {len(genes)} genes, epochs <= {args.epochs}",
+        flush=True,
+    )
+
+    def predict(model, table, rows, fold_cells):
+        sub = table[rows].copy()
+        bt.tl.predict(model, sub, cells=fold_cells)
+        return sub.obsm[Key.PREDICTED][genes].to_numpy()
+
+    def timed(f, **kw):
+        t = time.perf_counter()
+        out = f(**kw)
+        return out, time.perf_counter() - t
+
+    spot_rows, bulk_rows, cost = [], [], []
+    hdr = f"{'level':5} {'model':16} {'held-out':8} {'PCC_overall':>11} {'PCC_gene':>9} {'JS':>7} {'train s':>8} {'trained %':>9}"
+    print(hdr, flush=True)
+    for held in args.sections:
+        fold_cells = fold_features(cells, cells.obs[Key.SAMPLE].astype(str).to_numpy() != held)
+        s_test, b_test = s_sample == held, b_sample == held
+        s_train, b_train = spots[~s_test].copy(), bulk[~b_test].copy()
+
+        def score_spot(name, pred, sec, share, held=held, s_test=s_test):
+            po, pg = pcc_overall(pred, s_truth[s_test]), pcc_gene(pred, s_truth[s_test])
+            spot_rows.append((name, held, po, pg))
+            print(f"{'spot':5} {name:16} {held:8} {po:11.3f} {pg:9.3f} {'':>7} {sec:8.1f} {share:9.1f}", flush=True)
+
+        def score_bulk(name, pred, sec, share, held=held, b_test=b_test):
+            truth = b_truth[b_test]
+            po, js = pcc_overall(pred, truth), js_divergence(np.expm1(np.clip(pred, 0, None)), np.expm1(truth))
+            blk = is_block[b_test]
+            pg = pcc_gene(pred[blk], truth[blk])
+            bulk_rows.append((name, held, po, pg, js))
+            print(f"{'bulk':5} {name:16} {held:8} {po:11.3f} {pg:9.3f} {js:7.4f} {sec:8.1f} {share:9.1f}", flush=True)
+
+        score_spot("mean", np.broadcast_to(s_truth[~s_test].mean(0), s_truth[s_test].shape), 0.0, 0.0)
+        spot_model, t_spot = timed(bt.tl.fit, adata=s_train, target="spot", cells=fold_cells, **fit_kw)
+        score_spot("spot only", predict(spot_model, spots, s_test, fold_cells), t_spot, 100.0)
+        bulk_model, t_bulk = timed(bt.tl.fit, adata=b_train, target="bulk", cells=fold_cells, **fit_kw)
+        score_bulk("mean", np.broadcast_to(b_truth[~b_test & is_block].mean(0), b_truth[b_test].shape), 0.0, 0.0)
+        score_bulk("bulk only", predict(bulk_model, bulk, b_test, fold_cells), t_bulk, 100.0)
+        for method in args.methods:
+            kw = {"method": method, "rank": args.rank, "epochs": args.epochs}
+            tuned, t_ft = timed(bt.tl.transfer, model=bulk_model, adata=s_train, target="spot", cells=fold_cells, **kw)
+            info = tuned.config["transfer"]
+            share = 100 * info["n_trained"] / info["n_parameters"]
+            score_spot(f"bulk -> spot {method}", predict(tuned, spots, s_test, fold_cells), t_ft, share)
+            cost.append(("bulk -> spot", method, held, t_ft, t_spot, share, info["n_trained"], info["n_parameters"]))
+            tuned, t_ft = timed(bt.tl.transfer, model=spot_model, adata=b_train, target="bulk", cells=fold_cells, **kw)
+            info = tuned.config["transfer"]
+            share = 100 * info["n_trained"] / info["n_parameters"]
+            score_bulk(f"spot -> bulk {method}", predict(tuned, bulk, b_test, fold_cells), t_ft, share)
+            cost.append(("spot -> bulk", method, held, t_ft, t_bulk, share, info["n_trained"], info["n_parameters"]))
+
+    print("\nSpot level, mean over held-out sections")
+    print(f"{'model':24} {'PCC_overall':>11} {'PCC_gene':>9}")
+    for name in dict.fromkeys(r[0] for r in spot_rows):
+        sel = [r for r in spot_rows if r[0] == name]
+        print(f"{name:24} {np.mean([r[2] for r in sel]):11.3f} {np.mean([r[3] for r in sel]):9.3f}")
+    print("\nBulk level (blocks + section of the held-out section), mean over held-out sections")
+    print(f"{'model':24} {'PCC_overall':>11} {'PCC_gene':>9} {'JS':>7}")
+    for name in dict.fromkeys(r[0] for r in bulk_rows):
+        sel = [r for r in bulk_rows if r[0] == name]
+        print(f"{name:24} {np.mean([r[2] for r in sel]):11.3f} {np.mean([r[3] for r in sel]):9.3f} {np.mean([r[4] for r in sel]):7.4f}")
+    print("\nFine-tuning cost vs training from scratch on the same data (median over folds)")
+    print(f"{'direction':14} {'method':6} {'fine-tune s':>11} {'scratch s':>10} {'ratio':>6} {'trained':>9} {'of':>8} {'share %':>8}")
+    for direction, method in dict.fromkeys((c[0], c[1]) for c in cost):
+        sel = [c for c in cost if c[0] == direction and c[1] == method]
+        ft, sc = np.median([c[3] for c in sel]), np.median([c[4] for c in sel])
+        print(f"{direction:14} {method:6} {ft:11.1f} {sc:10.1f} {ft / sc:6.2f} {sel[0][6]:9d} {sel[0][7]:8d} {sel[0][5]:8.1f}")
+    print(f"\nwall time {time.perf_counter() - t_all:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
