@@ -26,6 +26,7 @@ cores). Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import ast
 import resource
 import time
 from pathlib import Path
@@ -162,7 +163,7 @@ def main() -> None:
     p.add_argument("--configs", nargs="*", default=None, help=f"subset of {list(ABLATIONS)}")
     p.add_argument("--sections", nargs="*", default=list(SECTIONS))
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--set", nargs="*", default=[], help="extra fit parameters for every bitro row, e.g. epochs=30")
+    p.add_argument("--set", nargs="*", default=[], help="fit parameters for every bitro row, e.g. epochs=30 validation=None")
     args = p.parse_args()
 
     import torch
@@ -183,7 +184,7 @@ def main() -> None:
     genes = bt.datasets.her2st_genes()
     counts = dense(spots.X)
     samples = spots.obs[Key.SAMPLE].astype(str).to_numpy()
-    extra = {k: type(v)(x) for k, x in (s.split("=") for s in args.set) for v in [ABLATIONS_DEFAULTS.get(k, 0.0)]}
+    extra = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.set)}
     scales = ["cp10k"] if args.quick else ["cp10k", "log1p"]
     configs = args.configs or (["bitro"] if args.quick else list(ABLATIONS))
     rows = []
@@ -223,8 +224,6 @@ def main() -> None:
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     print(f"\nwall time {time.perf_counter() - t0:.0f} s (features cached; {time.perf_counter() - t_all:.0f} s in all), peak RSS {peak_gb:.2f} GB")
 
-
-ABLATIONS_DEFAULTS = {"epochs": 0, "patience": 0, "dim": 0, "max_context": 0, "n_seeds": 0, "batch_size": 0, "transformer_layers": 0, "gat_layers": 0}
 
 if __name__ == "__main__":
     main()

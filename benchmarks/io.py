@@ -9,7 +9,8 @@ Every run is a fresh subprocess (cold caches, its own peak RSS). Two scenarios p
 bitro: ``bt.io.read_st`` (also parses the counts) and the image-only open (header + lazy pyramid);
 crops through the ``scale0`` dask array of the SpatialData image. PIL: ``Image.open`` (header), then
 ``np.asarray(im.crop(...))`` (a JPEG has no random access, so the first crop decodes everything; the
-second reuses the loaded image), ``np.asarray(im)`` for the full image. Peak RSS is
+second reuses the loaded image), ``np.asarray(im)`` for the full image. Times are wall clock, plus the
+process CPU time (summed over threads; less sensitive to other load on the machine). Peak RSS is
 ``ru_maxrss`` of the subprocess minus its RSS after the imports. ``decodes`` counts full decodes of
 the JPEG (bitro: calls of its decoder; PIL: 1 per loaded image); bitro's coarse levels use reduced
 JPEG decodes (DCT scaling), counted apart.
@@ -80,17 +81,17 @@ def worker(args: argparse.Namespace) -> None:
         level0 = image["scale0"]["image"]
         if args.scenario == "crops":
             for key, (x, y) in (("crop1_s", CROP1), ("crop2_s", CROP2)):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 crop = level0[:, y : y + CROP, x : x + CROP].values
-                out[key] = time.perf_counter() - t
+                out[key], out[key.replace("_s", "_cpu")] = time.perf_counter() - t, time.process_time() - c
                 assert crop.shape == (3, CROP, CROP)
             t = time.perf_counter()
             image["scale3"]["image"].values
             out["coarse_s"] = time.perf_counter() - t
         else:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             full = level0.values
-            out["full_s"] = time.perf_counter() - t
+            out["full_s"], out["full_cpu"] = time.perf_counter() - t, time.process_time() - c
             assert full.shape[0] == 3
         out["decodes"], out["reduced_decodes"] = decodes["full"], decodes["reduced"]
     else:
@@ -103,17 +104,17 @@ def worker(args: argparse.Namespace) -> None:
         out["open_image_s"] = out["open_s"] = time.perf_counter() - t
         if args.scenario == "crops":
             for key, (x, y) in (("crop1_s", CROP1), ("crop2_s", CROP2)):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 crop = np.asarray(im.crop((x, y, x + CROP, y + CROP)))
-                out[key] = time.perf_counter() - t
+                out[key], out[key.replace("_s", "_cpu")] = time.perf_counter() - t, time.process_time() - c
                 assert crop.shape == (CROP, CROP, 3)
             t = time.perf_counter()
             np.asarray(im.reduce(8))
             out["coarse_s"] = time.perf_counter() - t
         else:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             full = np.asarray(im)
-            out["full_s"] = time.perf_counter() - t
+            out["full_s"], out["full_cpu"] = time.perf_counter() - t, time.process_time() - c
             assert full.shape[2] == 3
         out["decodes"], out["reduced_decodes"] = 1, 0
     out["peak_rss_mb"] = _rss_mb() - base
@@ -158,6 +159,8 @@ def main() -> None:
         (f"second {CROP}x{CROP} crop", "crops", "crop2_s", "s"),
         ("coarse level 1/8 (whole)", "crops", "coarse_s", "s"),
         ("full decode to one array", "full", "full_s", "s"),
+        ("CPU time (all threads), first crop", "crops", "crop1_cpu", "s"),
+        ("CPU time (all threads), full decode", "full", "full_cpu", "s"),
         ("peak RSS, open + 2 crops + coarse", "crops", "peak_rss_mb", "MB"),
         ("peak RSS, full decode", "full", "peak_rss_mb", "MB"),
         ("full decodes, open + 2 crops + coarse", "crops", "decodes", ""),

@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--sections", nargs="*", default=["B4", "C2", "C3", "C4"], help="held-out sections (folds)")
     p.add_argument("--methods", nargs="*", default=["lora"], help="transfer methods: lora, full")
     p.add_argument("--epochs", type=int, default=40, help="most epochs of every fit and fine-tuning (early stopping)")
-    p.add_argument("--block", type=int, default=4, help="pseudo-bulk block side (array positions)")
+    p.add_argument("--block", type=int, default=3, help="pseudo-bulk block side (array positions)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     args = p.parse_args()

@@ -172,6 +172,14 @@ def test_tiles_and_processes_do_not_change_features(toy, toy_cells):
     np.testing.assert_array_equal(tiled.obsm[Key.FEATURES_RAW], toy_cells.obsm[Key.FEATURES_RAW])
 
 
+def test_dask_client_gives_the_same_features(toy, toy_cells):
+    from dask.distributed import Client
+
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
+        dist = bt.pp.extract_cells(toy, reference=toy_cells, key_added="dist", client=client)
+    np.testing.assert_array_equal(dist.obsm[Key.FEATURES_RAW], toy_cells.obsm[Key.FEATURES_RAW])
+
+
 def test_crop_covers_the_same_tissue_at_another_pixel_size(toy, toy_cells):
     """A 2x coarser scan of the same tissue gives crops of the same area: features stay close."""
     import spatialdata as sd

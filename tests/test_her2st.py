@@ -55,5 +55,7 @@ def test_her2st_bad_input(tmp_path):
         bt.datasets.her2st(path=tmp_path / "nope")
     with pytest.raises(KeyError, match=r"\['A1'\] not found .*available: \['B4', 'C2', 'C3', 'C4'\]"):
         bt.datasets.her2st(["B4", "A1"])
+    with pytest.raises(ValueError, match="more than once"):
+        bt.datasets.her2st(["B4", "B4"])
     with pytest.raises(FileNotFoundError, match="genes_hist2st_785.txt"):
         bt.datasets.her2st_genes(path=tmp_path)

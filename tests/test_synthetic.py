@@ -194,6 +194,7 @@ def test_round_trip(tmp_path):
     np.testing.assert_array_equal(back[Key.SPOTS_TABLE].X.toarray(), sdata[Key.SPOTS_TABLE].X.toarray())
     params, params_back = (d[Key.TRUTH_TABLE].uns[Key.UNS]["synthetic"] for d in (sdata, back))
     np.testing.assert_array_equal(params_back["profiles"], params["profiles"])
+    pd.testing.assert_frame_equal(params_back["morphology"], params["morphology"], check_index_type=False)
     nuclei = Key.true_nuclei("synth0")
     assert list(back[nuclei][Key.CELL_TYPE]) == list(sdata[nuclei][Key.CELL_TYPE])
 

@@ -101,6 +101,9 @@ def her2st(samples: Sequence[str] | str | None = None, *, path: str | Path | Non
     elif isinstance(samples, str):
         samples = [samples]
     samples = list(samples)
+    if len(set(samples)) < len(samples):
+        msg = f"`samples` lists a section more than once: {samples}."
+        raise ValueError(msg)
     missing = [s for s in samples if s not in found]
     if missing or not samples:
         msg = f"Sections {missing or '[] (none asked for)'} not found in {str(folder)!r}; available: {found}."

@@ -462,6 +462,13 @@ def _section(
     }
 
 
+def _morphology_table(n_types: int) -> pd.DataFrame:
+    """The morphology parameters of the first ``n_types`` cell types, one numeric column each (for ``.uns``)."""
+    table = pd.DataFrame([asdict(m) for m in CELL_TYPES[:n_types]]).set_index("name")
+    table[["semi_major_um", "semi_minor_um"]] = table.pop("semi_axes_um").tolist()
+    return table
+
+
 def synthetic(
     n_samples: int = 3,
     *,
@@ -633,7 +640,7 @@ def synthetic(
             **params,
             "cell_types": names,
             "profiles": profiles,
-            "morphology": pd.DataFrame([asdict(m) for m in CELL_TYPES[:n_cell_types]]).set_index("name"),
+            "morphology": _morphology_table(n_cell_types),
         }
     }
     tables = {Key.SPOTS_TABLE: spots_table(spot_tables), Key.TRUTH_TABLE: truth}

@@ -107,7 +107,7 @@ def _decode(path: Path, reduce: int = 1) -> np.ndarray:
             arr = imagecodecs.jpeg8_decode(data)
         else:
             with allow_large_images(), Image.open(path) as im:
-                if reduce > 1:
+                if reduce > 1:  # libjpeg's DCT scaling: size ceil(width / reduce) x ceil(height / reduce)
                     im.draft("RGB", (im.width // reduce, im.height // reduce))
                 arr = np.asarray(im)
     except (OSError, RuntimeError, ValueError) as e:

@@ -21,7 +21,7 @@ from bitro._logging import logger
 from bitro._parallel import map_tasks
 from bitro._settings import settings
 from bitro._utils import scale0
-from bitro.pp._tiles import Tile, TileReads, tile_grid
+from bitro.pp._tiles import Tile, TileReads, read_window, tile_grid
 
 if TYPE_CHECKING:
     import geopandas as gpd
@@ -60,8 +60,7 @@ def haematoxylin(rgb: np.ndarray) -> np.ndarray:
 def _overview(image: xr.DataArray) -> tuple[np.ndarray, int]:
     """Every ``step``-th pixel of a ``(c, y, x)`` level as ``(y, x, 3)`` uint8, with ``step``."""
     step = max(1, math.ceil(max(image.sizes["y"], image.sizes["x"]) / OVERVIEW_SIZE))
-    rgb = image.isel(y=slice(None, None, step), x=slice(None, None, step)).transpose("y", "x", "c").values
-    return np.ascontiguousarray(rgb), step
+    return read_window(image, slice(None, None, step), slice(None, None, step)), step
 
 
 def _tissue_and_threshold(rgb: np.ndarray) -> tuple[np.ndarray, float | None]:
@@ -268,8 +267,8 @@ def segment_nuclei(
     deconvolution, a threshold shared by all tiles of a section (Otsu over the tissue pixels of a
     subsampled overview, unless ``threshold`` is given), and a watershed seeded at the local maxima
     of the smoothed density (:func:`watershed_nuclei`). Any other segmenter plugs in as ``method``, a function from an RGB
-    tile to a label image. Tiles without tissue are skipped; a section without tissue gets an empty
-    shapes element and a warning.
+    tile to a label image. Tiles without tissue are skipped; a section without tissue (or without
+    nuclei) gets a warning and no shapes element, as spatialdata has no empty shapes elements.
 
     Parameters
     ----------
@@ -312,7 +311,8 @@ def segment_nuclei(
     - ``shapes["{sample}_cells"]`` (or ``key_added``): one polygon per nucleus in the section's
       full-resolution pixels and with the image's transformations, indexed by cell id
       ``"{sample}_{i}"``, with column ``"area_um2"``;
-    - ``attrs["bitro"]["segmentation"][sample]``: the method, image, threshold and parameters.
+    - ``attrs["bitro"]["segmentation"][sample]``: the method, image, shapes key (``None`` when no
+      nucleus was found), number of cells, threshold and parameters.
 
     Examples
     --------
@@ -406,7 +406,8 @@ def _segment_section(
     tiles = tile_grid(image.sizes["y"], image.sizes["x"], tile_size=tile_size, overlap=overlap)
     if otsu is None:
         logger.warning(
-            "No tissue found in image %r (no pixel of mean optical density above %s): section %r gets no cells.",
+            "No tissue found in image %r (no pixel of mean optical density above %s): section %r gets no cells "
+            "and no shapes element.",
             section.image_key,
             TISSUE_OD,
             section.sample,
@@ -426,13 +427,17 @@ def _segment_section(
     results = map_tasks(work, TileReads(image, todo), client=client, n_jobs=n_jobs, desc=f"segment {section.sample}")
     polygons = np.concatenate([p for p, _ in results]) if results else np.zeros(0, dtype=object)
     areas = np.concatenate([a for _, a in results]) if results else np.zeros(0)
-    sdata.shapes[key] = cells_element(
-        polygons, section, sdata, columns={Key.AREA_UM2: areas * section.pixel_size**2}
-    )
+    if len(polygons):
+        sdata.shapes[key] = cells_element(polygons, section, sdata, columns={Key.AREA_UM2: areas * section.pixel_size**2})
+    else:  # spatialdata has no empty shapes elements: write none (and drop a stale one)
+        if otsu is not None:
+            logger.warning("No nuclei found in section %r; no shapes element is written.", section.sample)
+        if key in sdata.shapes:
+            del sdata.shapes[key]
     record_segmentation(
         sdata,
         section,
-        key,
+        key if len(polygons) else None,
         method=name,
         n_cells=len(polygons),
         threshold=threshold,
@@ -565,6 +570,9 @@ def load_segmentation(
         else:
             gdf = gpd.read_file(path) if format == "geojson" else gpd.read_parquet(path)
             polygons = list(gdf.geometry)
+    if not len(polygons):
+        msg = f"No nuclei in {str(source)!r}: it holds no geometries."
+        raise ValueError(msg)
     geometry = gpd.GeoSeries(polygons, dtype="geometry")
     bad = ~geometry.geom_type.isin(["Polygon", "MultiPolygon"]).to_numpy()
     if bad.any():

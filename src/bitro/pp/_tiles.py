@@ -92,13 +92,19 @@ def tile_grid(height: int, width: int, *, tile_size: int, overlap: int) -> list[
     return tiles
 
 
-def read_tile(image: xr.DataArray, tile: Tile) -> np.ndarray:
-    """Read the window of ``tile`` from a ``(c, y, x)`` image level as a ``(y, x, c)`` numpy array.
+def read_window(image: xr.DataArray, y: slice, x: slice) -> np.ndarray:
+    """Read ``image.isel(y=y, x=x)`` of a ``(c, y, x)`` image as a ``(y, x, c)`` numpy array.
 
-    Only the chunks that intersect the window are computed.
+    Only the chunks that intersect the window are computed, by dask's local threads even while a
+    distributed client is active (tiles are read here and then shipped to the workers).
     """
-    window = image.isel(y=slice(tile.y0, tile.y1), x=slice(tile.x0, tile.x1)).transpose("y", "x", "c")
-    return np.ascontiguousarray(window.values)
+    window = image.isel(y=y, x=x).transpose("y", "x", "c")
+    return np.ascontiguousarray(window.compute(scheduler="threads").values)
+
+
+def read_tile(image: xr.DataArray, tile: Tile) -> np.ndarray:
+    """Read the window of ``tile`` from a ``(c, y, x)`` image level as a ``(y, x, c)`` numpy array."""
+    return read_window(image, slice(tile.y0, tile.y1), slice(tile.x0, tile.x1))
 
 
 class TileReads(Sequence):

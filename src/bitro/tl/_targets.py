@@ -64,7 +64,8 @@ def select_genes(
     names = [str(g) for g in var_names]
     if genes is not None:
         genes = [str(g) for g in genes]
-        missing = [g for g in genes if g not in set(names)]
+        known = set(names)
+        missing = [g for g in genes if g not in known]
         if missing:
             msg = (
                 f"{len(missing)} requested genes are not in the expression table: {missing[:20]}"

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import bitro as bt
+from bitro._constants import Key
+from bitro._utils import scale0
+from bitro.io._build import image_element
+
+SIZE = 512
+
+
+def _tint(rgb: np.ndarray) -> np.ndarray:
+    """Another lab's H&E: the same tissue with its optical densities mixed by a different stain matrix."""
+    od = -np.log(np.maximum(rgb.astype(float), 1) / 255)  # (c, y, x)
+    mix = np.array([[0.75, 0.25, 0.05], [0.1, 1.1, 0.0], [0.0, 0.35, 0.85]])
+    return (255 * np.exp(-np.einsum("ij,jyx->iyx", mix, od))).clip(0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def _pair():
+    """One synthetic section and the same tissue with different stain colours, as a second section."""
+    sdata = bt.datasets.synthetic(n_samples=1, size=SIZE, seed=5)
+    rgb = scale0(sdata.images["synth0_image"]).values
+    px = bt.io.get_sections(sdata)[0].pixel_size
+    sdata.images["tinted_image"] = image_element(_tint(rgb), "tinted", px, scale_factors=[2])
+    return sdata
+
+
+@pytest.fixture
+def pair(_pair):
+    from spatialdata import SpatialData
+
+    return SpatialData(images=dict(_pair.images))
+
+
+def _tissue_colour(rgb: np.ndarray) -> np.ndarray:
+    """Mean colour (c,) of the pixels that are not background."""
+    tissue = rgb.astype(float).mean(axis=0) < 220
+    return rgb[:, tissue].mean(axis=1)
+
+
+@pytest.mark.parametrize("method", ["macenko", "vahadane"])
+def test_normalize_moves_colours_to_the_reference(pair, method):
+    bt.pp.normalize_stain(pair, method=method, reference="synth0_image", image_key="tinted_image")
+    reference = scale0(pair.images["synth0_image"]).values
+    before = scale0(pair.images["tinted_image"]).values
+    after_element = pair.images[Key.normalized("tinted_image")]
+    after = scale0(after_element).values
+    assert after.dtype == np.uint8 and after.shape == before.shape
+    gap_before = np.abs(_tissue_colour(before) - _tissue_colour(reference)).sum()
+    gap_after = np.abs(_tissue_colour(after) - _tissue_colour(reference)).sum()
+    print(f"{method}: mean tissue colour gap to the reference {gap_before:.1f} -> {gap_after:.1f}")
+    assert gap_after < 0.5 * gap_before
+
+    from spatialdata.transformations import get_transformation
+
+    source = pair.images["tinted_image"]
+    assert get_transformation(after_element, get_all=True).keys() == get_transformation(source, get_all=True).keys()
+    assert list(after_element.keys()) == list(source.keys())  # same pyramid
+    assert scale0(after_element).data.chunksize == scale0(source).data.chunksize
+    record = pair.attrs[Key.UNS][Key.NORMALIZE_STAIN]["tinted_image"]
+    assert record["method"] == method and record["reference"] == "synth0_image"
+    assert np.asarray(record["reference_stain_matrix"]).shape == (3, 3)
+    assert {Key.tissue("tinted_image"), Key.tissue("synth0_image")} <= set(pair.labels)
+
+
+def test_default_normalises_every_section_to_the_first(pair):
+    bt.pp.normalize_stain(pair)
+    assert Key.normalized("synth0_image") in pair.images
+    assert pair.attrs[Key.UNS][Key.NORMALIZE_STAIN]["synth0_image"]["reference"] == "synth0_image"
+    # normalising an image to itself changes little
+    diff = np.abs(
+        scale0(pair.images[Key.normalized("synth0_image")]).values.astype(int) - scale0(pair.images["synth0_image"]).values
+    )
+    assert diff.mean() < 3
+
+
+def test_a_fitted_reference_can_be_reused(pair):
+    import squidpy.experimental.im as sqi
+
+    bt.pp.normalize_stain(pair, image_key="synth0_image", key_added="self")
+    reference = sqi.fit_stain_reference(pair, "synth0_image", tissue_mask_key=Key.tissue("synth0_image"))
+    bt.pp.normalize_stain(pair, reference=reference, image_key="tinted_image")
+    assert pair.attrs[Key.UNS][Key.NORMALIZE_STAIN]["tinted_image"]["reference"] is None
+    assert "self" in pair.images
+
+
+def test_bad_input_leaves_sdata_untouched(pair):
+    import squidpy.experimental.im as sqi
+
+    images, labels = set(pair.images), set(pair.labels)
+    with pytest.raises(ValueError, match="method"):
+        bt.pp.normalize_stain(pair, method="reinhard")
+    with pytest.raises(KeyError, match=r"Reference image 'nope' not found\. Available: \['synth0_image', 'tinted_image'\]"):
+        bt.pp.normalize_stain(pair, reference="nope")
+    with pytest.raises(KeyError, match=r"Image 'nope' not found"):
+        bt.pp.normalize_stain(pair, image_key="nope")
+    with pytest.raises(TypeError, match="reference"):
+        bt.pp.normalize_stain(pair, reference=3)
+    with pytest.raises(ValueError, match="key_added"):
+        bt.pp.normalize_stain(pair, key_added="normalised")
+    fitted = sqi.StainReference(method="vahadane", stain_matrix=np.eye(3), white_point=np.full(3, 255.0))
+    with pytest.raises(ValueError, match="vahadane"):
+        bt.pp.normalize_stain(pair, reference=fitted, method="macenko")
+    blank = np.full((3, 128, 128), 250, dtype=np.uint8)
+    pair.images["blank_image"] = image_element(blank, "blank", 0.5)
+    images.add("blank_image")
+    with pytest.raises(Exception, match="(?i)tissue|stain"):
+        bt.pp.normalize_stain(pair, reference="blank_image", image_key="synth0_image")
+    assert set(pair.images) == images and set(pair.labels) == labels
+    assert Key.NORMALIZE_STAIN not in pair.attrs.get(Key.UNS, {})
