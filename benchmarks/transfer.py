@@ -21,7 +21,7 @@ the scaler + PCA and phenotypes fitted per fold on the training cells (``her2st.
 Run from the repository root::
 
     python benchmarks/transfer.py                     # 4 folds, LoRA
-    python benchmarks/transfer.py --methods lora full --epochs 30 --sections C2 C3
+    python benchmarks/transfer.py --methods lora full --epochs 30 --ft-epochs 10 --sections C2 C3
 """
 
 from __future__ import annotations
@@ -40,8 +40,11 @@ sys.path.insert(0, str(HERE))
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", nargs="*", default=["B4", "C2", "C3", "C4"], help="held-out sections (folds)")
-    p.add_argument("--methods", nargs="*", default=["lora"], help="transfer methods: lora, full")
+    p.add_argument(
+        "--methods", nargs="*", default=["lora"], help="transfer methods: lora, full, lora:new (train only new genes' heads)"
+    )
     p.add_argument("--epochs", type=int, default=40, help="most epochs of every fit and fine-tuning (early stopping)")
+    p.add_argument("--ft-epochs", type=int, default=None, help="most epochs of fine-tuning (default: --epochs)")
     p.add_argument("--block", type=int, default=3, help="pseudo-bulk block side (array positions)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -72,7 +75,8 @@ def main() -> None:
     fit_kw = {"genes": genes, "epochs": args.epochs}
     print(
         f"{spots.n_obs} spots, {bulk.n_obs} pseudo-bulk rows ({int(is_block.sum())} blocks of <= {args.block}x{args.block} "
-        f"spots + {int((~is_block).sum())} sections), {cells.n_obs} cells, {len(genes)} genes, epochs <= {args.epochs}",
+        f"spots + {int((~is_block).sum())} sections), {cells.n_obs} cells, {len(genes)} genes, epochs <= {args.epochs} "
+        f"(fine-tuning <= {args.ft_epochs or args.epochs})",
         flush=True,
     )
 
@@ -87,7 +91,7 @@ def main() -> None:
         return out, time.perf_counter() - t
 
     spot_rows, bulk_rows, cost = [], [], []
-    hdr = f"{'level':5} {'model':16} {'held-out':8} {'PCC_overall':>11} {'PCC_gene':>9} {'JS':>7} {'train s':>8} {'trained %':>9}"
+    hdr = f"{'level':5} {'model':22} {'held-out':8} {'PCC_overall':>11} {'PCC_gene':>9} {'JS':>7} {'train s':>8} {'trained %':>9}"
     print(hdr, flush=True)
     for held in args.sections:
         fold_cells = fold_features(cells, cells.obs[Key.SAMPLE].astype(str).to_numpy() != held)
@@ -97,7 +101,7 @@ def main() -> None:
         def score_spot(name, pred, sec, share, held=held, s_test=s_test):
             po, pg = pcc_overall(pred, s_truth[s_test]), pcc_gene(pred, s_truth[s_test])
             spot_rows.append((name, held, po, pg))
-            print(f"{'spot':5} {name:16} {held:8} {po:11.3f} {pg:9.3f} {'':>7} {sec:8.1f} {share:9.1f}", flush=True)
+            print(f"{'spot':5} {name:22} {held:8} {po:11.3f} {pg:9.3f} {'':>7} {sec:8.1f} {share:9.1f}", flush=True)
 
         def score_bulk(name, pred, sec, share, held=held, b_test=b_test):
             truth = b_truth[b_test]
@@ -105,7 +109,7 @@ def main() -> None:
             blk = is_block[b_test]
             pg = pcc_gene(pred[blk], truth[blk])
             bulk_rows.append((name, held, po, pg, js))
-            print(f"{'bulk':5} {name:16} {held:8} {po:11.3f} {pg:9.3f} {js:7.4f} {sec:8.1f} {share:9.1f}", flush=True)
+            print(f"{'bulk':5} {name:22} {held:8} {po:11.3f} {pg:9.3f} {js:7.4f} {sec:8.1f} {share:9.1f}", flush=True)
 
         score_spot("mean", np.broadcast_to(s_truth[~s_test].mean(0), s_truth[s_test].shape), 0.0, 0.0)
         spot_model, t_spot = timed(bt.tl.fit, adata=s_train, target="spot", cells=fold_cells, **fit_kw)
@@ -114,7 +118,8 @@ def main() -> None:
         score_bulk("mean", np.broadcast_to(b_truth[~b_test & is_block].mean(0), b_truth[b_test].shape), 0.0, 0.0)
         score_bulk("bulk only", predict(bulk_model, bulk, b_test, fold_cells), t_bulk, 100.0)
         for method in args.methods:
-            kw = {"method": method, "rank": args.rank, "epochs": args.epochs}
+            m, _, train_genes = method.partition(":")
+            kw = {"method": m, "train_genes": train_genes or "all", "rank": args.rank, "epochs": args.ft_epochs or args.epochs}
             tuned, t_ft = timed(bt.tl.transfer, model=bulk_model, adata=s_train, target="spot", cells=fold_cells, **kw)
             info = tuned.config["transfer"]
             share = 100 * info["n_trained"] / info["n_parameters"]
@@ -137,11 +142,11 @@ def main() -> None:
         sel = [r for r in bulk_rows if r[0] == name]
         print(f"{name:24} {np.mean([r[2] for r in sel]):11.3f} {np.mean([r[3] for r in sel]):9.3f} {np.mean([r[4] for r in sel]):7.4f}")
     print("\nFine-tuning cost vs training from scratch on the same data (median over folds)")
-    print(f"{'direction':14} {'method':6} {'fine-tune s':>11} {'scratch s':>10} {'ratio':>6} {'trained':>9} {'of':>8} {'share %':>8}")
+    print(f"{'direction':14} {'method':8} {'fine-tune s':>11} {'scratch s':>10} {'ratio':>6} {'trained':>9} {'of':>8} {'share %':>8}")
     for direction, method in dict.fromkeys((c[0], c[1]) for c in cost):
         sel = [c for c in cost if c[0] == direction and c[1] == method]
         ft, sc = np.median([c[3] for c in sel]), np.median([c[4] for c in sel])
-        print(f"{direction:14} {method:6} {ft:11.1f} {sc:10.1f} {ft / sc:6.2f} {sel[0][6]:9d} {sel[0][7]:8d} {sel[0][5]:8.1f}")
+        print(f"{direction:14} {method:8} {ft:11.1f} {sc:10.1f} {ft / sc:6.2f} {sel[0][6]:9d} {sel[0][7]:8d} {sel[0][5]:8.1f}")
     print(f"\nwall time {time.perf_counter() - t_all:.0f} s")
 
 

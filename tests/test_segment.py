@@ -52,6 +52,11 @@ def _threshold_labels(rgb: np.ndarray) -> np.ndarray:
     return ndi.label(haematoxylin(rgb) > 0.6)[0]
 
 
+def _sparse_ids(rgb: np.ndarray) -> np.ndarray:
+    """The same segmenter with huge, unsigned label ids."""
+    return _threshold_labels(rgb).astype(np.uint64) * 1_000_003
+
+
 def _wrong_shape(rgb: np.ndarray) -> np.ndarray:
     return np.zeros((rgb.shape[0] - 1, rgb.shape[1]), dtype=np.int32)
 
@@ -138,6 +143,8 @@ def test_callable_method(synth):
     precision, _ = _match(cells.geometry.values, synth.shapes[Key.true_nuclei(s)].geometry.values)
     assert len(cells) > 100 and precision > 0.5
     assert synth.attrs[Key.UNS][Key.SEGMENTATION][s]["method"] == "_threshold_labels"
+    bt.pp.segment_nuclei(synth, method=_sparse_ids, tile_size=320, key_added="sparse")
+    np.testing.assert_allclose(synth.shapes["sparse"].area.to_numpy(), cells.area.to_numpy())
 
 
 def test_callable_returning_the_wrong_shape(synth):

@@ -190,13 +190,16 @@ def _segment_tile(
     """Nuclei owned by one tile: polygons in full-resolution pixels and their areas in full-resolution pixels."""
     import shapely
     from scipy import ndimage as ndi
+    from skimage.segmentation import relabel_sequential
 
     tile, rgb = task
     rgb = _block_mean(rgb, downsample)
     labels = _check_labels(method(rgb), rgb.shape[:2], name)
     if labels.size == 0 or labels.max() <= 0:
         return np.zeros(0, dtype=object), np.zeros(0)
-    labels = np.maximum(labels, 0)
+    labels = np.maximum(labels, 0).astype(np.intp, copy=False)
+    if labels.max() > labels.size:  # sparse ids from a user's method: make them 1..n
+        labels = relabel_sequential(labels)[0]
     count, cy, cx = _label_stats(labels)
     area = count * downsample**2
     keep = (area >= min_area_px) & (area <= max_area_px)
