@@ -95,3 +95,12 @@ def test_set_pixel_size_from_spot_diameter():
     sdata = _section()
     assert bt.io.set_pixel_size(sdata, "S1_image", spot_diameter_um=55.0, spots_key="S1_spots") == pytest.approx(0.55)
     assert bt.io.get_sections(sdata)[0].pixel_size == pytest.approx(0.55)
+
+
+def test_get_sections_with_image_per_sample():
+    sdata = _section()
+    sdata.images["S1_image_normalized"] = sdata.images["S1_image"]
+    (section,) = bt.io.get_sections(sdata, image_key={"S1": "S1_image_normalized"})
+    assert (section.sample, section.image_key, section.spots_key) == ("S1", "S1_image_normalized", "S1_spots")
+    with pytest.raises(KeyError, match="nope"):
+        bt.io.get_sections(sdata, image_key={"S1": "nope"})

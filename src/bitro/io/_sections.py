@@ -22,6 +22,7 @@ What a section needs (see also :mod:`bitro.io`):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -129,7 +130,7 @@ def _sample_name(image_key: str, coordinate_system: str, systems: list[str]) -> 
 def get_sections(
     sdata: SpatialData,
     *,
-    image_key: str | None = None,
+    image_key: str | Mapping[str, str] | None = None,
     spots_key: str | None = None,
     coordinate_system: str | None = None,
     samples: list[str] | None = None,
@@ -141,7 +142,8 @@ def get_sections(
     sdata
         The SpatialData object.
     image_key
-        Use only this image (one section). By default every image named ``"*_image"``, or if
+        Use only this image (one section), or a mapping ``{sample: image_key}`` naming the image of
+        each section (e.g. the stain-normalised copies). By default every image named ``"*_image"``, or if
         there is none the largest identity image of each pixel coordinate system, leaving out
         downscaled copies (spatialdata-io's ``"{id}_hires_image"`` beside ``"{id}_full_image"``).
     spots_key
@@ -158,7 +160,13 @@ def get_sections(
     """
     from bitro._utils import pixel_size
 
-    if image_key is not None:
+    given_samples: dict[str, str] = {}
+    if isinstance(image_key, Mapping):
+        for sample, key in image_key.items():
+            check_key(sdata.images, key, "Image")
+            given_samples[key] = sample
+        image_keys = list(image_key.values())
+    elif image_key is not None:
         check_key(sdata.images, image_key, "Image")
         image_keys = [image_key]
     else:
@@ -175,7 +183,7 @@ def get_sections(
         if cs not in systems:
             msg = f"Image {key!r} is not in coordinate system {cs!r}; its coordinate systems are {systems}."
             raise ValueError(msg)
-        sample = _sample_name(key, cs, systems)
+        sample = given_samples.get(key) or _sample_name(key, cs, systems)
         if samples is not None and sample not in samples:
             continue
         sk = spots_key
