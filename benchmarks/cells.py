@@ -104,7 +104,9 @@ def median(runs: list[dict], key: str) -> float:
 
 def section_table(sections, encoders, repeats: int, tmp: Path) -> dict:
     print(f"\n## Per section (median of {repeats} run(s); 2 CPU cores; fresh process per run)\n")
-    print("| section | encoder | cells | seg cells/s | feature cells/s | seg s | features s | wall s | CPU s | peak RSS GB |")
+    print(
+        "| section | encoder | cells | seg cells/s | feature cells/s | seg s | features s | wall s | CPU s | peak RSS GB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     results = {}
     for section in sections:
@@ -139,7 +141,9 @@ def synthetic_table(size: int, repeats: int, tmp: Path) -> None:
 
     bt.settings.progress = False
     print(f"\n## Synthetic slide vs one 4x larger in area (zarr-backed, handcrafted; median of {repeats})\n")
-    print("| size px | Mpx | cells | wall s | CPU s | seg s | features s | peak RSS GB | wall ratio | CPU ratio | RSS ratio |")
+    print(
+        "| size px | Mpx | cells | wall s | CPU s | seg s | features s | peak RSS GB | wall ratio | CPU ratio | RSS ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     base = None
     for s in (size, 2 * size):

@@ -115,7 +115,8 @@ def main() -> None:
         rows.append((downsample, n_jobs, {k: float(np.median([run[k] for run in runs])) for k in runs[0]}))
     base = rows[0][2]["wall_s"]
     print(f"section {args.section}, median of {args.repeats} run(s) per row, fresh process per run")
-    print(f"{'downsample':>10} {'n_jobs':>6} {'wall s':>8} {'cpu s':>8} {'peak RSS MB':>11} {'nuclei':>7} {'vs base':>7}")
+    header = ("downsample", "n_jobs", "wall s", "cpu s", "peak RSS MB", "nuclei", "vs base")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (10, 6, 8, 8, 11, 7, 7), strict=True)))
     for downsample, n_jobs, m in rows:
         print(
             f"{downsample:>10} {n_jobs:>6} {m['wall_s']:>8.1f} {m['cpu_s']:>8.1f} {m['peak_rss_mb']:>11.0f} "

@@ -40,7 +40,9 @@ def toy_sdata(samples=("s0",), *, size: int = 600, n_cells: int = 120, seed: int
         kind = rng.integers(0, 2, n_cells)
         radius = np.where(kind == 0, 5.0, 9.0) + rng.uniform(-0.5, 0.5, n_cells)
         img = _render(size, xy, radius, np.where(kind == 0, 1.6, 1.0), seed=seed + k)
-        spots_xy = np.array([[size / 4, size / 4], [3 * size / 4, size / 4], [size / 4, 3 * size / 4], [3 * size / 4, 3 * size / 4]])
+        spots_xy = np.array(
+            [[size / 4, size / 4], [3 * size / 4, size / 4], [size / 4, 3 * size / 4], [3 * size / 4, 3 * size / 4]]
+        )
         s = section_sdata(
             sample,
             image_element(img, sample, PX, scale_factors=[2]),
@@ -102,9 +104,9 @@ def test_table_writes_and_reads_back(toy, toy_cells, tmp_path):
 
 
 def test_morphology_matches_regionprops():
+    from shapely import affinity
     from skimage.draw import polygon as draw_polygon
     from skimage.measure import regionprops
-    from shapely import affinity
 
     ellipse = affinity.rotate(affinity.scale(Point(60, 60).buffer(1, quad_segs=64), 30, 12), 30)
     morph = morphology(np.array([ellipse]), 0.5).iloc[0]
@@ -159,7 +161,9 @@ def test_reference_reuse_gives_identical_features(toy, toy_cells):
     np.testing.assert_array_equal(new.uns[Key.UNS]["extract_cells"]["reducer"]["pca_components"], ref["pca_components"])
     # the same transform: feature k of the new slide is the reference's projection
     z = (new.obsm[Key.FEATURES_RAW] - ref["scaler_mean"]) / ref["scaler_scale"]
-    np.testing.assert_allclose(new.obsm[Key.FEATURES], (z - ref["pca_mean"]) @ ref["pca_components"].T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        new.obsm[Key.FEATURES], (z - ref["pca_mean"]) @ ref["pca_components"].T, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_tiles_and_processes_do_not_change_features(toy, toy_cells):
@@ -267,7 +271,9 @@ def test_image_must_be_uint8_rgb():
 
     from bitro.io._build import section_transformations
 
-    gray = Image2DModel.parse(np.zeros((1, 64, 64), np.uint8), dims=("c", "y", "x"), transformations=section_transformations("s0", PX))
+    gray = Image2DModel.parse(
+        np.zeros((1, 64, 64), np.uint8), dims=("c", "y", "x"), transformations=section_transformations("s0", PX)
+    )
     bad = sd.SpatialData(images={"s0_image": gray}, shapes={"s0_cells": sdata.shapes["s0_cells"]})
     with pytest.raises(ValueError, match="uint8 RGB"):
         bt.pp.extract_cells(bad)

@@ -152,3 +152,21 @@ def test_evaluate_js_leaves_out_empty_profiles(spots):
     pred = spots.layers[Key.PREDICTED]
     expected = np.mean([_js(np.clip(np.expm1(pred[i, :4]), 0, None), x[i, :4]) for i in range(1, 6)])
     assert table.loc[0, "js_divergence"] == pytest.approx(expected)
+
+
+def test_evaluate_genes_from_predict_frame(spots):
+    # bt.tl.predict also writes the model's genes as a DataFrame in .obsm[layer]; only those are scored
+    spots.obsm[Key.PREDICTED] = pd.DataFrame(
+        spots.layers[Key.PREDICTED][:, :2], index=spots.obs_names, columns=["EPCAM", "ERBB2"]
+    )
+    table = bt.tl.evaluate(spots, scale="log1p")
+    assert (table["n_genes"] == 2).all()
+    assert list(spots.uns[Key.EVALUATION]["genes"]) == ["EPCAM", "ERBB2"]
+
+
+def test_evaluate_results_survive_h5ad_round_trip(spots, tmp_path):
+    table = bt.tl.evaluate(spots, scale="log1p")
+    spots.write_h5ad(tmp_path / "spots.h5ad")
+    back = ad.read_h5ad(tmp_path / "spots.h5ad")
+    pd.testing.assert_frame_equal(back.uns[Key.EVALUATION]["summary"], table, check_dtype=False)
+    np.testing.assert_allclose(back.var[f"{Key.EVALUATION}_pcc"], spots.var[f"{Key.EVALUATION}_pcc"])

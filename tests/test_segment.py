@@ -213,7 +213,8 @@ def test_load_segmentation_formats(synth, tmp_path, fmt):
         polygons.to_file(source, driver="GeoJSON")
     elif fmt == "hovernet":
         source = tmp_path / "nuclei.json"
-        nuc = {str(i + 1): {"contour": shapely.get_coordinates(p.exterior).tolist()} for i, p in enumerate(polygons.geometry)}
+        contours = [shapely.get_coordinates(p.exterior).tolist() for p in polygons.geometry]
+        nuc = {str(i + 1): {"contour": c} for i, c in enumerate(contours)}
         source.write_text(json.dumps({"mag": 40, "nuc": nuc}))
     elif fmt == "cellvit":
         source = tmp_path / "nuclei.parquet"
@@ -260,7 +261,8 @@ def test_load_segmentation_bad_input(synth, tmp_path):
     with pytest.raises(KeyError, match=r"'nope' not found\. Available: .*synth0_true_nuclei"):
         bt.pp.load_segmentation(synth, "nope", format="shapes")
     other = synth.shapes[Key.true_nuclei(s)].copy()
-    synth.shapes["elsewhere"] = ShapesModel.parse(gpd.GeoDataFrame(geometry=other.geometry), transformations={"other": Identity()})
+    elsewhere = gpd.GeoDataFrame(geometry=other.geometry)
+    synth.shapes["elsewhere"] = ShapesModel.parse(elsewhere, transformations={"other": Identity()})
     with pytest.raises(ValueError, match=r"coordinate systems \['other'\].*'synth0'"):
         bt.pp.load_segmentation(synth, "elsewhere", format="shapes")
     points = tmp_path / "points.geojson"
@@ -272,3 +274,16 @@ def test_load_segmentation_bad_input(synth, tmp_path):
     with pytest.raises(ValueError, match="valid 'contour'"):
         bt.pp.load_segmentation(synth, bad_json, format="hovernet")
     assert Key.cells(s) not in synth.shapes
+
+
+def test_cells_and_record_survive_a_zarr_round_trip(synth, tmp_path):
+    import spatialdata as sd
+
+    s = _sample(synth)
+    bt.pp.segment_nuclei(synth, tile_size=320)
+    synth.write(tmp_path / "s.zarr")
+    back = sd.read_zarr(tmp_path / "s.zarr")
+    cells, cells_back = synth.shapes[Key.cells(s)], back.shapes[Key.cells(s)]
+    assert list(cells_back.index) == list(cells.index)
+    np.testing.assert_allclose(cells_back[Key.AREA_UM2], cells[Key.AREA_UM2])
+    assert back.attrs[Key.UNS][Key.SEGMENTATION][s] == synth.attrs[Key.UNS][Key.SEGMENTATION][s]

@@ -229,6 +229,8 @@ def test_bad_input_fails_before_training(bulk_model, toy):
         bt.tl.transfer(bulk_model, bt.tl.pseudobulk(spots), "spot", cells=cells)
     with pytest.raises(ValueError, match="cannot target"):
         bt.tl.transfer(bulk_model, spots, "spot", cells=cells, target_modules=["conv"])
+    with pytest.raises(ValueError, match="torch_geometric"):  # peft cannot adapt PyG's own Linear
+        bt.tl.transfer(bulk_model, spots, "spot", cells=cells, target_modules=["lin"])
     with pytest.raises(ValueError, match="no layer is named"):
         bt.tl.transfer(bulk_model, spots, "spot", cells=cells, target_modules=["attn"])
     with pytest.raises(ValueError, match="weight_decay=0"):

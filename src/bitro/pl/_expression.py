@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -45,7 +46,8 @@ def _pseudo_cells(sdata: SpatialData | None, gene: str, sample: str | None, cell
     check_gene(gene, list(pseudo.columns), f"the pseudo-cell expression `.obsm[{Key.PSEUDO_CELL!r}]`")
     t = tissue(cells, sdata, sample)
     values = np.asarray(pseudo[gene], float)[t.rows]
-    keep = np.isfinite(values)
+    keep = np.flatnonzero(np.isfinite(values))
+    keep = keep[np.argsort(values[keep], kind="stable")]  # highest on top
     return t.xy[keep], values[keep]
 
 
@@ -63,7 +65,7 @@ def expression(
     vmin: float | None = None,
     vmax: float | None = None,
     alpha: float = 0.85,
-    cell_size: float = 3.0,
+    cell_size: float = 4.0,
     image_size: int = 1500,
     axs: Sequence[Axes] | None = None,
 ) -> list[Axes]:
@@ -86,7 +88,8 @@ def expression(
         Layer with the predictions (:func:`bitro.tl.predict`).
     cells
         Add a panel with the predicted cell-level (pseudo-cell) expression of the cell table
-        ``cells_table_key`` as points.
+        ``cells_table_key`` as points (highest values drawn on top; cells outside every bag,
+        which have no pseudo-cell value, are left out).
     scale
         Scale of the predictions, ``"cp10k"`` or ``"log1p"``; by default the one recorded by
         :func:`bitro.tl.predict`.
@@ -127,9 +130,11 @@ def expression(
     cols = predicted_genes(adata, layer)
     g = int(adata.var_names.get_loc(gene))
     if g not in set(cols.tolist()):
-        shown = [str(x) for x in adata.var_names[cols[:10]]]
+        names = [str(x) for x in adata.var_names[cols]]
+        shown = difflib.get_close_matches(gene, names, n=5) or names[:10]
         msg = (
-            f"Gene {gene!r} has no prediction in `.layers[{layer!r}]`; predicted genes include {shown}. "
+            f"Gene {gene!r} has no prediction in `.layers[{layer!r}]` ({len(names)} genes have one, "
+            f"e.g. {shown}). "
             "Fit the model on this gene (`bt.tl.fit(..., genes=...)`) and run `bt.tl.predict`."
         )
         raise KeyError(msg)
@@ -142,7 +147,7 @@ def expression(
     observed = observed_on_scale(adata, t.rows, np.array([g]), scale)[:, 0]
     predicted = dense(adata.layers[layer][t.rows][:, [g]])[:, 0]
     axs = new_axes(3 if cells else 2, axs)
-    box = frame(t.xy if cell_xy is None or not len(cell_xy) else np.vstack([t.xy, cell_xy]), radius.max())
+    box = frame(t.xy, radius.max())
     label = SCALE_LABELS.get(scale, scale)
     has = np.isfinite(predicted)
     panels = [("observed", t.xy, radius, observed), ("predicted", t.xy[has], radius[has], predicted[has])]
@@ -156,7 +161,15 @@ def expression(
         ax = axs[2]
         draw_tissue(ax, t, box, image_size=image_size)
         sc = ax.scatter(
-            cell_xy[:, 0], cell_xy[:, 1], c=cell_values, s=cell_size, cmap=cmap, alpha=alpha, linewidths=0, vmin=vmin, vmax=vmax
+            cell_xy[:, 0],
+            cell_xy[:, 1],
+            c=cell_values,
+            s=cell_size,
+            cmap=cmap,
+            alpha=alpha,
+            linewidths=0,
+            vmin=vmin,
+            vmax=vmax,
         )
         colorbar(ax, sc, f"pseudo-cell, {label}")
         ax.set_title(f"{gene} — predicted cells")

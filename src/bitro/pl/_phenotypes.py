@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from spatialdata import SpatialData
 
+#: Fraction of cells on each side that may fall outside the view (stray detections off the tissue).
+_TRIM = 0.001
+
 
 def category_colors(adata: AnnData, key: str, categories: list[str], palette: str | list[str] | None) -> list:
     """Colours of the categories: ``palette``, else scanpy's ``.uns["{key}_colors"]``, else tab10/tab20."""
@@ -97,14 +100,18 @@ def phenotypes(
     categories = [str(c) for c in labels.categories]
     colors = category_colors(cells, key, categories, palette)
     (ax,) = new_axes(1, ax, panel=6.0)
-    draw_tissue(ax, t, frame(t.xy), image_size=image_size)
+    draw_tissue(ax, t, frame(t.xy, trim=_TRIM), image_size=image_size)
     codes = np.asarray(labels.codes)
     for i, (cat, color) in enumerate(zip(categories, colors, strict=True)):
         m = codes == i
         ax.scatter(t.xy[m, 0], t.xy[m, 1], s=size, color=color, alpha=alpha, linewidths=0, label=cat)
     if legend:
         ax.legend(
-            title=key, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, markerscale=max(1.0, 12 / size) ** 0.5
+            title=key,
+            loc="center left",
+            bbox_to_anchor=(1.0, 0.5),
+            frameon=False,
+            markerscale=max(1.0, 12 / size) ** 0.5,
         )
     ax.set_title(f"{key}" + (f" — {t.sample}" if t.sample is not None else ""))
     return ax

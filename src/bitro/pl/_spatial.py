@@ -96,7 +96,9 @@ def spot_radius(adata: AnnData, t: Tissue) -> np.ndarray:
         found = radius.reindex(ids)
         if found.notna().all():
             return found.to_numpy(dtype=float)
-        logger.warning("Some spots of the table are not in %r; estimating spot radii from their spacing.", Key.spots(t.sample))
+        logger.warning(
+            "Some spots of the table are not in %r; estimating spot radii from their spacing.", Key.spots(t.sample)
+        )
     if len(t.xy) < 2:
         return np.full(len(t.xy), 1.0)
     from scipy.spatial import cKDTree
@@ -105,11 +107,14 @@ def spot_radius(adata: AnnData, t: Tissue) -> np.ndarray:
     return np.full(len(t.xy), 0.25 * float(np.median(d[:, 1])))
 
 
-def frame(xy: np.ndarray, pad: np.ndarray | float = 0.0) -> tuple[float, float, float, float]:
-    """``(x0, x1, y0, y1)`` around the points, padded by their radius and a small margin."""
+def frame(xy: np.ndarray, pad: np.ndarray | float = 0.0, *, trim: float = 0.0) -> tuple[float, float, float, float]:
+    """``(x0, x1, y0, y1)`` around the points, padded by their radius and a small margin.
+
+    ``trim`` is the fraction of points allowed outside on each side (stray detections off the tissue).
+    """
     pad = np.broadcast_to(np.asarray(pad, float), (len(xy),))
-    x0, x1 = float((xy[:, 0] - pad).min()), float((xy[:, 0] + pad).max())
-    y0, y1 = float((xy[:, 1] - pad).min()), float((xy[:, 1] + pad).max())
+    x0, x1 = float(np.quantile(xy[:, 0] - pad, trim)), float(np.quantile(xy[:, 0] + pad, 1 - trim))
+    y0, y1 = float(np.quantile(xy[:, 1] - pad, trim)), float(np.quantile(xy[:, 1] + pad, 1 - trim))
     m = _MARGIN * max(x1 - x0, y1 - y0, 1.0)
     return x0 - m, x1 + m, y0 - m, y1 + m
 

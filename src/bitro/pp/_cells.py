@@ -319,7 +319,8 @@ def _check_reference(params: Mapping[str, Any], current: Mapping[str, Any]) -> N
     diffs = [
         f"{k}: reference {params.get(k)!r}, now {current[k]!r}"
         for k in ("encoder", "crop_um", "crop_px", "add_morphology", "n_raw_features")
-        if params.get(k) != current[k] and not (isinstance(current[k], float) and np.isclose(params.get(k, np.nan), current[k]))
+        if params.get(k) != current[k]
+        and not (isinstance(current[k], float) and np.isclose(params.get(k, np.nan), current[k]))
     ]
     if diffs:
         msg = (
@@ -405,7 +406,12 @@ def _extract_section(
     nucleus_radius = np.sqrt(obs[Key.AREA_UM2].to_numpy() / np.pi) / image_px * crop_px / src
     jobs = _section_jobs(image, xy_image, nucleus_radius, src)
     logger.info(
-        "Section %r: %d cells in %d tiles, %d px crops resized to %d px.", section.sample, len(obs), len(jobs), src, crop_px
+        "Section %r: %d cells in %d tiles, %d px crops resized to %d px.",
+        section.sample,
+        len(obs),
+        len(jobs),
+        src,
+        crop_px,
     )
     task = partial(_tile_features, encoder=encoder, src=src, crop_px=crop_px, batch_size=batch_size)
     results = map_tasks(
@@ -572,7 +578,10 @@ def extract_cells(
     checks = [
         (crop_um > 0 and math.isfinite(crop_um), f"`crop_um` must be a positive number, got {crop_um!r}."),
         (int(crop_px) == crop_px and crop_px >= 8, f"`crop_px` must be an integer >= 8, got {crop_px!r}."),
-        (int(n_components) == n_components and n_components >= 1, f"`n_components` must be >= 1, got {n_components!r}."),
+        (
+            int(n_components) == n_components and n_components >= 1,
+            f"`n_components` must be >= 1, got {n_components!r}.",
+        ),
         (int(batch_size) == batch_size and batch_size >= 1, f"`batch_size` must be >= 1, got {batch_size!r}."),
     ]
     for ok, msg in checks:
@@ -669,7 +678,9 @@ def extract_cells(
         },
     }
     sdata.tables[key_added] = table
-    logger.info("Cell table %r: %d cells x %d features (%d raw).", key_added, n_cells, table.obsm[Key.FEATURES].shape[1], n_raw)
+    logger.info(
+        "Cell table %r: %d cells x %d features (%d raw).", key_added, n_cells, table.obsm[Key.FEATURES].shape[1], n_raw
+    )
     return table
 
 
@@ -690,8 +701,14 @@ def _build_table(parts: list[_SectionCells], add_morphology: bool, reducer: Mapp
         a = AnnData(obs=p.obs.copy())
         a.obsm[Key.SPATIAL] = p.xy
         a.obsm[Key.FEATURES_RAW] = raw
-        a.obsm[Key.FEATURES] = _apply_reducer(raw, reducer) if reducer is not None else np.zeros((len(raw), 0), np.float32)
+        a.obsm[Key.FEATURES] = (
+            _apply_reducer(raw, reducer) if reducer is not None else np.zeros((len(raw), 0), np.float32)
+        )
         adatas.append(a)
-    table = cells_table(adatas, element=dict(zip([p.sample for p in parts], [p.shapes_key for p in parts], strict=True)).__getitem__)
-    table.obs[Key.SPOT_ID] = pd.Categorical(table.obs[Key.SPOT_ID].astype(object).where(table.obs[Key.SPOT_ID].notna(), None))
+    table = cells_table(
+        adatas, element=dict(zip([p.sample for p in parts], [p.shapes_key for p in parts], strict=True)).__getitem__
+    )
+    table.obs[Key.SPOT_ID] = pd.Categorical(
+        table.obs[Key.SPOT_ID].astype(object).where(table.obs[Key.SPOT_ID].notna(), None)
+    )
     return table

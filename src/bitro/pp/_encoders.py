@@ -400,7 +400,9 @@ def get_encoder(
             msg = "`encoder` is an empty list; give at least one encoder."
             raise ValueError(msg)
         parts = [
-            get_encoder(e, weights=weights if _takes_weights(e) else None, batch_size=batch_size, device=device, crop_px=crop_px)
+            get_encoder(
+                e, weights=weights if _takes_weights(e) else None, batch_size=batch_size, device=device, crop_px=crop_px
+            )
             for e in encoder
         ]
         return CombinedEncoder(parts)

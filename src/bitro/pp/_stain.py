@@ -71,7 +71,8 @@ def normalize_stain(
     reference
         Stain reference: an image element of ``sdata`` (its stain vectors are fitted), a fitted
         :class:`squidpy.experimental.im.StainReference`, or ``None`` for the first image to be
-        normalised (all sections then share its stain colours).
+        normalised (all sections then share its stain colours). To fit on a region, add the crop as
+        an image element first (e.g. with :func:`spatialdata.bounding_box_query`).
     image_key
         Normalise only this image; by default the image of every section (:func:`bitro.io.get_sections`).
     key_added

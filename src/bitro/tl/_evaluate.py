@@ -176,7 +176,9 @@ def evaluate(
         raise ValueError(msg)
 
     pred = pred_all[rows]
-    obs = dense(adata.layers[truth][:, cols])[rows] if truth is not None else observed_on_scale(adata, rows, cols, scale)
+    obs = (
+        dense(adata.layers[truth][:, cols])[rows] if truth is not None else observed_on_scale(adata, rows, cols, scale)
+    )
     groups = (
         pd.Series(np.asarray(adata.obs[groupby])[rows]).astype(str).to_numpy()
         if groupby is not None
@@ -245,4 +247,3 @@ def evaluate(
         *(adata.uns[key_added]["mean"][k] for k in metrics),
     )
     return table
-

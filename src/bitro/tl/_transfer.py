@@ -105,7 +105,7 @@ def _check_lora_targets(net: BitroNet, targets: list[str]) -> None:
             raise ValueError(msg)
         for n, m in hits:
             if not isinstance(m, nn.Linear) or n.startswith(SHARED_READOUT):
-                what = "the readout is trained in full" if n.startswith(SHARED_READOUT) else f"it is a {type(m).__name__}"
+                what = "the readout is trained in full" if n.startswith(SHARED_READOUT) else f"it is a {type(m).__module__}.{type(m).__name__}, not a torch.nn.Linear"
                 msg = f"target_modules: {t!r} names {n!r}, which LoRA cannot target here ({what}); use some of {linear}."
                 raise ValueError(msg)
 
