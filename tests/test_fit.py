@@ -22,7 +22,8 @@ def test_fit_predict_writes_slots(toy_tl):
     model = _fit(spots, cells)
     assert model.genes and len(model.genes) == spots.n_vars  # 12 genes < n_top_genes: all of them
     assert len(model.history[0]["train_loss"]) == 3 and len(model.history[0]["val_pcc_gene"]) == 3
-    assert model.history[0]["validation_samples"] and len(model.history[0]["validation_samples"]) == 1
+    assert len(model.config["members"][0]["validation_samples"]) == 1
+    assert set(model.history[0]) == {"train_loss", "train_mse", "train_cluster", "val_mse", "val_pcc_gene", "best_epoch"}
     bt.tl.predict(model, spots, cells=cells, attention=True)
     pred = spots.obsm["bitro_predicted"]
     assert list(pred.columns) == model.genes and np.isfinite(pred.to_numpy()).all()
@@ -61,7 +62,7 @@ def test_tiny_model_overfits_a_few_bags(toy_tl):
 def test_genes_scale_and_ensemble(toy_tl):
     spots, cells = toy_tl
     model = _fit(spots, cells, genes=["G3", "G1"], scale="log1p", n_seeds=2, validation=0.25, refit=True, epochs=2)
-    assert model.genes == ["G3", "G1"] and len(model.nets) == 2 and "refit" in model.history[0]
+    assert model.genes == ["G3", "G1"] and len(model.nets) == 2 and "refit_train_loss" in model.history[0]
     sub = spots[:, ["G1"]].copy()  # a table with only one of the model's genes
     bt.tl.predict(model, sub, cells=cells)
     assert list(sub.obsm["bitro_predicted"].columns) == ["G3", "G1"]

@@ -78,6 +78,9 @@ class Key:
     # --- .uns ----------------------------------------------------------------------------
     UNS: Final = "bitro"
     EVALUATION: Final = "bitro_eval"
+    COLOUR_STATS: Final = "bitro_colour"
+    BASELINE_MEAN: Final = "bitro_baseline_mean"
+    BASELINE_RIDGE: Final = "bitro_baseline_ridge"
     # --- shapes columns and SpatialData.attrs[UNS] ----------------------------------------
     AREA_UM2: Final = "area_um2"
     SEGMENTATION: Final = "segmentation"

@@ -3,6 +3,8 @@
 torch and torch_geometric are imported inside the functions, not here.
 """
 
+from bitro.tl._baselines import colour_statistics
+from bitro.tl._cross_validate import cross_validate
 from bitro.tl._evaluate import evaluate
 from bitro.tl._fit import fit
 from bitro.tl._persist import BitroModel, load_model
@@ -13,6 +15,8 @@ from bitro.tl._transfer import TransferredModel, load_adapters, transfer
 __all__ = [
     "BitroModel",
     "TransferredModel",
+    "colour_statistics",
+    "cross_validate",
     "evaluate",
     "fit",
     "load_adapters",

@@ -70,7 +70,8 @@ def cell_data(cells: AnnData, *, feature_key: str = Key.FEATURES, need_phenotype
     check_key(cells.obs.columns, Key.SAMPLE, "Cell table column .obs")
     check_key(cells.obsp, Key.CONNECTIVITIES, "Cell kNN graph .obsp (run `bt.pp.spatial_graph`)")
     if need_phenotype:
-        check_key(cells.obs.columns, Key.PHENOTYPE, "Cell phenotypes .obs (run `bt.pp.phenotypes` or set cluster_weight=0)")
+        what = "Cell phenotypes .obs (run `bt.pp.phenotypes` or set cluster_weight=0)"
+        check_key(cells.obs.columns, Key.PHENOTYPE, what)
     features = np.asarray(cells.obsm[feature_key], dtype=np.float32)
     if features.ndim != 2 or not np.isfinite(features).all():
         msg = f"Cell features .obsm[{feature_key!r}] must be a finite 2-D array (cells x features)."

@@ -161,7 +161,9 @@ def _train(
     net = BitroNet(arch).to(device) if net is None else net.to(device)
     trainable = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.Adam(trainable, lr=hp["lr"], weight_decay=hp["weight_decay"])
-    fingerprint = _fingerprint(arch.to_dict(), hp, seed, train_idx.tolist(), val_idx.tolist(), yz.shape, float(yz.sum()))
+    fingerprint = _fingerprint(
+        arch.to_dict(), hp, seed, train_idx.tolist(), val_idx.tolist(), yz.shape, float(yz.sum())
+    )
     history: dict[str, Any] = {k: [] for k in ("train_loss", "train_mse", "train_cluster", "val_mse", "val_pcc_gene")}
     state = {"epoch": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0, "stopped": False, "history": history}
     best_state = None
@@ -218,7 +220,9 @@ def _train(
         bar.set_postfix(post)
         bar.update()
         if folder is not None:
-            save_checkpoint(folder, net=net, optimizer=opt, best_state=best_state, state=dict(state, fingerprint=fingerprint))
+            save_checkpoint(
+                folder, net=net, optimizer=opt, best_state=best_state, state=dict(state, fingerprint=fingerprint)
+            )
     bar.close()
     if best_state is not None:
         net.load_state_dict(best_state)
@@ -237,7 +241,7 @@ def fit(
     validation: Literal["sample"] | float | None = "sample",
     feature_key: str = Key.FEATURES,
     context_radius: float = 150.0,
-    max_context: int = 128,
+    max_context: int = 64,
     chunk_size: int = 256,
     max_cells: int = 2048,
     dim: int = 64,
@@ -403,8 +407,10 @@ def fit(
         for k in ("lr", "weight_decay", "batch_size", "cell_dropout", "cluster_weight", "patience", "max_cells")
     }
     dev = resolve_device(device)
-    logger.info(f"Training on {len(bags)} {target} bags, {len(chosen)} genes, {data.features.shape[0]} cells, device {dev}.")
-    nets, histories = [], []
+    logger.info(
+        f"Training on {len(bags)} {target} bags, {len(chosen)} genes, {data.features.shape[0]} cells, device {dev}."
+    )
+    nets, histories, members = [], [], []
     for k in range(n_seeds):
         s = seed + k
         train_idx, val_idx = splits[k]
@@ -413,14 +419,14 @@ def fit(
             arch, bags, yz, data, train_idx, val_idx, hp=hp, seed=s, epochs=epochs, device=dev, folder=folder,
             desc=f"fit seed {s}",
         )
-        hist["validation_samples"] = sorted(set(samples[val_idx])) if validation == "sample" else None
+        members.append({"seed": s, "validation_samples": sorted(set(samples[val_idx]))})
         if refit and len(val_idx):
             all_idx = np.arange(len(bags))
             net, refit_hist = _train(
                 arch, bags, yz, data, all_idx, all_idx[:0], hp=hp, seed=s, epochs=max(1, hist["best_epoch"]),
                 device=dev, folder=None if folder is None else folder / "refit", desc=f"refit seed {s}",
             )
-            hist["refit"] = refit_hist
+            hist.update({f"refit_{k}": v for k, v in refit_hist.items() if k.startswith("train_")})
         nets.append(net)
         histories.append(hist)
     config = {
@@ -436,5 +442,6 @@ def fit(
         "bags": {"context_radius": context_radius, "max_context": max_context, "chunk_size": chunk_size},
         "training": params,
         "training_samples": sorted(set(samples)),
+        "members": members,
     }
     return BitroModel(nets, config, histories)

@@ -172,7 +172,8 @@ class BitroNet(nn.Module):
         self.gat = nn.ModuleList(GATBlock(d, arch.gat_heads, arch.dropout) for _ in range(arch.gat_layers))
         self.pos_proj = nn.Linear(4 * len(POSITION_WAVELENGTHS_UM) + 2, d)
         self.transformer = nn.ModuleList(
-            TransformerLayer(d, arch.transformer_heads, arch.ff_dim, arch.dropout) for _ in range(arch.transformer_layers)
+            TransformerLayer(d, arch.transformer_heads, arch.ff_dim, arch.dropout)
+            for _ in range(arch.transformer_layers)
         )
         self.out_norm = nn.LayerNorm(d)
         self.gene_queries = nn.Parameter(torch.randn(g, d) / math.sqrt(d))

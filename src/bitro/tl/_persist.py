@@ -36,7 +36,8 @@ class BitroModel:
         architecture, bag parameters and the training parameters.
     history
         Per ensemble member, the training history: a dict of lists per epoch (``"train_loss"``,
-        ``"train_mse"``, ``"train_cluster"``, ``"val_mse"``, ``"val_pcc_gene"``), plus ``"best_epoch"``.
+        ``"train_mse"``, ``"train_cluster"``, ``"val_mse"``, ``"val_pcc_gene"``; ``"refit_train_*"`` after a
+        refit), plus ``"best_epoch"``. Each member's seed and validation samples are in ``config["members"]``.
     """
 
     def __init__(self, nets: list[BitroNet], config: dict[str, Any], history: list[dict[str, Any]]):
@@ -92,7 +93,11 @@ class BitroModel:
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {f"{k}.{name}": t.detach().cpu().contiguous() for k, net in enumerate(self.nets) for name, t in net.state_dict().items()}
+        tensors = {
+            f"{k}.{name}": t.detach().cpu().contiguous()
+            for k, net in enumerate(self.nets)
+            for name, t in net.state_dict().items()
+        }
         save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "bitro", "n_members": str(len(self.nets))})
         config = dict(self.config, n_members=len(self.nets), history=self.history)
         (path / CONFIG_FILE).write_text(json.dumps(config, indent=1))
@@ -121,7 +126,9 @@ def load_model(path: str | Path, *, device: str | None = None) -> BitroModel:
     path = Path(path)
     config = read_config(path)
     states = read_weights(path / WEIGHTS_FILE)
-    return BitroModel(build_nets(config, states, device=device), {k: v for k, v in config.items() if k not in ("history", "n_members")}, config.get("history", []))
+    nets = build_nets(config, states, device=device)
+    kept = {k: v for k, v in config.items() if k not in ("history", "n_members")}
+    return BitroModel(nets, kept, config.get("history", []))
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -140,7 +147,10 @@ def read_config(path: Path) -> dict[str, Any]:
         msg = f"The model config {file} lacks {missing}; it was not written by `BitroModel.save`."
         raise ValueError(msg)
     if config["format_version"] > FORMAT_VERSION:
-        msg = f"{file} has format version {config['format_version']}; this bitro reads up to {FORMAT_VERSION}. Update bitro."
+        msg = (
+            f"{file} has format version {config['format_version']}; this bitro reads up to {FORMAT_VERSION}. "
+            "Update bitro."
+        )
         raise ValueError(msg)
     return config
 
@@ -210,7 +220,10 @@ def save_checkpoint(folder: Path, *, net, optimizer, best_state: dict | None, st
 
 
 def load_checkpoint(folder: Path, *, net, optimizer, fingerprint: str) -> tuple[dict[str, Any], dict | None] | None:
-    """Restore ``net`` and ``optimizer`` from ``folder``; return ``(state, best_state)``, or ``None`` if there is no checkpoint."""
+    """Restore ``net`` and ``optimizer`` from ``folder``.
+
+    Returns ``(state, best_state)``, or ``None`` when ``folder`` holds no checkpoint.
+    """
     file = folder / CHECKPOINT_STATE
     if not file.is_file():
         return None

@@ -89,9 +89,8 @@ def predict_bags(
                     cur = (lse_b[j : j + 1], z_b[j : j + 1])
                     if b in pending:
                         prev = pending.pop(b)
-                        cur = combine_parts(
-                            torch.cat([prev[0], cur[0]]), torch.cat([prev[1], cur[1]]), torch.zeros(2, dtype=torch.long, device=device), 1
-                        )
+                        both = torch.zeros(2, dtype=torch.long, device=device)
+                        cur = combine_parts(torch.cat([prev[0], cur[0]]), torch.cat([prev[1], cur[1]]), both, 1)
                     if last_group[b] == gi:
                         y_sum[b] += net.readout(cur[1])[0].cpu().numpy()
                         lse_final[b] = cur[0][0].cpu()
@@ -211,8 +210,9 @@ def predict(
     else:
         bags = bulk_bags(table, data, chunk_size=bag_cfg["chunk_size"])
     keep = np.array([b is not None for b in bags])
+    kept = [b for b in bags if b is not None]
     y, rows, att = predict_bags(
-        model.nets, [b for b in bags if b is not None], data, tokens_per_batch=tokens_per_batch, attention=True, desc="predict"
+        model.nets, kept, data, tokens_per_batch=tokens_per_batch, attention=True, desc="predict"
     )
     genes = model.genes
     y = model.zscore.inverse(y)
@@ -220,7 +220,7 @@ def predict(
     pred[keep] = y
     # pseudo-cells: attention share x the bag's prediction on the target scale
     owner = np.full(cells.n_obs, -1)
-    for j, bag in enumerate(b for b in bags if b is not None):
+    for j, bag in enumerate(kept):
         for s in bag:
             owner[s.cells[: s.n_pool]] = j
     pseudo = np.full((cells.n_obs, len(genes)), np.nan, dtype=np.float32)

@@ -1,0 +1,189 @@
+"""Leave-one-slide-out (or leave-one-patient-out) cross-validation with the trivial baselines beside."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from bitro._constants import Key
+from bitro._logging import logger
+from bitro._settings import settings
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+_METHOD_LAYERS = {"bitro": Key.PREDICTED, "mean": Key.BASELINE_MEAN, "ridge": Key.BASELINE_RIDGE}
+
+
+def _fold_cells(cells: AnnData, train: np.ndarray, n_clusters: int, seed: int) -> AnnData:
+    """A copy of the cell table whose PCA and phenotypes are fitted on the training cells only."""
+    from bitro.pp import phenotypes
+    from bitro.pp._cells import _apply_reducer, _fit_reducer
+
+    out = cells.copy()
+    raw = np.asarray(out.obsm[Key.FEATURES_RAW], dtype=np.float64)
+    n_components = out.obsm[Key.FEATURES].shape[1]
+    reducer = _fit_reducer(raw[train], n_components, random_state=seed)
+    out.obsm[Key.FEATURES] = _apply_reducer(raw, reducer)
+    reference = out[train].copy()
+    phenotypes(reference, n_clusters=n_clusters, random_state=seed)
+    phenotypes(out, reference=reference)
+    return out
+
+
+def cross_validate(
+    data: SpatialData | AnnData,
+    *,
+    cells: AnnData | None = None,
+    groupby: str = Key.SAMPLE,
+    folds: list[str] | None = None,
+    genes: list[str] | None = None,
+    scale: str = "cp10k",
+    baselines: bool = True,
+    refit_features: bool = True,
+    n_clusters: int = 8,
+    seed: int = 0,
+    **fit_kwargs: Any,
+) -> pd.DataFrame:
+    """Leave-one-group-out evaluation of :func:`bitro.tl.fit`, beside the trivial baselines.
+
+    For each held-out group (a section, or a patient with ``groupby="patient"``), the model is fitted
+    on the other groups (early stopping on a validation section drawn from those, never from the
+    held-out one; see ``validation`` of :func:`bitro.tl.fit`), predicts the held-out spots and is scored
+    with :func:`bitro.tl.evaluate`. The cell features' scaler + PCA and the phenotypes are refitted
+    on the training cells of each fold (``refit_features``), so nothing is learnt from the held-out group.
+
+    Baselines, on the same genes and scale: ``"mean"``, the training-mean profile, and ``"ridge"``,
+    ridge regression on colour statistics of each spot's image patch (needs the images, i.e. a
+    SpatialData, or precomputed ``.obsm["bitro_colour"]``, see :func:`bitro.tl.colour_statistics`).
+
+    Parameters
+    ----------
+    data
+        SpatialData with the ``"spots"`` and ``"cells"`` tables (and images for the ridge baseline),
+        or the spot table with ``cells=``.
+    cells
+        The cell table, when ``data`` is an AnnData.
+    groupby
+        Column of the spot table's ``.obs`` that defines the folds; each of its values must hold whole
+        sections.
+    folds
+        Hold out only these groups (default: every group).
+    genes
+        Genes to predict (default: chosen by :func:`bitro.tl.fit` on the training groups of each fold).
+    scale
+        Target scale, ``"cp10k"`` or ``"log1p"``.
+    baselines
+        Also score the training-mean profile and the ridge baseline.
+    refit_features
+        Refit the scaler + PCA and the phenotypes on each fold's training cells.
+    n_clusters
+        Phenotypes per fold (with ``refit_features``).
+    seed
+        Random seed of the model and of the refitted features.
+    **fit_kwargs
+        Passed on to :func:`bitro.tl.fit`.
+
+    Returns
+    -------
+    A tidy table, one row per held-out group and method (``"bitro"``, ``"mean"``, ``"ridge"``), with
+    ``pcc_overall``, ``pcc_gene``, ``n_obs``, ``n_genes`` and ``n_genes_constant``
+    (genes with zero variance in the held-out truth, left out of PCC_gene), plus one ``"mean"`` row
+    per method averaged over the folds.
+
+    Examples
+    --------
+    >>> scores = bt.tl.cross_validate(sdata, epochs=30)  # doctest: +SKIP
+    >>> scores.pivot(index="held_out", columns="method", values="pcc_gene")  # doctest: +SKIP
+    """
+    from anndata import AnnData
+
+    from bitro.tl._baselines import colour_statistics, ridge_predict
+    from bitro.tl._evaluate import evaluate
+    from bitro.tl._fit import fit
+    from bitro.tl._predict import predict
+    from bitro.tl._targets import check_scale, dense, to_scale
+
+    check_scale(scale)
+    if isinstance(data, AnnData):
+        spots = data
+        if cells is None:
+            msg = "With an AnnData of spots, pass the cell table as `cells=` (or pass the SpatialData)."
+            raise ValueError(msg)
+    else:
+        from bitro._utils import check_key
+
+        check_key(data.tables, Key.SPOTS_TABLE, "Table")
+        spots = data.tables[Key.SPOTS_TABLE]
+        if cells is None:
+            check_key(data.tables, Key.CELLS_TABLE, "Table")
+            cells = data.tables[Key.CELLS_TABLE]
+    if groupby not in spots.obs:
+        msg = f"`groupby={groupby!r}` is not a column of the spot table's `.obs` (columns: {list(spots.obs.columns)})."
+        raise KeyError(msg)
+    group_of_sample = spots.obs.groupby(Key.SAMPLE, observed=True)[groupby].nunique()
+    if (group_of_sample > 1).any():
+        msg = f"Sections {list(group_of_sample.index[group_of_sample > 1])} are split across `{groupby}` groups."
+        raise ValueError(msg)
+    groups = list(dict.fromkeys(spots.obs[groupby].astype(str)))
+    if len(groups) < 3:
+        msg = f"Cross-validation needs at least 3 `{groupby}` groups (train, validation, test); got {groups}."
+        raise ValueError(msg)
+    folds = groups if folds is None else list(folds)
+    unknown = sorted(set(folds) - set(groups))
+    if unknown:
+        msg = f"Folds {unknown} are not `{groupby}` groups; groups: {groups}."
+        raise KeyError(msg)
+    if refit_features and Key.FEATURES_RAW not in cells.obsm:
+        msg = f"`refit_features=True` needs the raw features `.obsm[{Key.FEATURES_RAW!r}]` of `bt.pp.extract_cells`."
+        raise KeyError(msg)
+    if baselines and Key.COLOUR_STATS not in spots.obsm:
+        if isinstance(data, AnnData):
+            msg = (
+                "The ridge baseline needs colour statistics of the spot patches: pass the SpatialData, or "
+                "run `bt.tl.colour_statistics(sdata)` first, or `baselines=False`."
+            )
+            raise ValueError(msg)
+        colour_statistics(data)
+
+    rows = []
+    group = spots.obs[groupby].astype(str).to_numpy()
+    cell_samples = cells.obs[Key.SAMPLE].astype(str).to_numpy()
+    for held_out in tqdm(folds, desc="cross-validation", disable=not settings.progress):
+        test_mask = group == held_out
+        train, test = spots[~test_mask].copy(), spots[test_mask].copy()
+        train_samples = set(train.obs[Key.SAMPLE].astype(str))
+        fold_cells = (
+            _fold_cells(cells, np.isin(cell_samples, list(train_samples)), n_clusters, seed) if refit_features else cells
+        )
+        model = fit(train, target="spot", cells=fold_cells, genes=genes, scale=scale, seed=seed, **fit_kwargs)
+        predict(model, test, cells=fold_cells)
+        layers = [Key.PREDICTED]
+        if baselines:
+            cols = test.var_names.get_indexer(model.genes)
+            train_y = to_scale(dense(train.X), scale)[:, train.var_names.get_indexer(model.genes)]
+            for key, pred in (
+                (Key.BASELINE_MEAN, np.broadcast_to(train_y.mean(0), (test.n_obs, len(cols)))),
+                (Key.BASELINE_RIDGE, ridge_predict(train.obsm[Key.COLOUR_STATS], train_y, test.obsm[Key.COLOUR_STATS])),
+            ):
+                layer = np.full(test.shape, np.nan, dtype=np.float32)
+                layer[:, cols] = pred
+                test.layers[key] = layer
+                layers.append(key)
+        for method, layer in _METHOD_LAYERS.items():
+            if layer in layers:
+                score = evaluate(test, layer=layer, scale=scale, groupby=None, key_added=f"{layer}_eval")
+                rows.append({"held_out": held_out, "method": method, **score.iloc[0].to_dict()})
+        logger.info(
+            "Fold %s: %s",
+            held_out,
+            ", ".join(f"{r['method']} PCC_gene {r['pcc_gene']:.3f}" for r in rows if r["held_out"] == held_out),
+        )
+    table = pd.DataFrame(rows)
+    means = table.groupby("method", sort=False)[["pcc_overall", "pcc_gene"]].mean().reset_index()
+    means.insert(0, "held_out", "mean")
+    return pd.concat([table, means], ignore_index=True)
