@@ -154,6 +154,24 @@ def image_crop(image, box: tuple[float, float, float, float], image_size: int) -
     return rgb, extent
 
 
+def image_offset(image) -> tuple[float, float]:
+    """Where the image's pixel ``(0, 0)`` lies in its section's pixels, ``(dx, dy)``.
+
+    Non-zero for a translated crop (e.g. from :func:`spatialdata.bounding_box_query`); ``(0, 0)`` for any other
+    transformation.
+    """
+    from spatialdata.transformations import get_transformation
+
+    transforms = get_transformation(image, get_all=True)
+    pixel_cs = [cs for cs in transforms if not cs.endswith(Key.MICRONS_SUFFIX)]
+    if not pixel_cs:
+        return 0.0, 0.0
+    m = transforms[pixel_cs[0]].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    if not np.allclose(m[:2, :2], np.eye(2)):
+        return 0.0, 0.0
+    return float(m[0, 2]), float(m[1, 2])
+
+
 def draw_tissue(ax: Axes, t: Tissue, box: tuple[float, float, float, float], *, image_size: int) -> None:
     """The H&E (when there is one) under ``box``, frameless axes in section pixels, y pointing down, scale bar."""
     px = None
@@ -162,7 +180,10 @@ def draw_tissue(ax: Axes, t: Tissue, box: tuple[float, float, float, float], *, 
         if key is not None:
             from bitro._utils import pixel_size
 
-            rgb, extent = image_crop(t.sdata.images[key], box, image_size)
+            dx, dy = image_offset(t.sdata.images[key])
+            x0, x1, y0, y1 = box
+            rgb, extent = image_crop(t.sdata.images[key], (x0 - dx, x1 - dx, y0 - dy, y1 - dy), image_size)
+            extent = [extent[0] + dx, extent[1] + dx, extent[2] + dy, extent[3] + dy]
             ax.imshow(rgb, extent=extent, interpolation="antialiased", zorder=0)
             try:
                 px = pixel_size(t.sdata, key)

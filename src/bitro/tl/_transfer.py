@@ -336,8 +336,10 @@ def _check_target_table(table: AnnData, target: str) -> None:
         )
         raise ValueError(msg)
     if target == "bulk":
-        region = table.obs[Key.SPOT_IDS].notna() & (table.obs[Key.SPOT_IDS].astype(str) != "") if Key.SPOT_IDS in table.obs else None
-        whole = table.obs[Key.SAMPLE].astype(str)[~region.to_numpy()] if region is not None else table.obs[Key.SAMPLE].astype(str)
+        whole = table.obs[Key.SAMPLE].astype(str)  # whole-slide rows (region rows name their spots)
+        if Key.SPOT_IDS in table.obs:
+            ids = table.obs[Key.SPOT_IDS]
+            whole = whole[(ids.isna() | (ids.astype(str) == "")).to_numpy()]
         repeated = sorted(whole[whole.duplicated()].unique())
         if repeated:
             msg = (
