@@ -14,7 +14,7 @@ whole section: read, segment, extract features. Printed tables:
 
 Run from the repository root::
 
-    python benchmarks/cells.py                       # everything (about 20 min on 2 cores)
+    python benchmarks/cells.py                       # everything (30-40 min on 2 busy cores)
     python benchmarks/cells.py --sections C2 --encoders handcrafted --repeats 3 --no-synthetic
 """
 
@@ -34,6 +34,14 @@ import numpy as np
 HERE = Path(__file__).resolve()
 SECTIONS = ("B4", "C2", "C3", "C4")
 ENCODERS = ("handcrafted", "efficientnet")
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process (VmHWM: unlike ``ru_maxrss`` it does not inherit the parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1e6  # kB -> GB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -64,7 +72,7 @@ def worker(args: argparse.Namespace) -> None:
         "seg_s": t_seg,
         "feat_s": t_feat,
         "wall_s": wall,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "peak_rss_gb": peak_rss_gb(),
         "cpu_s": time.process_time(),
     }
     if Key.SPOTS_TABLE in sdata.tables and args.out:
@@ -218,14 +226,18 @@ def main() -> None:
     p.add_argument("--sections", nargs="+", default=list(SECTIONS))
     p.add_argument("--encoders", nargs="+", default=list(ENCODERS))
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--synthetic-size", type=int, default=2048)
+    p.add_argument("--synthetic-size", type=int, default=4096)
     p.add_argument("--no-synthetic", action="store_true")
+    p.add_argument("--only-synthetic", action="store_true")
     args = p.parse_args()
     if args.worker:
         worker(args)
         return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        if args.only_synthetic:
+            synthetic_table(args.synthetic_size, args.repeats, tmp)
+            return
         results = section_table(args.sections, args.encoders, args.repeats, tmp)
         spot_table(results, args.sections, args.encoders[0])
         if len(args.sections) > 1:

@@ -21,6 +21,7 @@ cores). Run from the repository root::
 
     python benchmarks/her2st.py            # default model + baselines on both scales, ablations on cp10k
     python benchmarks/her2st.py --quick    # default model + baselines, cp10k only
+    python benchmarks/her2st.py --quick --configs bitro "no context" --held-out C2   # one fold, two rows
 """
 
 from __future__ import annotations
@@ -162,6 +163,7 @@ def main() -> None:
     p.add_argument("--full", action="store_true", help="ablations on both scales")
     p.add_argument("--configs", nargs="*", default=None, help=f"subset of {list(ABLATIONS)}")
     p.add_argument("--sections", nargs="*", default=list(SECTIONS))
+    p.add_argument("--held-out", nargs="*", default=None, help="folds to run (default: every section)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--set", nargs="*", default=[], help="fit parameters for every bitro row, e.g. epochs=30 validation=None")
     args = p.parse_args()
@@ -188,8 +190,8 @@ def main() -> None:
     scales = ["cp10k"] if args.quick else ["cp10k", "log1p"]
     configs = args.configs or (["bitro"] if args.quick else list(ABLATIONS))
     rows = []
-    print(f"{'scale':6} {'model':18} {'held-out':8} {'PCC_overall':>11} {'PCC_gene':>9} {'fit s':>7}", flush=True)
-    for held in args.sections:
+    print(f"{'scale':6} {'model':18} {'held-out':8} {'PCC_overall':>11} {'PCC_gene':>9} {'fit s':>7} {'epoch':>5}")
+    for held in args.held_out or args.sections:
         test = samples == held
         fold_cells = fold_features(cells, cells.obs[Key.SAMPLE].astype(str).to_numpy() != held)
         for scale in scales:
@@ -199,13 +201,14 @@ def main() -> None:
             colour = StandardScaler().fit(spots.obsm["colour"][~test])
             ridge = RidgeCV(alphas=np.logspace(-1, 4, 11)).fit(colour.transform(spots.obsm["colour"][~test]), truth_all[~test])
             res["ridge"] = ridge.predict(colour.transform(spots.obsm["colour"][test]))
-            fit_s = {}
+            fit_s, best = {}, {}
             for name in configs:
                 if scale != "cp10k" and name != "bitro" and not args.full:
                     continue
                 t = time.perf_counter()
                 model = bt.tl.fit(spots[~test].copy(), cells=fold_cells, genes=genes, scale=scale, **{**ABLATIONS[name], **extra})
                 fit_s[name] = time.perf_counter() - t
+                best[name] = model.history[0]["best_epoch"]
                 held_spots = spots[test].copy()
                 bt.tl.predict(model, held_spots, cells=fold_cells)
                 res[name] = held_spots.obsm[Key.PREDICTED][genes].to_numpy()
@@ -213,7 +216,8 @@ def main() -> None:
                 ok = np.isfinite(pred).all(1)
                 po, pg = metrics(pred[ok], truth[ok])
                 rows.append((scale, name, held, po, pg))
-                print(f"{scale:6} {name:18} {held:8} {po:11.3f} {pg:9.3f} {fit_s.get(name, 0):7.1f}", flush=True)
+                line = f"{scale:6} {name:18} {held:8} {po:11.3f} {pg:9.3f} {fit_s.get(name, 0):7.1f} {best.get(name, '-'):>5}"
+                print(line, flush=True)
     print("\nMean over held-out sections")
     print(f"{'scale':6} {'model':18} {'PCC_overall':>11} {'PCC_gene':>9}")
     for scale in scales:

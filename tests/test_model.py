@@ -72,10 +72,12 @@ def test_positions_are_physical_not_rescaled_per_bag(bags_cells):
     assert not torch.allclose(base, stretched)
 
 
-@pytest.mark.parametrize("readout", ["gene", "shared"])
-def test_gradients_reach_every_parameter(bags_cells, readout):
+@pytest.mark.parametrize(
+    ("readout", "gat_layers", "transformer_layers"), [("gene", 1, 1), ("shared", 1, 1), ("gene", 0, 2), ("gene", 2, 0)]
+)
+def test_gradients_reach_every_parameter(bags_cells, readout, gat_layers, transformer_layers):
     bags, data = bags_cells
-    net = _net(readout=readout).train()
+    net = _net(readout=readout, gat_layers=gat_layers, transformer_layers=transformer_layers).train()
     batch = collate(bags[:6], data)
     y, att = net(batch)
     loss = (y**2).mean() + cluster_loss(att, y, batch.pooled_bag, batch.phenotype[batch.pool])

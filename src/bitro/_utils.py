@@ -73,3 +73,23 @@ def pixel_size(sdata: SpatialData, image_key: str, coordinate_system: str | None
     to_px = transforms[coordinate_system].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
     # um per pixel of the pixel coordinate system = scale(image->um) / scale(image->pixel cs)
     return float(np.sqrt(abs(np.linalg.det(to_um[:2, :2]))) / np.sqrt(abs(np.linalg.det(to_px[:2, :2]))))
+
+
+def image_offset(image: Any, coordinate_system: str | None = None) -> tuple[float, float]:
+    """Where an image's pixel ``(0, 0)`` lies in its pixel coordinate system, ``(dx, dy)``.
+
+    Non-zero for a translated crop (e.g. from :func:`spatialdata.bounding_box_query`); ``(0, 0)`` for any
+    transformation other than a translation. ``coordinate_system`` defaults to the image's first pixel one.
+    """
+    from spatialdata.transformations import get_transformation
+
+    transforms = get_transformation(image, get_all=True)
+    if coordinate_system is None:
+        pixel_cs = [cs for cs in transforms if not cs.endswith(Key.MICRONS_SUFFIX)]
+        coordinate_system = pixel_cs[0] if pixel_cs else None
+    if coordinate_system not in transforms:
+        return 0.0, 0.0
+    m = transforms[coordinate_system].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
+    if not np.allclose(m[:2, :2], np.eye(2)):
+        return 0.0, 0.0
+    return float(m[0, 2]), float(m[1, 2])

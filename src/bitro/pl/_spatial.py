@@ -120,9 +120,19 @@ def frame(xy: np.ndarray, pad: np.ndarray | float = 0.0, *, trim: float = 0.0) -
 
 
 def image_key(sdata: SpatialData, sample: str | None) -> str | None:
-    """The H&E image of the section: ``"{sample}_image"``, else the only image; None when unclear."""
+    """The H&E image of the section; None when unclear.
+
+    ``"{sample}_image"``, else the section's image as :func:`bitro.io.get_sections` finds it, else the only image.
+    """
     if sample is not None and Key.image(sample) in sdata.images:
         return Key.image(sample)
+    if sample is not None:  # other layouts, e.g. spatialdata-io's "{id}_full_image"
+        from bitro.io import get_sections
+
+        try:
+            return get_sections(sdata, samples=[sample])[0].image_key
+        except (KeyError, ValueError, IndexError):
+            pass
     if len(sdata.images) == 1:
         return next(iter(sdata.images))
     logger.warning("No image %r in the SpatialData; plotting without the H&E.", Key.image(str(sample)))
@@ -154,31 +164,13 @@ def image_crop(image, box: tuple[float, float, float, float], image_size: int) -
     return rgb, extent
 
 
-def image_offset(image) -> tuple[float, float]:
-    """Where the image's pixel ``(0, 0)`` lies in its section's pixels, ``(dx, dy)``.
-
-    Non-zero for a translated crop (e.g. from :func:`spatialdata.bounding_box_query`); ``(0, 0)`` for any other
-    transformation.
-    """
-    from spatialdata.transformations import get_transformation
-
-    transforms = get_transformation(image, get_all=True)
-    pixel_cs = [cs for cs in transforms if not cs.endswith(Key.MICRONS_SUFFIX)]
-    if not pixel_cs:
-        return 0.0, 0.0
-    m = transforms[pixel_cs[0]].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
-    if not np.allclose(m[:2, :2], np.eye(2)):
-        return 0.0, 0.0
-    return float(m[0, 2]), float(m[1, 2])
-
-
 def draw_tissue(ax: Axes, t: Tissue, box: tuple[float, float, float, float], *, image_size: int) -> None:
     """The H&E (when there is one) under ``box``, frameless axes in section pixels, y pointing down, scale bar."""
     px = None
     if t.sdata is not None:
         key = image_key(t.sdata, t.sample)
         if key is not None:
-            from bitro._utils import pixel_size
+            from bitro._utils import image_offset, pixel_size
 
             dx, dy = image_offset(t.sdata.images[key])
             x0, x1, y0, y1 = box

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from bitro._constants import Key
 from bitro._settings import settings
-from bitro._utils import check_key, scale0
+from bitro._utils import check_key, image_offset, scale0
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -74,7 +74,8 @@ def colour_statistics(
         if (found < 0).any():
             msg = f"Spots {list(spot_ids[rows][found < 0][:5])} of table {table_key!r} are not in {section.spots_key!r}."
             raise ValueError(msg)
-        xs, ys = circles.geometry.x.to_numpy()[found], circles.geometry.y.to_numpy()[found]
+        dx, dy = image_offset(sdata.images[section.image_key], section.coordinate_system)  # a cropped image
+        xs, ys = circles.geometry.x.to_numpy()[found] - dx, circles.geometry.y.to_numpy()[found] - dy
         radii = circles["radius"].to_numpy()[found]
         for row, x, y, r in zip(rows, xs, ys, radii, strict=True):
             x0, y0 = max(int(x - r), 0), max(int(y - r), 0)
