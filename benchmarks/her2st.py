@@ -16,7 +16,7 @@ are left out. Cell features: the weight-free "handcrafted" encoder and the bundl
 training sections' cells only. Early stopping holds out one training section; the held-out section is
 never looked at during training.
 
-Segmentation and raw cell features are cached in ``benchmarks/_cache/`` (first run: about 15 min on 2
+Segmentation and raw cell features are cached in ``benchmarks/_cache/`` (first run: about 30 min on 2 busy
 cores). Run from the repository root::
 
     python benchmarks/her2st.py            # default model + baselines on both scales, ablations on cp10k

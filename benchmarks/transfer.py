@@ -73,6 +73,13 @@ def main() -> None:
     b_truth = to_scale(dense(bulk.X), "cp10k")[:, gi]
     is_block = (bulk.obs[Key.BLOCK] != "section").to_numpy()
     fit_kw = {"genes": genes, "epochs": args.epochs}
+    # rows whose bag has cells: every model is scored on these (the held-out section's spots / blocks with cells)
+    with_cells = set(zip(cells.obs[Key.SAMPLE].astype(str), cells.obs[Key.SPOT_ID].astype(str), strict=True))
+    s_ok = np.array([k in with_cells for k in zip(s_sample, spots.obs[Key.SPOT_ID].astype(str), strict=True)])
+    b_ok = np.array([
+        not ids or any((s, i) in with_cells for i in ids.split(Key.SPOT_IDS_SEP))
+        for s, ids in zip(b_sample, bulk.obs[Key.SPOT_IDS].astype(str), strict=True)
+    ])
     print(
         f"{spots.n_obs} spots, {bulk.n_obs} pseudo-bulk rows ({int(is_block.sum())} blocks of <= {args.block}x{args.block} "
         f"spots + {int((~is_block).sum())} sections), {cells.n_obs} cells, {len(genes)} genes, epochs <= {args.epochs} "
@@ -99,14 +106,16 @@ def main() -> None:
         s_train, b_train = spots[~s_test].copy(), bulk[~b_test].copy()
 
         def score_spot(name, pred, sec, share, held=held, s_test=s_test):
-            po, pg = pcc_overall(pred, s_truth[s_test]), pcc_gene(pred, s_truth[s_test])
+            ok = s_ok[s_test]  # spots with cells (the others have no prediction)
+            po, pg = pcc_overall(pred[ok], s_truth[s_test][ok]), pcc_gene(pred[ok], s_truth[s_test][ok])
             spot_rows.append((name, held, po, pg))
             print(f"{'spot':5} {name:22} {held:8} {po:11.3f} {pg:9.3f} {'':>7} {sec:8.1f} {share:9.1f}", flush=True)
 
         def score_bulk(name, pred, sec, share, held=held, b_test=b_test):
-            truth = b_truth[b_test]
+            ok = b_ok[b_test]
+            pred, truth = pred[ok], b_truth[b_test][ok]
             po, js = pcc_overall(pred, truth), js_divergence(np.expm1(np.clip(pred, 0, None)), np.expm1(truth))
-            blk = is_block[b_test]
+            blk = is_block[b_test][ok]
             pg = pcc_gene(pred[blk], truth[blk])
             bulk_rows.append((name, held, po, pg, js))
             print(f"{'bulk':5} {name:22} {held:8} {po:11.3f} {pg:9.3f} {js:7.4f} {sec:8.1f} {share:9.1f}", flush=True)

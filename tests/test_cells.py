@@ -224,6 +224,11 @@ def test_several_sections():
     assert set(cells.uns[Key.UNS][Key.PIXEL_SIZE]) == {"a", "b"}
     one = bt.pp.extract_cells(sdata, image_key="b_image", shapes_key="b_cells", key_added="b_only")
     assert set(one.obs[Key.SAMPLE]) == {"b"}
+    # images given per sample, e.g. stain-normalised copies named otherwise
+    sdata.images["b_image_copy"] = sdata.images["b_image"]
+    copy = bt.pp.extract_cells(sdata, image_key={"b": "b_image_copy"}, key_added="b_copy", reference=one)
+    np.testing.assert_array_equal(copy.obsm[Key.FEATURES], one.obsm[Key.FEATURES])
+    assert copy.uns[Key.UNS]["extract_cells"]["image_key"] == {"b": "b_image_copy"}
 
 
 def test_zero_cells_gives_an_empty_valid_table():

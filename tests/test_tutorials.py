@@ -31,7 +31,9 @@ def _kernel_manager(tmp: Path):
         "language": "python",
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
-    return KernelManager(kernel_name="bitro-test", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(tmp / "kernels")]))
+    return KernelManager(
+        kernel_name="bitro-test", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(tmp / "kernels")])
+    )
 
 
 def test_every_tutorial_is_listed():
@@ -66,8 +68,6 @@ def test_tutorial_runs(name, tmp_path, monkeypatch):
     nb = nbformat.read(TUTORIALS / name, as_version=4)
     work = tmp_path / "work"
     work.mkdir()
-    client = NotebookClient(
-        nb, km=_kernel_manager(tmp_path), timeout=600, resources={"metadata": {"path": str(work)}}
-    )
+    client = NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=600, resources={"metadata": {"path": str(work)}})
     client.execute()  # raises CellExecutionError, naming the cell, on any error
     assert _snapshot(TUTORIALS) == before, "running a tutorial must not write into tutorials/"

