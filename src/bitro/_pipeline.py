@@ -43,13 +43,13 @@ def cell_table(
     """Stain normalisation, nucleus segmentation, cell features, phenotypes and the cell graph, in place."""
     import bitro as bt
 
-    sections = bt.io.get_sections(sdata)
-    image_keys = {s.sample: s.image_key for s in sections}
+    # Nuclei are segmented on the original images (the haematoxylin threshold is fitted per section);
+    # the cell features are read from the stain-normalised images, so that they compare across sections.
+    image_keys = {s.sample: s.image_key for s in bt.io.get_sections(sdata)}
+    bt.pp.segment_nuclei(sdata, image_key=image_keys, n_jobs=n_jobs)
     if stain is not None:
         bt.pp.normalize_stain(sdata, method=stain)
-        image_keys = {s: f"{k}_normalized" for s, k in image_keys.items()}
-    for sample, image_key in image_keys.items():
-        bt.pp.segment_nuclei(sdata, image_key=image_key, key_added=Key.cells(sample), n_jobs=n_jobs)
+        image_keys = {s: Key.normalized(k) for s, k in image_keys.items()}
     cells = bt.pp.extract_cells(sdata, image_key=image_keys, encoder=encoder, n_jobs=n_jobs)
     bt.pp.phenotypes(cells, n_clusters=n_clusters)
     bt.pp.spatial_graph(cells, n_neighs=n_neighs)
