@@ -49,24 +49,10 @@ ABLATIONS = {
 
 
 # -- cache -------------------------------------------------------------------------------------------------
-def colour_stats(crop: np.ndarray) -> np.ndarray:
-    """Colour statistics of an RGB crop (pixels inside the spot circle)."""
-    from skimage.color import rgb2hsv
-
-    rgb = crop.reshape(-1, 3).astype(np.float64) / 255.0
-    hsv = rgb2hsv(rgb.reshape(-1, 1, 3)).reshape(-1, 3)
-    od = -np.log(np.clip(rgb, 1 / 255, 1))
-    out = []
-    for v in (rgb, hsv, od):
-        out += [v.mean(0), v.std(0), *np.percentile(v, [10, 50, 90], axis=0)]
-    return np.concatenate(out)
-
-
 def build_cache(section: str) -> Path:
     """Segment one section, extract raw cell features with every encoder, and spot colour statistics."""
     import bitro as bt
     from bitro._constants import Key
-    from bitro._utils import scale0
 
     file = CACHE / f"her2st_{section}.npz"
     if file.is_file():
@@ -84,16 +70,8 @@ def build_cache(section: str) -> Path:
         out["spot_id"] = np.asarray(spot.astype(object).where(spot.notna(), "").astype(str), dtype=str)
         out["pixel_size"] = np.array(cells.uns[Key.UNS]["pixel_size"][section])
     spots = sdata[Key.SPOTS_TABLE]
-    image = scale0(sdata.images[Key.image(section)])
-    radius = sdata.shapes[Key.spots(section)]["radius"].reindex(spots.obs[Key.SPOT_ID]).to_numpy()
-    stats = []
-    for (x, y), r in zip(np.asarray(spots.obsm[Key.SPATIAL]), radius, strict=True):
-        x0, y0, ri = int(x - r), int(y - r), int(np.ceil(2 * r))
-        crop = image.isel(y=slice(max(y0, 0), y0 + ri), x=slice(max(x0, 0), x0 + ri)).transpose("y", "x", "c").values
-        yy, xx = np.mgrid[: crop.shape[0], : crop.shape[1]]
-        inside = (xx + max(x0, 0) + 0.5 - x) ** 2 + (yy + max(y0, 0) + 0.5 - y) ** 2 <= r**2
-        stats.append(colour_stats(crop[inside]))
-    out["colour"] = np.stack(stats)
+    stats = bt.tl.colour_statistics(sdata)
+    out["colour"] = stats
     out["colour_spot_id"] = np.asarray(spots.obs[Key.SPOT_ID].astype(str), dtype=str)
     np.savez_compressed(file, **out)
     print(f"cached {section}: {len(out['xy'])} cells in {time.perf_counter() - t:.0f} s", flush=True)
