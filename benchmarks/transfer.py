@@ -51,12 +51,12 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
+    from her2st import SECTIONS, build_cache, fold_features, load_all
 
     import bitro as bt
     from bitro._constants import Key
     from bitro.tl._metrics import js_divergence, pcc_gene, pcc_overall
     from bitro.tl._targets import dense, to_scale
-    from her2st import SECTIONS, build_cache, fold_features, load_all
 
     torch.set_num_threads(args.threads)
     bt.settings.progress = False

@@ -87,7 +87,9 @@ def _is_circles(gdf) -> bool:
 
 
 def _is_downscaled_copy(sdata: SpatialData, key: str) -> bool:
-    """Whether ``key`` maps by a non-identity (scaling) transformation into a coordinate system whose
+    """Whether ``key`` is a downscaled copy of another image.
+
+    That is, it maps by a non-identity (scaling) transformation into a coordinate system whose
     identity image is larger.
 
     spatialdata-io's ``"{id}_hires_image"`` and ``"{id}_lowres_image"`` are such copies of
@@ -105,8 +107,11 @@ def _is_downscaled_copy(sdata: SpatialData, key: str) -> bool:
 
 
 def _section_images(sdata: SpatialData) -> list[str]:
-    """The H&E image of every section: the images named ``"*_image"`` (bitro and spatialdata-io name them so),
-    else the largest identity image of each pixel coordinate system; downscaled copies are left out."""
+    """The H&E image of every section.
+
+    The images named ``"*_image"`` (bitro and spatialdata-io name them so), else the largest identity
+    image of each pixel coordinate system; downscaled copies are left out.
+    """
     keys = [k for k in sdata.images if k.endswith(Key.IMAGE_SUFFIX)]
     if not keys:
         best: dict[str, tuple[int, str]] = {}
@@ -119,8 +124,11 @@ def _section_images(sdata: SpatialData) -> list[str]:
 
 
 def _sample_name(image_key: str, coordinate_system: str, systems: list[str]) -> str:
-    """Section id: ``"{s}"`` for bitro's ``"{s}_image"`` in coordinate system ``"{s}"``; else the coordinate
-    system (spatialdata-io names it after the dataset), unless that is the generic ``"global"``."""
+    """Section id of an image.
+
+    ``"{s}"`` for bitro's ``"{s}_image"`` in coordinate system ``"{s}"``; else the coordinate system
+    (spatialdata-io names it after the dataset), unless that is the generic ``"global"``.
+    """
     prefix = image_key.removesuffix(Key.IMAGE_SUFFIX)
     if prefix in systems or coordinate_system == "global":
         return prefix
@@ -263,7 +271,7 @@ def set_pixel_size(
         raise ValueError(msg)
     from spatialdata.models import get_axes_names
 
-    for _, name, element in sdata.gen_spatial_elements():
+    for _, _, element in sdata.gen_spatial_elements():
         transforms = get_transformation(element, get_all=True)
         if cs in transforms:
             # images: name the channel axis as zarr stores it, so that a written object reads back identical

@@ -1,5 +1,7 @@
-"""Transfer learning between the bulk and spot levels: :func:`transfer`, the fine-tuned :class:`TransferredModel`
-(LoRA adapters kept apart from the base, mergeable) and :func:`load_adapters`.
+"""Transfer learning between the bulk and spot levels.
+
+:func:`transfer`, the fine-tuned :class:`TransferredModel` (LoRA adapters kept apart from the base,
+mergeable) and :func:`load_adapters`.
 
 :mod:`peft` (which imports transformers, ~5 s) is imported only inside these functions.
 """
