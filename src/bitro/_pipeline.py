@@ -100,7 +100,8 @@ def demo(
     cells, spots = sdata[Key.CELLS_TABLE], sdata[Key.SPOTS_TABLE]
     logger.info("Cell table: %d cells in %.0f s.", cells.n_obs, time.perf_counter() - t0)
 
-    genes = bt.datasets.her2st_genes()
+    # the 785 genes of Hist2ST/BiTro, plus the demo's marker genes (ERBB2, EPCAM are not among them)
+    genes = list(dict.fromkeys([*bt.datasets.her2st_genes(), *DEMO_GENES]))
     train = spots[spots.obs[Key.SAMPLE] != test_sample].copy()
     test = spots[spots.obs[Key.SAMPLE] == test_sample].copy()
     model = bt.tl.fit(train, target="spot", cells=cells, genes=genes, epochs=epochs)
