@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="Run the whole pipeline on the bundled HER2ST sections.")
     d.add_argument("--out", default="bitro_demo", help="Output folder (default: bitro_demo).")
     d.add_argument("--test-sample", default="C3", help="Section held out for testing (default: C3).")
-    d.add_argument("--epochs", type=int, default=60, help="Maximum training epochs (default: 60).")
+    d.add_argument("--epochs", type=int, default=20, help="Maximum training epochs (default: 20).")
     d.add_argument("--n-jobs", type=int, default=None, help="Local processes for image work.")
     d.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
 

@@ -61,7 +61,7 @@ def demo(
     test_sample: str = "C3",
     samples: Sequence[str] | None = None,
     overwrite: bool = False,
-    epochs: int = 60,
+    epochs: int = 20,
     n_jobs: int | None = None,
 ) -> pd.DataFrame:
     """Run the whole pipeline on the bundled HER2ST sections and write the results to ``out``.
@@ -79,8 +79,10 @@ def demo(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import pandas as pd
 
     import bitro as bt
+    from bitro.tl._baselines import add_baselines
 
     out = check_output_dir(out, overwrite=overwrite)
     sdata = bt.datasets.her2st(samples)
@@ -101,27 +103,36 @@ def demo(
     logger.info("Cell table: %d cells in %.0f s.", cells.n_obs, time.perf_counter() - t0)
 
     # the 785 genes of Hist2ST/BiTro, plus the demo's marker genes (ERBB2, EPCAM are not among them)
-    genes = list(dict.fromkeys([*bt.datasets.her2st_genes(), *DEMO_GENES]))
-    train = spots[spots.obs[Key.SAMPLE] != test_sample].copy()
-    test = spots[spots.obs[Key.SAMPLE] == test_sample].copy()
-    model = bt.tl.fit(train, target="spot", cells=cells, genes=genes, epochs=epochs)
+    genes = [g for g in dict.fromkeys([*bt.datasets.her2st_genes(), *DEMO_GENES]) if g in spots.var_names]
+    held_out = (spots.obs[Key.SAMPLE] == test_sample).to_numpy()
+    model = bt.tl.fit(spots[~held_out].copy(), target="spot", cells=cells, genes=genes, epochs=epochs)
     model.save(out / "model")
-    bt.tl.predict(model, test, cells=cells)
-    metrics = bt.tl.evaluate(test)
-    metrics.to_csv(out / "metrics.csv")
-
-    test_sdata_table = test
-    sdata.tables["test_predictions"] = test_sdata_table
+    # predictions for every section (written into sdata["spots"]); only the held-out one is scored
+    bt.tl.predict(model, spots, cells=cells)
+    bt.tl.colour_statistics(sdata)
+    test = spots[held_out].copy()
+    add_baselines(spots[~held_out].copy(), test, genes=model.genes, scale=model.scale)
+    metrics = pd.concat(
+        [
+            bt.tl.evaluate(test, layer=layer, scale=model.scale, groupby=None, key_added=f"{layer}_eval").assign(
+                method=method, held_out=test_sample
+            )
+            for method, layer in (("bitro", Key.PREDICTED), ("mean", Key.BASELINE_MEAN), ("ridge", Key.BASELINE_RIDGE))
+        ],
+        ignore_index=True,
+    )
+    metrics = metrics[["held_out", "method", *[c for c in metrics.columns if c not in ("held_out", "method")]]]
+    metrics.to_csv(out / "metrics.csv", index=False)
     bt.io.write_zarr(sdata, out / "sdata.zarr", overwrite=overwrite)
 
     for gene in DEMO_GENES:
         if gene in model.genes:
-            bt.pl.expression(sdata, gene, sample=test_sample, table_key="test_predictions")
+            bt.pl.expression(sdata, gene, sample=test_sample, cells=True)
             plt.savefig(out / f"expression_{gene}.png", dpi=120, bbox_inches="tight")
             plt.close("all")
     bt.pl.phenotypes(sdata, sample=test_sample)
     plt.savefig(out / "phenotypes.png", dpi=120, bbox_inches="tight")
-    bt.pl.metrics(test)
+    bt.pl.metrics(test, key=f"{Key.PREDICTED}_eval")
     plt.savefig(out / "metrics.png", dpi=120, bbox_inches="tight")
     bt.pl.training(model)
     plt.savefig(out / "training.png", dpi=120, bbox_inches="tight")

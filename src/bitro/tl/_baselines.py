@@ -19,6 +19,7 @@ from bitro._settings import settings
 from bitro._utils import check_key, image_offset, scale0
 
 if TYPE_CHECKING:
+    from anndata import AnnData
     from spatialdata import SpatialData
 
 
@@ -95,3 +96,23 @@ def ridge_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) 
 
     model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-1, 4, 11)))
     return model.fit(x_train, y_train).predict(x_test)
+
+
+def add_baselines(train: AnnData, test: AnnData, *, genes: list[str], scale: str) -> None:
+    """Write the baselines' predictions for ``test`` into its layers, fitted on ``train``.
+
+    ``.layers["bitro_baseline_mean"]`` (the training-mean profile) and, when both tables have
+    ``.obsm["bitro_colour"]`` (:func:`colour_statistics`), ``.layers["bitro_baseline_ridge"]``;
+    on ``scale`` (``"cp10k"`` or ``"log1p"`` of the raw counts in ``.X``), for ``genes``, NaN elsewhere.
+    """
+    from bitro.tl._targets import dense, to_scale
+
+    cols = test.var_names.get_indexer(genes)
+    train_y = to_scale(dense(train.X), scale)[:, train.var_names.get_indexer(genes)]
+    preds = {Key.BASELINE_MEAN: np.broadcast_to(train_y.mean(0), (test.n_obs, len(genes)))}
+    if Key.COLOUR_STATS in train.obsm and Key.COLOUR_STATS in test.obsm:
+        preds[Key.BASELINE_RIDGE] = ridge_predict(train.obsm[Key.COLOUR_STATS], train_y, test.obsm[Key.COLOUR_STATS])
+    for key, pred in preds.items():
+        layer = np.full(test.shape, np.nan, dtype=np.float32)
+        layer[:, cols] = pred
+        test.layers[key] = layer

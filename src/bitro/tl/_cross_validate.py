@@ -102,11 +102,11 @@ def cross_validate(
     """
     from anndata import AnnData
 
-    from bitro.tl._baselines import colour_statistics, ridge_predict
+    from bitro.tl._baselines import add_baselines, colour_statistics
     from bitro.tl._evaluate import evaluate
     from bitro.tl._fit import fit
     from bitro.tl._predict import predict
-    from bitro.tl._targets import check_scale, dense, to_scale
+    from bitro.tl._targets import check_scale
 
     check_scale(scale)
     if isinstance(data, AnnData):
@@ -162,20 +162,10 @@ def cross_validate(
         )
         model = fit(train, target="spot", cells=fold_cells, genes=genes, scale=scale, seed=seed, **fit_kwargs)
         predict(model, test, cells=fold_cells)
-        layers = [Key.PREDICTED]
         if baselines:
-            cols = test.var_names.get_indexer(model.genes)
-            train_y = to_scale(dense(train.X), scale)[:, train.var_names.get_indexer(model.genes)]
-            for key, pred in (
-                (Key.BASELINE_MEAN, np.broadcast_to(train_y.mean(0), (test.n_obs, len(cols)))),
-                (Key.BASELINE_RIDGE, ridge_predict(train.obsm[Key.COLOUR_STATS], train_y, test.obsm[Key.COLOUR_STATS])),
-            ):
-                layer = np.full(test.shape, np.nan, dtype=np.float32)
-                layer[:, cols] = pred
-                test.layers[key] = layer
-                layers.append(key)
+            add_baselines(train, test, genes=model.genes, scale=scale)
         for method, layer in _METHOD_LAYERS.items():
-            if layer in layers:
+            if layer in test.layers:
                 score = evaluate(test, layer=layer, scale=scale, groupby=None, key_added=f"{layer}_eval")
                 rows.append({"held_out": held_out, "method": method, **score.iloc[0].to_dict()})
         logger.info(
