@@ -123,7 +123,9 @@ def demo(
     )
     metrics = metrics[["held_out", "method", *[c for c in metrics.columns if c not in ("held_out", "method")]]]
     metrics.to_csv(out / "metrics.csv", index=False)
-    bt.io.write_zarr(sdata, out / "sdata.zarr", overwrite=overwrite)
+    # the stain-normalised images are lazy views that can be recomputed: not written
+    keep = [name for _, name, _ in sdata.gen_elements() if not name.endswith(Key.NORMALIZED_SUFFIX)]
+    bt.io.write_zarr(sdata.subset(keep, filter_tables=False), out / "sdata.zarr", overwrite=overwrite)
 
     for gene in DEMO_GENES:
         if gene in model.genes:
