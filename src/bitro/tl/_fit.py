@@ -62,6 +62,13 @@ def resolve_tables(target: str, adata: AnnData | SpatialData, cells: AnnData | N
     return adata, cells
 
 
+def check_validation(v: Any) -> None:
+    """Check the ``validation`` argument of :func:`fit` and :func:`bitro.tl.transfer`."""
+    if not (v is None or v == "sample" or (isinstance(v, float) and 0 < v < 1)):
+        msg = f"validation={v!r}: use 'sample' (hold out training samples), a fraction in (0, 1) of the bags, or None."
+        raise ValueError(msg)
+
+
 def _check_params(**p: Any) -> None:
     if p["target"] not in TARGETS:
         msg = f"target={p['target']!r} is not supported; use one of {TARGETS}."
@@ -72,10 +79,7 @@ def _check_params(**p: Any) -> None:
     if p["readout"] not in READOUTS:
         msg = f"readout={p['readout']!r} is not supported; use one of {READOUTS}."
         raise ValueError(msg)
-    v = p["validation"]
-    if not (v is None or v == "sample" or (isinstance(v, float) and 0 < v < 1)):
-        msg = f"validation={v!r}: use 'sample' (hold out training samples), a fraction in (0, 1) of the bags, or None."
-        raise ValueError(msg)
+    check_validation(p["validation"])
     for name in ("epochs", "batch_size", "n_seeds", "dim", "chunk_size", "max_cells", "n_top_genes"):
         if int(p[name]) < 1:
             msg = f"{name} must be a positive integer, got {p[name]!r}."

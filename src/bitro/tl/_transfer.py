@@ -19,7 +19,7 @@ from anndata import AnnData
 
 from bitro._constants import Key
 from bitro._logging import logger
-from bitro.tl._fit import TARGETS, resolve_device, resolve_tables
+from bitro.tl._fit import TARGETS, check_validation, resolve_device, resolve_tables
 from bitro.tl._persist import FORMAT_VERSION, BitroModel, read_weights
 from bitro.tl._targets import ZScore, check_counts, dense, select_genes, to_scale
 
@@ -320,10 +320,7 @@ def _check_params(p: dict[str, Any]) -> None:
         if not 0 <= p[name] < 1:
             msg = f"{name} must be in [0, 1), got {p[name]!r}."
             raise ValueError(msg)
-    v = p["validation"]
-    if not (v is None or v == "sample" or (isinstance(v, float) and 0 < v < 1)):
-        msg = f"validation={v!r}: use 'sample' (hold out training samples), a fraction in (0, 1) of the bags, or None."
-        raise ValueError(msg)
+    check_validation(p["validation"])
 
 
 def _check_target_table(table: AnnData, target: str) -> None:
