@@ -148,7 +148,9 @@ def synthetic_table(sizes: list[int], repeats: int, tmp: Path) -> None:
     import bitro as bt
 
     bt.settings.progress = False
-    print(f"\n## Synthetic slides of growing area (zarr-backed, handcrafted; median of {repeats}; ratios vs the first)\n")
+    print(
+        f"\n## Synthetic slides of growing area (zarr-backed, handcrafted; median of {repeats}; ratios vs the first)\n"
+    )
     print(
         "| size px | Mpx | cells | wall s | CPU s | seg s | features s | peak RSS GB | wall ratio | CPU ratio | RSS ratio |"
     )

@@ -143,7 +143,9 @@ def main() -> None:
     p.add_argument("--sections", nargs="*", default=list(SECTIONS))
     p.add_argument("--held-out", nargs="*", default=None, help="folds to run (default: every section)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--set", nargs="*", default=[], help="fit parameters for every bitro row, e.g. epochs=30 validation=None")
+    p.add_argument(
+        "--set", nargs="*", default=[], help="fit parameters for every bitro row, e.g. epochs=30 validation=None"
+    )
     args = p.parse_args()
 
     import torch
@@ -177,14 +179,18 @@ def main() -> None:
             truth = truth_all[test]
             res = {"mean": np.broadcast_to(truth_all[~test].mean(0), truth.shape)}
             colour = StandardScaler().fit(spots.obsm["colour"][~test])
-            ridge = RidgeCV(alphas=np.logspace(-1, 4, 11)).fit(colour.transform(spots.obsm["colour"][~test]), truth_all[~test])
+            ridge = RidgeCV(alphas=np.logspace(-1, 4, 11)).fit(
+                colour.transform(spots.obsm["colour"][~test]), truth_all[~test]
+            )
             res["ridge"] = ridge.predict(colour.transform(spots.obsm["colour"][test]))
             fit_s, best = {}, {}
             for name in configs:
                 if scale != "cp10k" and name != "bitro" and not args.full:
                     continue
                 t = time.perf_counter()
-                model = bt.tl.fit(spots[~test].copy(), cells=fold_cells, genes=genes, scale=scale, **{**ABLATIONS[name], **extra})
+                model = bt.tl.fit(
+                    spots[~test].copy(), cells=fold_cells, genes=genes, scale=scale, **{**ABLATIONS[name], **extra}
+                )
                 fit_s[name] = time.perf_counter() - t
                 best[name] = model.history[0]["best_epoch"]
                 held_spots = spots[test].copy()
@@ -204,7 +210,9 @@ def main() -> None:
             if sel:
                 print(f"{scale:6} {name:18} {np.mean([r[3] for r in sel]):11.3f} {np.mean([r[4] for r in sel]):9.3f}")
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    print(f"\nwall time {time.perf_counter() - t0:.0f} s (features cached; {time.perf_counter() - t_all:.0f} s in all), peak RSS {peak_gb:.2f} GB")
+    print(
+        f"\nwall time {time.perf_counter() - t0:.0f} s (features cached; {time.perf_counter() - t_all:.0f} s in all), peak RSS {peak_gb:.2f} GB"
+    )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", nargs="*", default=["B4", "C2", "C3", "C4"], help="held-out sections (folds)")
     p.add_argument(
-        "--methods", nargs="*", default=["lora"], help="transfer methods: lora, full, lora:new (train only new genes' heads)"
+        "--methods",
+        nargs="*",
+        default=["lora"],
+        help="transfer methods: lora, full, lora:new (train only new genes' heads)",
     )
     p.add_argument("--epochs", type=int, default=40, help="most epochs of every fit and fine-tuning (early stopping)")
     p.add_argument("--ft-epochs", type=int, default=None, help="most epochs of fine-tuning (default: --epochs)")
@@ -76,10 +79,12 @@ def main() -> None:
     # rows whose bag has cells: every model is scored on these (the held-out section's spots / blocks with cells)
     with_cells = set(zip(cells.obs[Key.SAMPLE].astype(str), cells.obs[Key.SPOT_ID].astype(str), strict=True))
     s_ok = np.array([k in with_cells for k in zip(s_sample, spots.obs[Key.SPOT_ID].astype(str), strict=True)])
-    b_ok = np.array([
-        not ids or any((s, i) in with_cells for i in ids.split(Key.SPOT_IDS_SEP))
-        for s, ids in zip(b_sample, bulk.obs[Key.SPOT_IDS].astype(str), strict=True)
-    ])
+    b_ok = np.array(
+        [
+            not ids or any((s, i) in with_cells for i in ids.split(Key.SPOT_IDS_SEP))
+            for s, ids in zip(b_sample, bulk.obs[Key.SPOT_IDS].astype(str), strict=True)
+        ]
+    )
     print(
         f"{spots.n_obs} spots, {bulk.n_obs} pseudo-bulk rows ({int(is_block.sum())} blocks of <= {args.block}x{args.block} "
         f"spots + {int((~is_block).sum())} sections), {cells.n_obs} cells, {len(genes)} genes, epochs <= {args.epochs} "
@@ -128,7 +133,12 @@ def main() -> None:
         score_bulk("bulk only", predict(bulk_model, bulk, b_test, fold_cells), t_bulk, 100.0)
         for method in args.methods:
             m, _, train_genes = method.partition(":")
-            kw = {"method": m, "train_genes": train_genes or "all", "rank": args.rank, "epochs": args.ft_epochs or args.epochs}
+            kw = {
+                "method": m,
+                "train_genes": train_genes or "all",
+                "rank": args.rank,
+                "epochs": args.ft_epochs or args.epochs,
+            }
             tuned, t_ft = timed(bt.tl.transfer, model=bulk_model, adata=s_train, target="spot", cells=fold_cells, **kw)
             info = tuned.config["transfer"]
             share = 100 * info["n_trained"] / info["n_parameters"]
@@ -149,13 +159,19 @@ def main() -> None:
     print(f"{'model':24} {'PCC_overall':>11} {'PCC_gene':>9} {'JS':>7}")
     for name in dict.fromkeys(r[0] for r in bulk_rows):
         sel = [r for r in bulk_rows if r[0] == name]
-        print(f"{name:24} {np.mean([r[2] for r in sel]):11.3f} {np.mean([r[3] for r in sel]):9.3f} {np.mean([r[4] for r in sel]):7.4f}")
+        print(
+            f"{name:24} {np.mean([r[2] for r in sel]):11.3f} {np.mean([r[3] for r in sel]):9.3f} {np.mean([r[4] for r in sel]):7.4f}"
+        )
     print("\nFine-tuning cost vs training from scratch on the same data (median over folds)")
-    print(f"{'direction':14} {'method':8} {'fine-tune s':>11} {'scratch s':>10} {'ratio':>6} {'trained':>9} {'of':>8} {'share %':>8}")
+    print(
+        f"{'direction':14} {'method':8} {'fine-tune s':>11} {'scratch s':>10} {'ratio':>6} {'trained':>9} {'of':>8} {'share %':>8}"
+    )
     for direction, method in dict.fromkeys((c[0], c[1]) for c in cost):
         sel = [c for c in cost if c[0] == direction and c[1] == method]
         ft, sc = np.median([c[3] for c in sel]), np.median([c[4] for c in sel])
-        print(f"{direction:14} {method:8} {ft:11.1f} {sc:10.1f} {ft / sc:6.2f} {sel[0][6]:9d} {sel[0][7]:8d} {sel[0][5]:8.1f}")
+        print(
+            f"{direction:14} {method:8} {ft:11.1f} {sc:10.1f} {ft / sc:6.2f} {sel[0][6]:9d} {sel[0][7]:8d} {sel[0][5]:8.1f}"
+        )
     print(f"\nwall time {time.perf_counter() - t_all:.0f} s")
 
 

@@ -188,3 +188,50 @@ def test_synthetic_held_out_slide():
     held = (pseudo.notna().all(axis=1) & (cells.obs["sample"] == "synth2")).to_numpy()
     true_cells = dense(sdata["truth"][cells.obs_names[held], pred.columns].X)
     assert np.nanmean(pcc_per_gene(pseudo.to_numpy()[held], true_cells)) > 0.1
+
+
+def test_center_samples_removes_sample_means():
+    from bitro.tl._targets import ZScore
+
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(30, 4)) + np.repeat([[0.0], [5.0], [-2.0]], 10, axis=0)
+    groups = np.repeat(["a", "b", "c"], 10)
+    out = ZScore.center_groups(values, groups)
+    for g in "abc":  # every group now has the overall mean profile; the variation within groups is kept
+        np.testing.assert_allclose(out[groups == g].mean(0), values.mean(0))
+        np.testing.assert_allclose(out[groups == g] - out[groups == g].mean(0), values[groups == g] - values[groups == g].mean(0))
+
+
+def test_center_samples_default_and_stored_mean(toy_tl):
+    spots, cells = toy_tl
+    centred = _fit(spots, cells, epochs=1)
+    assert centred.config["training"]["center_samples"] is None  # default: on for spots
+    plain = _fit(spots, cells, epochs=1, center_samples=False)
+    # the stored z-score mean is the overall training mean either way; the spread differs (sample means removed)
+    np.testing.assert_allclose(centred.zscore.mean, plain.zscore.mean, rtol=1e-6)
+    assert (centred.zscore.std <= plain.zscore.std + 1e-9).all()
+
+
+def test_ensemble_members_validate_on_different_samples(toy_tl):
+    spots, cells = toy_tl
+    model = _fit(spots, cells, epochs=1, n_seeds=3)
+    held = [tuple(m["validation_samples"]) for m in model.config["members"]]
+    assert len(set(held)) == 3  # three training samples: each validates one member
+
+
+def test_bag_size_reaches_the_prediction(toy_tl):
+    import torch
+
+    spots, cells = toy_tl
+    model = _fit(spots, cells, epochs=1)
+    net = model.nets[0]
+    assert net.arch.bag_size and net.arch.size_std > 0
+    sizes = np.log1p(cells.obs.groupby(["sample", "spot_id"], observed=True).size().to_numpy())
+    np.testing.assert_allclose(net.arch.size_mean, sizes.mean(), rtol=1e-5)  # standardised on the training bags
+    z = torch.randn(2, len(model.genes), net.arch.dim)
+    with torch.no_grad():
+        one_more = net.readout(z, torch.tensor([2.0, 3.0])) - net.readout(z, torch.tensor([1.0, 2.0]))
+    # one more unit of log cell count moves each gene by its own weight / the training spread
+    np.testing.assert_allclose(one_more, (net.gene_size / net.arch.size_std).detach().expand(2, -1), atol=1e-5)
+    off = _fit(spots, cells, epochs=1, bag_size=False)
+    assert not hasattr(off.nets[0], "gene_size")

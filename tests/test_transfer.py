@@ -13,7 +13,7 @@ pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 TINY = {"dim": 16, "heads": 2, "ff_dim": 32, "max_context": 16, "context_radius": 60.0, "batch_size": 8}
-GENE_PARAMS = ("gene_queries", "gene_weight", "gene_bias")
+GENE_PARAMS = pytest.importorskip("bitro.tl._model").GENE_PARAMS
 
 
 def _with_array(spots):
@@ -33,7 +33,9 @@ def bulk_model(toy):
     """A tiny bulk model (pseudo-bulk blocks + sections), no dropout so train-mode outputs are deterministic."""
     spots, cells = toy
     bulk = bt.tl.pseudobulk(spots, block_size=2)
-    return bt.tl.fit(bulk, target="bulk", cells=cells.copy(), epochs=2, dropout=0.0, genes=[f"G{g}" for g in range(8)], **TINY)
+    return bt.tl.fit(
+        bulk, target="bulk", cells=cells.copy(), epochs=2, dropout=0.0, genes=[f"G{g}" for g in range(8)], **TINY
+    )
 
 
 def _transfer(model, toy, **kw):
@@ -111,7 +113,15 @@ def test_lora_trains_only_adapters_and_head(bulk_model, toy, caplog_bitro):
     net = tuned.nets[0]
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     assert trainable == {n for n in trainable if ".lora_" in n or n in GENE_PARAMS}
-    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable if ".lora_" in n} == {"in_proj", "q", "k", "v", "o", "ff1", "ff2"}
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable if ".lora_" in n} == {
+        "in_proj",
+        "q",
+        "k",
+        "v",
+        "o",
+        "ff1",
+        "ff2",
+    }
     after = _base_state(net)
     for name, t in base.items():
         if name not in GENE_PARAMS:
@@ -140,7 +150,9 @@ def test_gene_carry_over_by_symbol(bulk_model, toy, caplog_bitro):
                 assert torch.equal(net[name][i], src[name][bulk_model.genes.index(g)]), (g, name)
     fresh = bt.tl._transfer.carry_genes(bulk_model.nets[0], bulk_model.genes, genes, seed=0)
     new_rows = [genes.index("G9"), genes.index("G11")]
-    assert not torch.equal(net["gene_queries"][new_rows], fresh.state_dict()["gene_queries"][new_rows])  # new genes trained
+    assert not torch.equal(
+        net["gene_queries"][new_rows], fresh.state_dict()["gene_queries"][new_rows]
+    )  # new genes trained
     z = tuned.zscore  # the target's statistics
     spots, _ = toy
     v = np.log1p(spots.X / spots.X.sum(1, keepdims=True) * 1e4)[:, spots.var_names.get_indexer(genes)]

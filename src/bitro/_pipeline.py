@@ -82,7 +82,7 @@ def demo(
     import pandas as pd
 
     import bitro as bt
-    from bitro.tl._baselines import add_baselines
+    from bitro.tl import add_baselines
 
     out = check_output_dir(out, overwrite=overwrite)
     sdata = bt.datasets.her2st(samples)

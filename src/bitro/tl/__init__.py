@@ -3,7 +3,7 @@
 torch and torch_geometric are imported inside the functions, not here.
 """
 
-from bitro.tl._baselines import colour_statistics
+from bitro.tl._baselines import add_baselines, colour_statistics
 from bitro.tl._cross_validate import cross_validate
 from bitro.tl._evaluate import evaluate
 from bitro.tl._fit import fit
@@ -15,6 +15,7 @@ from bitro.tl._transfer import TransferredModel, load_adapters, transfer
 __all__ = [
     "BitroModel",
     "TransferredModel",
+    "add_baselines",
     "colour_statistics",
     "cross_validate",
     "evaluate",

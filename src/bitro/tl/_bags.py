@@ -98,9 +98,7 @@ def cell_data(cells: AnnData, *, feature_key: str = Key.FEATURES, need_phenotype
     return CellData(features, xy_um, samples, spot_id, ph, adjacency, pixel_size)
 
 
-def spot_bags(
-    spots: AnnData, cells: CellData, *, context_radius: float, max_context: int
-) -> list[list[Seq] | None]:
+def spot_bags(spots: AnnData, cells: CellData, *, context_radius: float, max_context: int) -> list[list[Seq] | None]:
     """One bag per row of the spot table (``None`` for spots that contain no cell).
 
     Spots are matched to cells by ``(.obs["sample"], .obs["spot_id"])`` (the spot table's ``obs_names``
@@ -192,6 +190,11 @@ def bulk_bags(bulk: AnnData, cells: CellData, *, chunk_size: int) -> list[list[S
     return bags
 
 
+def log_cell_count(bag: Sequence[Seq]) -> float:
+    """``log1p`` of the number of pooled cells of a bag (the model's bag-size input)."""
+    return float(np.log1p(sum(s.n_pool for s in bag)))
+
+
 def _drop(seq: Seq, rate: float, rng: np.random.Generator) -> Seq:
     keep = rng.random(len(seq.cells)) >= rate
     keep[: seq.n_pool] |= ~keep[: seq.n_pool].any() & (np.arange(seq.n_pool) == 0)  # keep one pooled cell
@@ -216,6 +219,7 @@ def collate(
     from bitro.tl._model import Batch
 
     seqs, seq_bag = [], []
+    size = np.array([log_cell_count(bag) for bag in bags])
     for b, bag in enumerate(bags):
         chosen = list(bag)
         if rng is not None and max_cells is not None and len(chosen) > 1:
@@ -245,4 +249,5 @@ def collate(
         n_bags=len(bags),
         phenotype=torch.from_numpy(cells.phenotype[idx]),
         cell=torch.from_numpy(idx),
+        size=torch.from_numpy(size.astype(np.float32)),
     )

@@ -9,6 +9,7 @@ A model that does not beat them has learned nothing from morphology.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 from bitro._constants import Key
 from bitro._settings import settings
 from bitro._utils import check_key, image_offset, scale0
+from bitro.tl._targets import Scale, check_scale
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -73,7 +75,9 @@ def colour_statistics(
         rows = np.flatnonzero(samples == sample)
         found = circles.index.astype(str).get_indexer(spot_ids[rows])
         if (found < 0).any():
-            msg = f"Spots {list(spot_ids[rows][found < 0][:5])} of table {table_key!r} are not in {section.spots_key!r}."
+            msg = (
+                f"Spots {list(spot_ids[rows][found < 0][:5])} of table {table_key!r} are not in {section.spots_key!r}."
+            )
             raise ValueError(msg)
         dx, dy = image_offset(sdata.images[section.image_key], section.coordinate_system)  # a cropped image
         xs, ys = circles.geometry.x.to_numpy()[found] - dx, circles.geometry.y.to_numpy()[found] - dy
@@ -98,20 +102,91 @@ def ridge_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) 
     return model.fit(x_train, y_train).predict(x_test)
 
 
-def add_baselines(train: AnnData, test: AnnData, *, genes: list[str], scale: str) -> None:
-    """Write the baselines' predictions for ``test`` into its layers, fitted on ``train``.
+def add_baselines(train: AnnData, test: AnnData, *, genes: Sequence[str], scale: Scale) -> None:
+    """Predict ``test`` with the two trivial baselines, fitted on ``train``.
 
-    ``.layers["bitro_baseline_mean"]`` (the training-mean profile) and, when both tables have
-    ``.obsm["bitro_colour"]`` (:func:`colour_statistics`), ``.layers["bitro_baseline_ridge"]``;
-    on ``scale`` (``"cp10k"`` or ``"log1p"`` of the raw counts in ``.X``), for ``genes``, NaN elsewhere.
+    Every accuracy claim should be printed beside these baselines; a model that does not beat them
+    has learned nothing from the tissue's morphology:
+
+    - **mean**: the training spots' average expression profile, the same prediction for every spot.
+      Its PCC_overall is high (highly expressed genes are high everywhere) but it cannot follow a
+      gene across spots: its PCC_gene is 0.
+    - **ridge**: a ridge regression (features standardised, ``alpha`` chosen by internal
+      cross-validation) from the colour statistics of each spot's image patch
+      (:func:`bitro.tl.colour_statistics`, ``.obsm["bitro_colour"]``) to its expression: what a
+      trivial image model gets. Fitted only when both tables have these statistics.
+
+    Score the layers written here with :func:`bitro.tl.evaluate` (``layer=``), beside the model's
+    own predictions.
+
+    Parameters
+    ----------
+    train
+        Training spots: raw counts in ``.X`` (all genes, for the library size of ``"cp10k"``) and,
+        for the ridge baseline, ``.obsm["bitro_colour"]``. At least 2 rows.
+    test
+        Spots to predict, e.g. a held-out section, with the same genes in ``.var_names`` and, for the
+        ridge baseline, ``.obsm["bitro_colour"]``. Written into.
+    genes
+        Genes to predict, e.g. ``model.genes`` of the model they are compared with.
+    scale
+        Target scale, ``"cp10k"`` (``log1p`` of counts per 10,000, library size over all genes of
+        ``.X``) or ``"log1p"`` (``log1p`` of raw counts); use the model's, ``model.scale``.
+
+    Returns
+    -------
+    Nothing; adds to ``test``:
+
+    - ``.layers["bitro_baseline_mean"]``: the training-mean profile, on ``scale``, for ``genes``
+      (NaN for the other genes).
+    - ``.layers["bitro_baseline_ridge"]``: the ridge baseline's predictions, likewise; only when
+      both ``train`` and ``test`` have ``.obsm["bitro_colour"]``.
+
+    Examples
+    --------
+    >>> import bitro as bt
+    >>> bt.tl.colour_statistics(sdata)  # doctest: +SKIP
+    >>> spots = sdata["spots"]  # doctest: +SKIP
+    >>> held_out = (spots.obs["sample"] == "C3").to_numpy()  # doctest: +SKIP
+    >>> train, test = spots[~held_out].copy(), spots[held_out].copy()  # doctest: +SKIP
+    >>> bt.tl.predict(model, test, cells=sdata["cells"])  # doctest: +SKIP
+    >>> bt.tl.add_baselines(train, test, genes=model.genes, scale=model.scale)  # doctest: +SKIP
+    >>> for layer in ["bitro_predicted", "bitro_baseline_mean", "bitro_baseline_ridge"]:  # doctest: +SKIP
+    ...     print(layer, bt.tl.evaluate(test, layer=layer, groupby=None, key_added=f"{layer}_eval"))
     """
-    from bitro.tl._targets import dense, to_scale
+    from bitro.tl._evaluate import observed_on_scale
+
+    check_scale(scale)
+    if isinstance(genes, str):
+        genes = [genes]
+    genes = [str(g) for g in genes]
+    if not genes:
+        msg = "`genes` is empty; give the genes to predict, e.g. `genes=model.genes`."
+        raise ValueError(msg)
+    for name, table in (("train", train), ("test", test)):
+        missing = [g for g in genes if g not in table.var_names]
+        if missing:
+            shown = ", ".join(map(repr, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            msg = f"{len(missing)} of the {len(genes)} genes are not in `{name}.var_names`: {shown}."
+            raise KeyError(msg)
+    if train.n_obs < 2:
+        msg = f"`train` has {train.n_obs} row(s); the baselines need at least 2 training spots."
+        raise ValueError(msg)
+    ridge = Key.COLOUR_STATS in train.obsm and Key.COLOUR_STATS in test.obsm
+    if ridge and np.shape(train.obsm[Key.COLOUR_STATS])[1] != np.shape(test.obsm[Key.COLOUR_STATS])[1]:
+        msg = (
+            f"`.obsm[{Key.COLOUR_STATS!r}]` has {np.shape(train.obsm[Key.COLOUR_STATS])[1]} columns in `train` but "
+            f"{np.shape(test.obsm[Key.COLOUR_STATS])[1]} in `test`; compute both with `bt.tl.colour_statistics`."
+        )
+        raise ValueError(msg)
 
     cols = test.var_names.get_indexer(genes)
-    train_y = to_scale(dense(train.X), scale)[:, train.var_names.get_indexer(genes)]
+    train_y = observed_on_scale(train, np.arange(train.n_obs), train.var_names.get_indexer(genes), scale)
     preds = {Key.BASELINE_MEAN: np.broadcast_to(train_y.mean(0), (test.n_obs, len(genes)))}
-    if Key.COLOUR_STATS in train.obsm and Key.COLOUR_STATS in test.obsm:
-        preds[Key.BASELINE_RIDGE] = ridge_predict(train.obsm[Key.COLOUR_STATS], train_y, test.obsm[Key.COLOUR_STATS])
+    if ridge:
+        preds[Key.BASELINE_RIDGE] = ridge_predict(
+            np.asarray(train.obsm[Key.COLOUR_STATS]), train_y, np.asarray(test.obsm[Key.COLOUR_STATS])
+        )
     for key, pred in preds.items():
         layer = np.full(test.shape, np.nan, dtype=np.float32)
         layer[:, cols] = pred

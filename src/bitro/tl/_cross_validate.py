@@ -158,7 +158,9 @@ def cross_validate(
         train, test = spots[~test_mask].copy(), spots[test_mask].copy()
         train_samples = set(train.obs[Key.SAMPLE].astype(str))
         fold_cells = (
-            _fold_cells(cells, np.isin(cell_samples, list(train_samples)), n_clusters, seed) if refit_features else cells
+            _fold_cells(cells, np.isin(cell_samples, list(train_samples)), n_clusters, seed)
+            if refit_features
+            else cells
         )
         model = fit(train, target="spot", cells=fold_cells, genes=genes, scale=scale, seed=seed, **fit_kwargs)
         predict(model, test, cells=fold_cells)

@@ -102,11 +102,19 @@ def _check_params(**p: Any) -> None:
             raise ValueError(msg)
 
 
-def _split(samples: np.ndarray, validation: str | float | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _split(
+    samples: np.ndarray, validation: str | float | None, seed: int, member: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation rows of ensemble member ``member``.
+
+    ``validation="sample"``: the samples are shuffled once (by ``seed``) and member ``k`` holds out the
+    ``k``-th block of them, so the members of an ensemble validate on different samples in turn and every
+    training sample is trained on by most members. A fraction: random bags, drawn per member.
+    """
     idx = np.arange(len(samples))
     if validation is None:
         return idx, idx[:0]
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed if validation == "sample" else seed + member)
     if validation == "sample":
         uniq = np.array(sorted(set(samples)))
         if len(uniq) < 2:
@@ -116,7 +124,8 @@ def _split(samples: np.ndarray, validation: str | float | None, seed: int) -> tu
             )
             raise ValueError(msg)
         n_val = max(1, round(VALIDATION_SAMPLE_FRACTION * len(uniq)))
-        held = rng.choice(uniq, size=n_val, replace=False)
+        order = rng.permutation(uniq)
+        held = order[(member * n_val + np.arange(n_val)) % len(uniq)]
         val = np.isin(samples, held)
     else:
         val = np.zeros(len(samples), bool)
@@ -125,6 +134,12 @@ def _split(samples: np.ndarray, validation: str | float | None, seed: int) -> tu
         msg = "The validation split left no training data; use a smaller validation fraction."
         raise ValueError(msg)
     return idx[~val], idx[val]
+
+
+def size_stats(sizes: list[float]) -> dict[str, float]:
+    """Mean and standard deviation of the training bags' sizes (the model standardises its bag-size input)."""
+    std = float(np.std(sizes))
+    return {"size_mean": float(np.mean(sizes)), "size_std": std if std > 1e-6 else 1.0}
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -242,6 +257,7 @@ def fit(
     genes: list[str] | None = None,
     n_top_genes: int = 250,
     scale: Literal["cp10k", "log1p"] = "cp10k",
+    center_samples: bool | None = None,
     validation: Literal["sample"] | float | None = "sample",
     feature_key: str = Key.FEATURES,
     context_radius: float = 150.0,
@@ -254,6 +270,7 @@ def fit(
     heads: int = 4,
     ff_dim: int = 128,
     readout: Literal["gene", "shared"] = "gene",
+    bag_size: bool = True,
     dropout: float = 0.1,
     cell_dropout: float = 0.1,
     cluster_weight: float = 0.1,
@@ -298,6 +315,11 @@ def fit(
     scale
         Target scale: ``"cp10k"`` (log1p of counts per 10,000) or ``"log1p"`` (log1p of raw counts).
         Targets are z-scored per gene with statistics of the training rows, stored with the model.
+    center_samples
+        Centre each training sample's rows on the overall mean profile before the z-scores, so the model
+        learns the variation within samples (between spots of a section) and not the differences between
+        the samples' mean profiles (batch effects that morphology of a new section cannot predict).
+        Default: ``True`` for ``target="spot"``, ``False`` for ``target="bulk"`` (one row per sample).
     validation
         Early-stopping split, from the training data: ``"sample"`` holds out whole samples (20% of them, at
         least one; chosen by the seed), a float holds out that fraction of the bags at random, ``None``
@@ -326,6 +348,9 @@ def fit(
         Width of the Transformer feed-forward layer.
     readout
         ``"gene"``: a linear output per gene; ``"shared"``: the paper's MLP shared by all genes.
+    bag_size
+        Give the readout each bag's cell count (standardised log): attention pooling is a weighted mean
+        and cannot see how many cells a spot holds, which drives its library size and composition.
     dropout
         Dropout in the network.
     cell_dropout
@@ -345,8 +370,9 @@ def fit(
     seed
         Random seed; the same seed gives the same model.
     n_seeds
-        Ensemble size: networks trained with seeds ``seed, seed + 1, ...`` (each holds out its own validation
-        split); predictions are their mean.
+        Ensemble size: networks trained with seeds ``seed, seed + 1, ...``; predictions are their mean. With
+        ``validation="sample"`` the members hold out different training samples in turn (with 3 training
+        sections and 3 members, each section validates one member and trains the other two).
     refit
         After early stopping, train again on all the training data (validation included) for the chosen
         number of epochs.
@@ -366,7 +392,7 @@ def fit(
     >>> bt.tl.predict(model, new_sdata)  # doctest: +SKIP
     """
     params = {k: v for k, v in locals().items() if k not in ("adata", "cells", "genes")}
-    from bitro.tl._bags import bulk_bags, cell_data, spot_bags
+    from bitro.tl._bags import bulk_bags, cell_data, log_cell_count, spot_bags
     from bitro.tl._model import Architecture
     from bitro.tl._persist import FORMAT_VERSION, BitroModel
     from bitro.tl._predict import encoder_info
@@ -389,10 +415,14 @@ def fit(
     values = to_scale(counts[keep], scale)
     chosen = select_genes(values, table.var_names, genes=genes, n_top_genes=n_top_genes)
     y = values[:, table.var_names.get_indexer(chosen)]
+    samples = table.obs[Key.SAMPLE].astype(str).to_numpy()[keep]
+    if center_samples is None:
+        center_samples = target == "spot"
+    if center_samples:
+        y = ZScore.center_groups(y, samples)
     zscore = ZScore.fit(y)
     yz = zscore.transform(y).astype(np.float32)
-    samples = table.obs[Key.SAMPLE].astype(str).to_numpy()[keep]
-    splits = [_split(samples, validation, seed + k) for k in range(n_seeds)]  # raises before any training
+    splits = [_split(samples, validation, seed, k) for k in range(n_seeds)]  # raises before any training
 
     arch = Architecture(
         n_features=data.n_features,
@@ -405,6 +435,8 @@ def fit(
         ff_dim=ff_dim,
         dropout=dropout,
         readout=readout,
+        bag_size=bag_size,
+        **size_stats([log_cell_count(b) for b in bags]),
     )
     hp = {
         k: params[k]
@@ -420,15 +452,35 @@ def fit(
         train_idx, val_idx = splits[k]
         folder = None if checkpoint_dir is None else Path(checkpoint_dir) / f"member{k}"
         net, hist = _train(
-            arch, bags, yz, data, train_idx, val_idx, hp=hp, seed=s, epochs=epochs, device=dev, folder=folder,
+            arch,
+            bags,
+            yz,
+            data,
+            train_idx,
+            val_idx,
+            hp=hp,
+            seed=s,
+            epochs=epochs,
+            device=dev,
+            folder=folder,
             desc=f"fit seed {s}",
         )
         members.append({"seed": s, "validation_samples": sorted(set(samples[val_idx]))})
         if refit and len(val_idx):
             all_idx = np.arange(len(bags))
             net, refit_hist = _train(
-                arch, bags, yz, data, all_idx, all_idx[:0], hp=hp, seed=s, epochs=max(1, hist["best_epoch"]),
-                device=dev, folder=None if folder is None else folder / "refit", desc=f"refit seed {s}",
+                arch,
+                bags,
+                yz,
+                data,
+                all_idx,
+                all_idx[:0],
+                hp=hp,
+                seed=s,
+                epochs=max(1, hist["best_epoch"]),
+                device=dev,
+                folder=None if folder is None else folder / "refit",
+                desc=f"refit seed {s}",
             )
             hist.update({f"refit_{k}": v for k, v in refit_hist.items() if k.startswith("train_")})
         nets.append(net)

@@ -40,6 +40,9 @@ class Architecture:
     dropout: float = 0.1
     readout: str = "gene"
     readout_hidden: int = 64
+    bag_size: bool = True
+    size_mean: float = 0.0
+    size_std: float = 1.0
 
     def to_dict(self) -> dict:
         """JSON-able dict."""
@@ -47,6 +50,8 @@ class Architecture:
 
 
 READOUTS: tuple[str, ...] = ("gene", "shared")
+#: Parameters with one row per gene (carried over by gene symbol in :func:`bitro.tl.transfer`).
+GENE_PARAMS: tuple[str, ...] = ("gene_queries", "gene_weight", "gene_bias", "gene_size")
 
 
 @dataclass
@@ -73,6 +78,9 @@ class Batch:
         ``(n_tokens,)`` phenotype code of each token (-1: unknown).
     cell
         ``(n_tokens,)`` row of each token in the cell table.
+    size
+        ``(n_bags,)`` bag size: ``log1p`` of the number of pooled cells of the whole bag (before any
+        sampling or cell dropout).
     """
 
     x: torch.Tensor
@@ -84,6 +92,7 @@ class Batch:
     n_bags: int
     phenotype: torch.Tensor
     cell: torch.Tensor
+    size: torch.Tensor
 
     def to(self, device: torch.device | str) -> Batch:
         """The batch on ``device``."""
@@ -158,6 +167,10 @@ class BitroNet(nn.Module):
     cells -> ``in_proj`` -> GAT layers (kNN graph) -> + position embedding (um) -> Transformer layers
     (context tokens included) -> gene-query attention pooling over the bag's pooled cells -> readout
     (per-gene linear weights, or the paper's MLP shared by all genes) -> one value per gene and bag.
+
+    Attention pooling is a weighted mean, blind to how many cells a bag holds; with ``bag_size`` each gene
+    also gets a linear term in the bag's standardised log cell count (tissue density drives a spot's
+    library size and composition).
     """
 
     def __init__(self, arch: Architecture):
@@ -185,6 +198,8 @@ class BitroNet(nn.Module):
             self.readout_mlp = nn.Sequential(
                 nn.Linear(d, arch.readout_hidden), nn.ReLU(), nn.Linear(arch.readout_hidden, 1)
             )
+        if arch.bag_size:
+            self.gene_size = nn.Parameter(torch.zeros(g))
 
     # -- pieces ----------------------------------------------------------------------------------
     def encode(self, batch: Batch) -> torch.Tensor:
@@ -216,19 +231,26 @@ class BitroNet(nn.Module):
         z = att.transpose(1, 2) @ hd  # (B, G, d)
         return logits[mask], lse, z
 
-    def readout(self, z: torch.Tensor) -> torch.Tensor:
-        """``(n_bags, n_genes, dim)`` pooled embeddings -> ``(n_bags, n_genes)`` predictions (z-scores)."""
+    def readout(self, z: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+        """Predictions ``(n_bags, n_genes)`` (z-scores) from the pooled embeddings and the bag sizes.
+
+        ``z``: ``(n_bags, n_genes, dim)``; ``size``: ``(n_bags,)``, as :attr:`Batch.size`.
+        """
         z = self.pool_norm(z)
         if self.arch.readout == "gene":
-            return (z * self.gene_weight).sum(-1) + self.gene_bias
-        return self.readout_mlp(z).squeeze(-1)
+            y = (z * self.gene_weight).sum(-1) + self.gene_bias
+        else:
+            y = self.readout_mlp(z).squeeze(-1)
+        if self.arch.bag_size:
+            y = y + self.gene_size * ((size.to(y.dtype) - self.arch.size_mean) / self.arch.size_std)[:, None]
+        return y
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Predictions ``(n_bags, n_genes)`` and the attention ``(n_pooled, n_genes)`` of every pooled token."""
         h = self.encode(batch)
         bag = batch.pooled_bag
         logits, lse, z = self.attend(h[batch.pool], bag, batch.n_bags)
-        return self.readout(z), torch.exp(logits - lse[bag])
+        return self.readout(z, batch.size), torch.exp(logits - lse[bag])
 
 
 def combine_parts(lse: torch.Tensor, z: torch.Tensor, part_bag: torch.Tensor, n_bags: int):

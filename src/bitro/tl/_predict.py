@@ -58,7 +58,7 @@ def predict_bags(
     import torch
     from tqdm.auto import tqdm
 
-    from bitro.tl._bags import collate
+    from bitro.tl._bags import collate, log_cell_count
     from bitro.tl._model import combine_parts
 
     parts = [(b, s) for b, bag in enumerate(bags) for s in bag]
@@ -71,6 +71,7 @@ def predict_bags(
     y_sum = np.zeros((len(bags), n_genes))
     att_sum, rows = None, None
     device = next(nets[0].parameters()).device
+    sizes = torch.tensor([log_cell_count(bag) for bag in bags], dtype=torch.float32, device=device)
     bar = tqdm(total=len(nets) * len(groups), desc=desc or "predict", disable=not settings.progress or desc is None)
     for net in nets:
         net.eval()
@@ -92,7 +93,7 @@ def predict_bags(
                         both = torch.zeros(2, dtype=torch.long, device=device)
                         cur = combine_parts(torch.cat([prev[0], cur[0]]), torch.cat([prev[1], cur[1]]), both, 1)
                     if last_group[b] == gi:
-                        y_sum[b] += net.readout(cur[1])[0].cpu().numpy()
+                        y_sum[b] += net.readout(cur[1], sizes[b : b + 1])[0].cpu().numpy()
                         lse_final[b] = cur[0][0].cpu()
                     else:
                         pending[b] = cur

@@ -122,7 +122,9 @@ def pseudobulk(
     xy = np.asarray(spots.obsm[Key.SPATIAL], dtype=np.float64)[:, :2] if Key.SPATIAL in spots.obsm else None
     for sample in pd.unique(samples):
         idx = np.flatnonzero(samples == sample)
-        block = _blocks(spots.obs.iloc[idx], None if xy is None else xy[idx], method=method, block_size=block_size, seed=seed)
+        block = _blocks(
+            spots.obs.iloc[idx], None if xy is None else xy[idx], method=method, block_size=block_size, seed=seed
+        )
         groups = pd.Series(idx).groupby(block).agg(list)
         for name in sorted(groups.index, key=lambda b: (len(b), b)):
             members = np.asarray(groups[name])
@@ -136,7 +138,10 @@ def pseudobulk(
         msg = f"No block has at least min_spots={min_spots} spots; lower `min_spots` or `block_size`."
         raise ValueError(msg)
     member = sp.csr_matrix(
-        (np.ones(sum(len(r) for r in rows)), (np.repeat(np.arange(len(rows)), [len(r) for r in rows]), np.concatenate(rows))),
+        (
+            np.ones(sum(len(r) for r in rows)),
+            (np.repeat(np.arange(len(rows)), [len(r) for r in rows]), np.concatenate(rows)),
+        ),
         shape=(len(rows), spots.n_obs),
     )
     x = member @ (counts if sp.issparse(counts) else np.asarray(counts, dtype=np.float64))
@@ -146,7 +151,13 @@ def pseudobulk(
     obs.index = [s if b == SECTION_BLOCK else f"{s}_{b}" for s, b, _ in labels]
     obs[Key.SAMPLE] = pd.Categorical(obs[Key.SAMPLE])
     out = AnnData(x, obs=obs, var=spots.var.copy())
-    params = {"block_size": int(block_size), "method": method, "min_spots": min_spots, "sections": sections, "seed": seed}
+    params = {
+        "block_size": int(block_size),
+        "method": method,
+        "min_spots": min_spots,
+        "sections": sections,
+        "seed": seed,
+    }
     out.uns[Key.UNS] = {"pseudobulk": params}
     n_blocks = int((obs[Key.BLOCK] != SECTION_BLOCK).sum())
     logger.info(f"Pseudo-bulk: {n_blocks} blocks and {out.n_obs - n_blocks} whole sections from {spots.n_obs} spots.")

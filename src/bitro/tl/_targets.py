@@ -97,6 +97,20 @@ class ZScore:
         std = values.std(axis=0)
         return cls(mean=values.mean(axis=0), std=np.where(std > 1e-8, std, 1.0))
 
+    @staticmethod
+    def center_groups(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+        """``values`` with each group's column means replaced by the overall column means.
+
+        What is left is the variation within groups (e.g. between the spots of a section), which is what
+        a model can learn from morphology and what PCC_gene on a new section measures; differences
+        between the groups' mean profiles (batch effects, patients) are removed from the targets.
+        """
+        out = values + values.mean(axis=0)
+        for g in np.unique(groups):
+            rows = groups == g
+            out[rows] -= values[rows].mean(axis=0)
+        return out
+
     def transform(self, values: np.ndarray) -> np.ndarray:
         """Target scale -> z-scores."""
         return (values - self.mean) / self.std

@@ -33,7 +33,6 @@ TRAIN_GENES: tuple[str, ...] = ("all", "new")
 #: Default LoRA targets: input projection, attention q/k/v/o and feed-forward layers of every Transformer layer.
 LORA_TARGETS: tuple[str, ...] = ("in_proj", "q", "k", "v", "o", "ff1", "ff2")
 #: Gene-specific parameters (one row per gene), carried over by gene symbol.
-GENE_PARAMS: tuple[str, ...] = ("gene_queries", "gene_weight", "gene_bias")
 #: The shared readout MLP (``readout="shared"``): part of the head, trained in full with ``train_genes="all"``.
 SHARED_READOUT = "readout_mlp"
 ADAPTER_NAME = "default"
@@ -74,13 +73,18 @@ def model_fingerprint(model: BitroModel) -> str:
     return h.hexdigest()[:16]
 
 
-def carry_genes(source: BitroNet, source_genes: list[str], genes: list[str], *, seed: int) -> BitroNet:
-    """A network for ``genes``: every weight of ``source``, gene rows matched by symbol, new genes initialised fresh."""
+def carry_genes(
+    source: BitroNet, source_genes: list[str], genes: list[str], *, seed: int, **arch_update: Any
+) -> BitroNet:
+    """A network for ``genes``: every weight of ``source``, gene rows matched by symbol, new genes initialised fresh.
+
+    ``arch_update``: architecture fields to replace (e.g. the target data's bag-size statistics).
+    """
     import torch
 
-    from bitro.tl._model import Architecture, BitroNet
+    from bitro.tl._model import GENE_PARAMS, Architecture, BitroNet
 
-    arch = Architecture(**{**source.arch.to_dict(), "n_genes": len(genes)})
+    arch = Architecture(**{**source.arch.to_dict(), **arch_update, "n_genes": len(genes)})
     torch.manual_seed(seed)
     net = BitroNet(arch)
     pos = {g: i for i, g in enumerate(source_genes)}
@@ -99,7 +103,13 @@ def carry_genes(source: BitroNet, source_genes: list[str], genes: list[str], *, 
 def _check_lora_targets(net: BitroNet, targets: list[str]) -> None:
     from torch import nn
 
-    linear = sorted({n.rpartition(".")[2] for n, m in net.named_modules() if isinstance(m, nn.Linear) and not n.startswith(SHARED_READOUT)})
+    linear = sorted(
+        {
+            n.rpartition(".")[2]
+            for n, m in net.named_modules()
+            if isinstance(m, nn.Linear) and not n.startswith(SHARED_READOUT)
+        }
+    )
     for t in targets:
         hits = [(n, m) for n, m in net.named_modules() if n and (n == t or n.endswith("." + t))]
         if not hits:
@@ -107,8 +117,14 @@ def _check_lora_targets(net: BitroNet, targets: list[str]) -> None:
             raise ValueError(msg)
         for n, m in hits:
             if not isinstance(m, nn.Linear) or n.startswith(SHARED_READOUT):
-                what = "the readout is trained in full" if n.startswith(SHARED_READOUT) else f"it is a {type(m).__module__}.{type(m).__name__}, not a torch.nn.Linear"
-                msg = f"target_modules: {t!r} names {n!r}, which LoRA cannot target here ({what}); use some of {linear}."
+                what = (
+                    "the readout is trained in full"
+                    if n.startswith(SHARED_READOUT)
+                    else f"it is a {type(m).__module__}.{type(m).__name__}, not a torch.nn.Linear"
+                )
+                msg = (
+                    f"target_modules: {t!r} names {n!r}, which LoRA cannot target here ({what}); use some of {linear}."
+                )
                 raise ValueError(msg)
 
 
@@ -119,12 +135,18 @@ def _inject(net: BitroNet, lora: dict[str, Any], *, seed: int) -> BitroNet:
 
     torch.manual_seed(seed)
     config = LoraConfig(
-        r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=list(lora["target_modules"]), bias="none"
+        r=lora["rank"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=list(lora["target_modules"]),
+        bias="none",
     )
     return inject_adapter_in_model(config, net, adapter_name=ADAPTER_NAME)
 
 
 def _is_head(name: str, train_genes: str) -> bool:
+    from bitro.tl._model import GENE_PARAMS
+
     return name in GENE_PARAMS or (train_genes == "all" and name.startswith(SHARED_READOUT + "."))
 
 
@@ -217,7 +239,9 @@ class TransferredModel(BitroModel):
         save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "bitro-adapters"})
         config = dict(self.config, n_members=len(self.nets), history=self.history)
         (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=1))
-        logger.info(f"Saved the adapters of {self!r} to {path} (base model {self.config['transfer']['base_fingerprint']}).")
+        logger.info(
+            f"Saved the adapters of {self!r} to {path} (base model {self.config['transfer']['base_fingerprint']})."
+        )
         return path
 
 
@@ -269,13 +293,16 @@ def load_adapters(base: BitroModel, path: str | Path, *, device: str | None = No
     tensors = read_weights(path / ADAPTER_WEIGHTS)
     dev = resolve_device(device)
     nets = []
+    sizes = {f: config["architecture"][f] for f in ("size_mean", "size_std")}  # the target's bag-size statistics
     for k, src in enumerate(base.nets):
-        net = carry_genes(merged_net(src).cpu(), base.genes, list(config["genes"]), seed=0)
+        net = carry_genes(merged_net(src).cpu(), base.genes, list(config["genes"]), seed=0, **sizes)
         _inject(net, info["lora"], seed=0)
         own = {name[len(f"{k}.") :]: t for name, t in tensors.items() if name.startswith(f"{k}.")}
         expected = set(_adapter_names(net, info["train_genes"]))
         if set(own) != expected:
-            msg = f"The adapter weights {path / ADAPTER_WEIGHTS} do not match their config (member {k}); save them again."
+            msg = (
+                f"The adapter weights {path / ADAPTER_WEIGHTS} do not match their config (member {k}); save them again."
+            )
             raise ValueError(msg)
         net.load_state_dict(own, strict=False)
         nets.append(net.to(dev).eval())
@@ -299,7 +326,9 @@ def _check_params(p: dict[str, Any]) -> None:
         msg = "train_genes='new' freezes the carried genes of a LoRA fine-tuning; method='full' trains every weight."
         raise ValueError(msg)
     if p["train_genes"] == "new" and p["weight_decay"] > 0:
-        msg = "train_genes='new' keeps the carried genes' rows fixed, which weight decay would move; set weight_decay=0."
+        msg = (
+            "train_genes='new' keeps the carried genes' rows fixed, which weight decay would move; set weight_decay=0."
+        )
         raise ValueError(msg)
     for name in ("rank", "epochs", "batch_size"):
         if int(p[name]) < 1:
@@ -362,6 +391,7 @@ def transfer(
     target_modules: list[str] | None = None,
     genes: list[str] | None = None,
     train_genes: Literal["all", "new"] = "all",
+    center_samples: bool | None = None,
     validation: Literal["sample"] | float | None = "sample",
     epochs: int = 50,
     patience: int = 6,
@@ -412,6 +442,9 @@ def transfer(
     train_genes
         ``"all"``: train the head of every gene; ``"new"``: only genes new to the target (carried genes and the
         shared readout keep the source's weights; needs ``weight_decay=0``).
+    center_samples
+        Centre each target sample's rows on the overall mean profile, as in :func:`bitro.tl.fit`; default
+        ``True`` for ``target="spot"``, ``False`` for ``target="bulk"``.
     validation
         Early-stopping split from the target data, as in :func:`bitro.tl.fit`.
     epochs
@@ -444,8 +477,9 @@ def transfer(
     >>> spot_model.save_adapters("adapters")  # doctest: +SKIP
     """
     params = {k: v for k, v in locals().items() if k not in ("model", "adata", "cells", "genes")}
-    from bitro.tl._bags import bulk_bags, cell_data, spot_bags
-    from bitro.tl._fit import _split, _train
+    from bitro.tl._bags import bulk_bags, cell_data, log_cell_count, spot_bags
+    from bitro.tl._fit import _split, _train, size_stats
+    from bitro.tl._model import GENE_PARAMS
     from bitro.tl._predict import check_features
 
     if not isinstance(model, BitroModel) or not model.nets:
@@ -491,18 +525,29 @@ def transfer(
         raise ValueError(msg)
     bags = [b for b in all_bags if b is not None]
     values = to_scale(counts[keep], model.scale)
-    zscore = ZScore.fit(values[:, table.var_names.get_indexer(genes)])
-    yz = zscore.transform(values[:, table.var_names.get_indexer(genes)]).astype(np.float32)
+    y = values[:, table.var_names.get_indexer(genes)]
     samples = table.obs[Key.SAMPLE].astype(str).to_numpy()[keep]
-    splits = [_split(samples, validation, seed + k) for k in range(len(model.nets))]
+    if center_samples is None:
+        center_samples = target == "spot"
+    if center_samples:
+        y = ZScore.center_groups(y, samples)
+    zscore = ZScore.fit(y)
+    yz = zscore.transform(y).astype(np.float32)
+    splits = [_split(samples, validation, seed, k) for k in range(len(model.nets))]
 
     import torch
 
     new_rows = torch.tensor([g not in set(source_genes) for g in genes])
-    lora = {"rank": int(rank), "alpha": float(alpha), "dropout": float(dropout), "target_modules": params["target_modules"]}
+    sizes = size_stats([log_cell_count(b) for b in bags])  # the target's bag sizes replace the source's
+    lora = {
+        "rank": int(rank),
+        "alpha": float(alpha),
+        "dropout": float(dropout),
+        "target_modules": params["target_modules"],
+    }
     nets = []
     for k, src in enumerate(model.nets):
-        net = carry_genes(merged_net(src).cpu(), source_genes, genes, seed=seed + k)
+        net = carry_genes(merged_net(src).cpu(), source_genes, genes, seed=seed + k, **sizes)
         if method == "lora":
             _check_lora_targets(net, lora["target_modules"])
             _inject(net, lora, seed=seed + k)
@@ -541,8 +586,19 @@ def transfer(
                     hooks.append(p.register_hook(lambda g, m=mask: g * m))
         train_idx, val_idx = splits[k]
         net, hist = _train(
-            net.arch, bags, yz, data, train_idx, val_idx, hp=hp, seed=seed + k, epochs=epochs, device=dev, folder=None,
-            desc=f"transfer seed {seed + k}", net=net,
+            net.arch,
+            bags,
+            yz,
+            data,
+            train_idx,
+            val_idx,
+            hp=hp,
+            seed=seed + k,
+            epochs=epochs,
+            device=dev,
+            folder=None,
+            desc=f"transfer seed {seed + k}",
+            net=net,
         )
         for h in hooks:
             h.remove()

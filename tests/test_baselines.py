@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import bitro as bt
+from bitro._constants import Key
+
+GENES = ["EPCAM", "ERBB2", "KRT19", "extra"]
+
+
+def _table(n: int, seed: int, *, colour: bool = True) -> ad.AnnData:
+    """``n`` spots x 4 genes of Poisson counts; gene ``KRT19`` follows the first colour statistic."""
+    rng = np.random.default_rng(seed)
+    stats = rng.normal(size=(n, 45))
+    counts = rng.poisson(200, (n, len(GENES))).astype(float)
+    counts[:, 2] = np.round(np.exp(2 + stats[:, 0]))
+    obs = pd.DataFrame({Key.SAMPLE: f"s{seed}"}, index=[f"s{seed}_{i}" for i in range(n)])
+    adata = ad.AnnData(sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=GENES))
+    if colour:
+        adata.obsm[Key.COLOUR_STATS] = stats
+    return adata
+
+
+@pytest.mark.parametrize("scale", ["cp10k", "log1p"])
+def test_add_baselines_mean_and_ridge(scale):
+    train, test = _table(60, 0), _table(20, 1)
+    genes = ["KRT19", "EPCAM", "ERBB2"]
+    bt.tl.add_baselines(train, test, genes=genes, scale=scale)
+
+    def on_scale(counts):
+        if scale == "cp10k":
+            return np.log1p(1e4 * counts / counts.sum(axis=1, keepdims=True))  # library size over all genes
+        return np.log1p(counts)
+
+    expected = on_scale(train.X.toarray())
+    cols = [GENES.index(g) for g in genes]
+    mean = test.layers[Key.BASELINE_MEAN]
+    assert mean.shape == test.shape
+    # the same training-mean profile for every test spot; NaN for the genes not asked for
+    np.testing.assert_allclose(mean[:, cols], np.broadcast_to(expected[:, cols].mean(0), (test.n_obs, 3)), rtol=1e-5)
+    assert np.isnan(mean[:, GENES.index("extra")]).all()
+
+    ridge = test.layers[Key.BASELINE_RIDGE]
+    assert np.isfinite(ridge[:, cols]).all() and np.isnan(ridge[:, GENES.index("extra")]).all()
+    # the colour-driven gene is followed by the ridge baseline, not by the mean
+    truth = on_scale(test.X.toarray())[:, 2]
+    assert np.corrcoef(ridge[:, 2], truth)[0, 1] > 0.8
+    scores = bt.tl.evaluate(test, layer=Key.BASELINE_RIDGE, scale=scale, groupby=None, key_added="ridge_eval")
+    assert scores.loc[0, "n_genes"] == 3
+    # the training table is not written to
+    assert not train.layers
+
+
+@pytest.mark.parametrize(("train_colour", "test_colour"), [(True, False), (False, True), (False, False)])
+def test_add_baselines_ridge_needs_colour_on_both(train_colour, test_colour):
+    train, test = _table(30, 0, colour=train_colour), _table(10, 1, colour=test_colour)
+    bt.tl.add_baselines(train, test, genes=["EPCAM"], scale="log1p")
+    assert Key.BASELINE_MEAN in test.layers
+    assert Key.BASELINE_RIDGE not in test.layers
+
+
+def test_add_baselines_bad_input():
+    train, test = _table(30, 0), _table(10, 1)
+    with pytest.raises(KeyError, match=r"not in `train.var_names`: 'MYC'"):
+        bt.tl.add_baselines(train, test, genes=["EPCAM", "MYC"], scale="cp10k")
+    with pytest.raises(KeyError, match=r"not in `test.var_names`: 'extra'"):
+        bt.tl.add_baselines(train, test[:, :3].copy(), genes=["EPCAM", "extra"], scale="cp10k")
+    with pytest.raises(ValueError, match="scale='tpm' is not supported"):
+        bt.tl.add_baselines(train, test, genes=["EPCAM"], scale="tpm")
+    with pytest.raises(ValueError, match="at least 2 training spots"):
+        bt.tl.add_baselines(train[:1].copy(), test, genes=["EPCAM"], scale="cp10k")
+    with pytest.raises(ValueError, match="`genes` is empty"):
+        bt.tl.add_baselines(train, test, genes=[], scale="cp10k")
+    other = test.copy()
+    other.obsm[Key.COLOUR_STATS] = other.obsm[Key.COLOUR_STATS][:, :10]
+    with pytest.raises(ValueError, match="columns"):
+        bt.tl.add_baselines(train, other, genes=["EPCAM"], scale="cp10k")
+    negative = train.copy()
+    negative.X = sp.csr_matrix(-negative.X.toarray())
+    with pytest.raises(ValueError, match="negative"):
+        bt.tl.add_baselines(negative, test, genes=["EPCAM"], scale="log1p")
+    assert not test.layers  # nothing written on error
