@@ -6,8 +6,11 @@ For each held-out section (B4, C2, C3, C4) and each target scale (``cp10k``: log
 - ``mean``: the training-mean profile (high PCC_overall, no PCC_gene);
 - ``ridge``: ridge regression (RidgeCV) on colour statistics of each spot's crop (RGB / HSV / optical
   density: mean, std, 10/50/90th percentiles);
-- ``bitro``: the default model; and ablation rows (cp10k only unless ``--full``): no GAT, no
-  Transformer, no context, the paper's shared readout, cluster loss off.
+- ``bitro``: the default model;
+- with ``--ablations`` (cp10k; add ``--full`` for log1p too): one row per component switched off or swapped
+  (no GAT, no Transformer, no context, the paper's shared readout, cluster loss off, no per-sample centring of
+  the targets, no bag-size term) and ``paper``: the paper's variant (shared readout, spot cells only, no
+  centring, no bag size).
 
 PCC_overall: mean over spots of the Pearson correlation over genes. PCC_gene: mean over genes of the
 Pearson correlation over the held-out section's spots; genes with zero variance in the held-out truth
@@ -19,8 +22,9 @@ never looked at during training.
 Segmentation and raw cell features are cached in ``benchmarks/_cache/`` (first run: about 30 min on 2 busy
 cores). Run from the repository root::
 
-    python benchmarks/her2st.py            # default model + baselines on both scales, ablations on cp10k
-    python benchmarks/her2st.py --quick    # default model + baselines, cp10k only
+    python benchmarks/her2st.py                        # default model + baselines on both scales
+    python benchmarks/her2st.py --quick                # default model + baselines, cp10k only
+    python benchmarks/her2st.py --ablations --set n_seeds=1   # every ablation row on cp10k (single models)
     python benchmarks/her2st.py --quick --configs bitro "no context" --held-out C2   # one fold, two rows
 """
 
@@ -45,6 +49,9 @@ ABLATIONS = {
     "no context": {"context_radius": 0.0},
     "shared readout": {"readout": "shared"},
     "cluster loss off": {"cluster_weight": 0.0},
+    "no centring": {"center_samples": False},
+    "no bag size": {"bag_size": False},
+    "paper": {"readout": "shared", "context_radius": 0.0, "center_samples": False, "bag_size": False},
 }
 
 
@@ -138,6 +145,7 @@ def metrics(pred, truth):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="default model and baselines on cp10k only")
+    p.add_argument("--ablations", action="store_true", help="every ablation row (cp10k unless --full)")
     p.add_argument("--full", action="store_true", help="ablations on both scales")
     p.add_argument("--configs", nargs="*", default=None, help=f"subset of {list(ABLATIONS)}")
     p.add_argument("--sections", nargs="*", default=list(SECTIONS))
@@ -167,8 +175,8 @@ def main() -> None:
     counts = dense(spots.X)
     samples = spots.obs[Key.SAMPLE].astype(str).to_numpy()
     extra = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.set)}
-    scales = ["cp10k"] if args.quick else ["cp10k", "log1p"]
-    configs = args.configs or (["bitro"] if args.quick else list(ABLATIONS))
+    scales = ["cp10k"] if args.quick or (args.ablations and not args.full) else ["cp10k", "log1p"]
+    configs = args.configs or (list(ABLATIONS) if args.ablations else ["bitro"])
     rows = []
     print(f"{'scale':6} {'model':18} {'held-out':8} {'PCC_overall':>11} {'PCC_gene':>9} {'fit s':>7} {'epoch':>5}")
     for held in args.held_out or args.sections:

@@ -20,7 +20,7 @@ the scaler + PCA and phenotypes fitted per fold on the training cells (``her2st.
 
 Run from the repository root::
 
-    python benchmarks/transfer.py                     # 4 folds, LoRA
+    python benchmarks/transfer.py                     # 4 folds, LoRA, single models (--seeds 3: ensembles)
     python benchmarks/transfer.py --methods lora full --epochs 30 --ft-epochs 10 --sections C2 C3
 """
 
@@ -50,6 +50,7 @@ def main() -> None:
     p.add_argument("--ft-epochs", type=int, default=None, help="most epochs of fine-tuning (default: --epochs)")
     p.add_argument("--block", type=int, default=3, help="pseudo-bulk block side (array positions)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--seeds", type=int, default=1, help="ensemble size of every fit (each member is fine-tuned)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     args = p.parse_args()
 
@@ -75,7 +76,7 @@ def main() -> None:
     s_truth = to_scale(dense(spots.X), "cp10k")[:, gi]
     b_truth = to_scale(dense(bulk.X), "cp10k")[:, gi]
     is_block = (bulk.obs[Key.BLOCK] != "section").to_numpy()
-    fit_kw = {"genes": genes, "epochs": args.epochs}
+    fit_kw = {"genes": genes, "epochs": args.epochs, "n_seeds": args.seeds}
     # rows whose bag has cells: every model is scored on these (the held-out section's spots / blocks with cells)
     with_cells = set(zip(cells.obs[Key.SAMPLE].astype(str), cells.obs[Key.SPOT_ID].astype(str), strict=True))
     s_ok = np.array([k in with_cells for k in zip(s_sample, spots.obs[Key.SPOT_ID].astype(str), strict=True)])

@@ -10,7 +10,7 @@ import bitro as bt
 pytest.importorskip("torch")
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-TINY = {"dim": 16, "heads": 2, "ff_dim": 32, "max_context": 16, "context_radius": 60.0, "batch_size": 8}
+TINY = {"dim": 16, "heads": 2, "ff_dim": 32, "max_context": 16, "context_radius": 60.0, "batch_size": 8, "n_seeds": 1}
 
 
 def _fit(spots, cells, **kw):
@@ -179,7 +179,7 @@ def test_synthetic_held_out_slide():
     bt.pp.spatial_graph(cells)
     spots = sdata["spots"]
     test = spots[spots.obs["sample"] == "synth2"].copy()
-    model = bt.tl.fit(spots[spots.obs["sample"] != "synth2"].copy(), cells=cells, validation=None, epochs=20, lr=3e-3, dim=32)
+    model = bt.tl.fit(spots[spots.obs["sample"] != "synth2"].copy(), cells=cells, validation=None, epochs=20, lr=3e-3, dim=32, n_seeds=1)
     bt.tl.predict(model, test, cells=cells)
     pred = test.obsm["bitro_predicted"]
     truth = to_scale(dense(test.X), "cp10k")[:, test.var_names.get_indexer(pred.columns)]

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-TINY = {"dim": 16, "heads": 2, "ff_dim": 32, "max_context": 16, "context_radius": 60.0, "batch_size": 8}
+TINY = {"dim": 16, "heads": 2, "ff_dim": 32, "max_context": 16, "context_radius": 60.0, "batch_size": 8, "n_seeds": 1}
 GENE_PARAMS = pytest.importorskip("bitro.tl._model").GENE_PARAMS
 
 
