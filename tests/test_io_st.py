@@ -82,8 +82,8 @@ def test_read_st_opens_lazily_and_decodes_once(her2st_dir):
     crop = level0[:, 4000:4120, 4000:4080].values
     assert crop.shape == (3, 120, 80) and [key[-1] for key in _lazy_image._cache] == [8, 1]
     decoded = _lazy_image._cache[next(k for k in _lazy_image._cache if k[-1] == 1)]
-    level0[:, 100:300, 7000:9000].values  # another crop: the same decode
-    image["scale1"]["image"][:, 2000:2060, 2000:2040].values  # level 1 averages the same decode
+    _ = level0[:, 100:300, 7000:9000].values  # another crop: the same decode
+    _ = image["scale1"]["image"][:, 2000:2060, 2000:2040].values  # level 1 averages the same decode
     assert len(_lazy_image._cache) == 2 and any(v is decoded for v in _lazy_image._cache.values())
     np.testing.assert_array_equal(crop, decoded[4000:4120, 4000:4080].transpose(2, 0, 1))
     full = decoded.astype(float)
@@ -95,7 +95,7 @@ def test_read_st_opens_lazily_and_decodes_once(her2st_dir):
 def test_read_st_keeps_pil_limit(her2st_dir):
     before = Image.MAX_IMAGE_PIXELS
     sdata = bt.io.read_st(her2st_dir, "C3")
-    sdata[Key.image("C3")]["scale0"]["image"][:, :10, :10].values
+    _ = sdata[Key.image("C3")]["scale0"]["image"][:, :10, :10].values
     assert Image.MAX_IMAGE_PIXELS == before
     _lazy_image.clear_cache()
 

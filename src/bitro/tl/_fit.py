@@ -15,7 +15,7 @@ from bitro._constants import Key
 from bitro._logging import logger
 from bitro._settings import settings
 from bitro.tl._metrics import pcc_gene
-from bitro.tl._targets import ZScore, check_counts, check_scale, dense, select_genes, to_scale
+from bitro.tl._targets import check_counts, check_scale, dense, select_genes, standardise_targets, to_scale
 
 if TYPE_CHECKING:
     import torch
@@ -416,12 +416,8 @@ def fit(
     chosen = select_genes(values, table.var_names, genes=genes, n_top_genes=n_top_genes)
     y = values[:, table.var_names.get_indexer(chosen)]
     samples = table.obs[Key.SAMPLE].astype(str).to_numpy()[keep]
-    if center_samples is None:
-        center_samples = target == "spot"
-    if center_samples:
-        y = ZScore.center_groups(y, samples)
-    zscore = ZScore.fit(y)
-    yz = zscore.transform(y).astype(np.float32)
+    center = target == "spot" if center_samples is None else center_samples
+    zscore, yz = standardise_targets(y, samples, center_samples=center)
     splits = [_split(samples, validation, seed, k) for k in range(n_seeds)]  # raises before any training
 
     arch = Architecture(

@@ -118,3 +118,15 @@ class ZScore:
     def inverse(self, z: np.ndarray) -> np.ndarray:
         """z-scores -> target scale."""
         return z * self.std + self.mean
+
+
+def standardise_targets(y: np.ndarray, samples: np.ndarray, *, center_samples: bool) -> tuple[ZScore, np.ndarray]:
+    """The z-score statistics of training targets ``y`` and the float32 z-scores.
+
+    With ``center_samples`` each sample's rows are first centred on the overall mean profile
+    (:meth:`ZScore.center_groups`).
+    """
+    if center_samples:
+        y = ZScore.center_groups(y, samples)
+    zscore = ZScore.fit(y)
+    return zscore, zscore.transform(y).astype(np.float32)

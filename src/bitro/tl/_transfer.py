@@ -21,7 +21,7 @@ from bitro._constants import Key
 from bitro._logging import logger
 from bitro.tl._fit import TARGETS, check_validation, resolve_device, resolve_tables
 from bitro.tl._persist import FORMAT_VERSION, BitroModel, read_weights
-from bitro.tl._targets import ZScore, check_counts, dense, select_genes, to_scale
+from bitro.tl._targets import check_counts, dense, select_genes, standardise_targets, to_scale
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -527,12 +527,8 @@ def transfer(
     values = to_scale(counts[keep], model.scale)
     y = values[:, table.var_names.get_indexer(genes)]
     samples = table.obs[Key.SAMPLE].astype(str).to_numpy()[keep]
-    if center_samples is None:
-        center_samples = target == "spot"
-    if center_samples:
-        y = ZScore.center_groups(y, samples)
-    zscore = ZScore.fit(y)
-    yz = zscore.transform(y).astype(np.float32)
+    center = target == "spot" if center_samples is None else center_samples
+    zscore, yz = standardise_targets(y, samples, center_samples=center)
     splits = [_split(samples, validation, seed, k) for k in range(len(model.nets))]
 
     import torch
