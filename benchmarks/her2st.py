@@ -19,10 +19,11 @@ are left out. Cell features: the weight-free "handcrafted" encoder and the bundl
 training sections' cells only. Early stopping holds out one training section; the held-out section is
 never looked at during training.
 
-Segmentation and raw cell features are cached in ``benchmarks/_cache/`` (first run: about 30 min on 2 busy
+Folds run one after the other (``--threads 2`` uses both cores of a laptop: 831 s for the default run), or in
+``--jobs`` processes at once (e.g. ``--jobs 2 --threads 1``); the results do not depend on it. Segmentation and raw cell features are cached in ``benchmarks/_cache/`` (first run: about 30 min on 2 busy
 cores). Run from the repository root::
 
-    python benchmarks/her2st.py                        # default model + baselines on both scales
+    python benchmarks/her2st.py --threads 2            # default model + baselines on both scales (~14 min)
     python benchmarks/her2st.py --quick                # default model + baselines, cp10k only
     python benchmarks/her2st.py --ablations --set n_seeds=1   # every ablation row on cp10k (single models)
     python benchmarks/her2st.py --quick --configs bitro "no context" --held-out C2   # one fold, two rows
@@ -142,20 +143,12 @@ def metrics(pred, truth):
     return pcc_overall(pred, truth), pcc_gene(pred, truth)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="default model and baselines on cp10k only")
-    p.add_argument("--ablations", action="store_true", help="every ablation row (cp10k unless --full)")
-    p.add_argument("--full", action="store_true", help="ablations on both scales")
-    p.add_argument("--configs", nargs="*", default=None, help=f"subset of {list(ABLATIONS)}")
-    p.add_argument("--sections", nargs="*", default=list(SECTIONS))
-    p.add_argument("--held-out", nargs="*", default=None, help="folds to run (default: every section)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument(
-        "--set", nargs="*", default=[], help="fit parameters for every bitro row, e.g. epochs=30 validation=None"
-    )
-    args = p.parse_args()
+def run_fold(held: str, args: argparse.Namespace) -> list[tuple]:
+    """Baselines and the configured models for one held-out section, every scale: rows of results.
 
+    Each row: ``(scale, model, held-out, PCC_overall, PCC_gene, fit seconds, best epoch)``. Runs in a worker
+    process with ``--jobs``, so it loads the (cached) data itself.
+    """
     import torch
     from sklearn.linear_model import RidgeCV
     from sklearn.preprocessing import StandardScaler
@@ -166,60 +159,94 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     bt.settings.progress = False
+    spots, cells = load_all(args.sections)
+    genes = bt.datasets.her2st_genes()
+    counts = dense(spots.X)
+    test = spots.obs[Key.SAMPLE].astype(str).to_numpy() == held
+    extra = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.set)}
+    fold_cells = fold_features(cells, cells.obs[Key.SAMPLE].astype(str).to_numpy() != held)
+    rows = []
+    for scale in args.scales:
+        truth_all = to_scale(counts, scale)[:, spots.var_names.get_indexer(genes)]
+        truth = truth_all[test]
+        res = {"mean": np.broadcast_to(truth_all[~test].mean(0), truth.shape)}
+        colour = StandardScaler().fit(spots.obsm["colour"][~test])
+        ridge = RidgeCV(alphas=np.logspace(-1, 4, 11)).fit(
+            colour.transform(spots.obsm["colour"][~test]), truth_all[~test]
+        )
+        res["ridge"] = ridge.predict(colour.transform(spots.obsm["colour"][test]))
+        fit_s, best = {}, {}
+        for name in args.configs:
+            if scale != "cp10k" and name != "bitro" and not args.full:
+                continue
+            t = time.perf_counter()
+            model = bt.tl.fit(
+                spots[~test].copy(), cells=fold_cells, genes=genes, scale=scale, **{**ABLATIONS[name], **extra}
+            )
+            fit_s[name] = time.perf_counter() - t
+            best[name] = model.history[0]["best_epoch"]
+            held_spots = spots[test].copy()
+            bt.tl.predict(model, held_spots, cells=fold_cells)
+            res[name] = held_spots.obsm[Key.PREDICTED][genes].to_numpy()
+        for name, pred in res.items():
+            ok = np.isfinite(pred).all(1)
+            po, pg = metrics(pred[ok], truth[ok])
+            rows.append((scale, name, held, po, pg, fit_s.get(name, 0.0), best.get(name, "-")))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="default model and baselines on cp10k only")
+    p.add_argument("--ablations", action="store_true", help="every ablation row (cp10k unless --full)")
+    p.add_argument("--full", action="store_true", help="ablations on both scales")
+    p.add_argument("--configs", nargs="*", default=None, help=f"subset of {list(ABLATIONS)}")
+    p.add_argument("--sections", nargs="*", default=list(SECTIONS))
+    p.add_argument("--held-out", nargs="*", default=None, help="folds to run (default: every section)")
+    p.add_argument("--jobs", type=int, default=1, help="folds run at once, each in its own process")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument(
+        "--set", nargs="*", default=[], help="fit parameters for every bitro row, e.g. epochs=30 validation=None"
+    )
+    args = p.parse_args()
+    args.scales = ["cp10k"] if args.quick or (args.ablations and not args.full) else ["cp10k", "log1p"]
+    args.configs = args.configs or (list(ABLATIONS) if args.ablations else ["bitro"])
+
     t_all = time.perf_counter()
     for s in args.sections:
         build_cache(s)
     t0 = time.perf_counter()
-    spots, cells = load_all(args.sections)
-    genes = bt.datasets.her2st_genes()
-    counts = dense(spots.X)
-    samples = spots.obs[Key.SAMPLE].astype(str).to_numpy()
-    extra = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.set)}
-    scales = ["cp10k"] if args.quick or (args.ablations and not args.full) else ["cp10k", "log1p"]
-    configs = args.configs or (list(ABLATIONS) if args.ablations else ["bitro"])
-    rows = []
+    folds = args.held_out or args.sections
     print(f"{'scale':6} {'model':18} {'held-out':8} {'PCC_overall':>11} {'PCC_gene':>9} {'fit s':>7} {'epoch':>5}")
-    for held in args.held_out or args.sections:
-        test = samples == held
-        fold_cells = fold_features(cells, cells.obs[Key.SAMPLE].astype(str).to_numpy() != held)
-        for scale in scales:
-            truth_all = to_scale(counts, scale)[:, spots.var_names.get_indexer(genes)]
-            truth = truth_all[test]
-            res = {"mean": np.broadcast_to(truth_all[~test].mean(0), truth.shape)}
-            colour = StandardScaler().fit(spots.obsm["colour"][~test])
-            ridge = RidgeCV(alphas=np.logspace(-1, 4, 11)).fit(
-                colour.transform(spots.obsm["colour"][~test]), truth_all[~test]
-            )
-            res["ridge"] = ridge.predict(colour.transform(spots.obsm["colour"][test]))
-            fit_s, best = {}, {}
-            for name in configs:
-                if scale != "cp10k" and name != "bitro" and not args.full:
-                    continue
-                t = time.perf_counter()
-                model = bt.tl.fit(
-                    spots[~test].copy(), cells=fold_cells, genes=genes, scale=scale, **{**ABLATIONS[name], **extra}
-                )
-                fit_s[name] = time.perf_counter() - t
-                best[name] = model.history[0]["best_epoch"]
-                held_spots = spots[test].copy()
-                bt.tl.predict(model, held_spots, cells=fold_cells)
-                res[name] = held_spots.obsm[Key.PREDICTED][genes].to_numpy()
-            for name, pred in res.items():
-                ok = np.isfinite(pred).all(1)
-                po, pg = metrics(pred[ok], truth[ok])
-                rows.append((scale, name, held, po, pg))
-                line = f"{scale:6} {name:18} {held:8} {po:11.3f} {pg:9.3f} {fit_s.get(name, 0):7.1f} {best.get(name, '-'):>5}"
-                print(line, flush=True)
+    rows = []
+
+    def report(fold_rows):
+        for scale, name, held, po, pg, sec, best in fold_rows:
+            print(f"{scale:6} {name:18} {held:8} {po:11.3f} {pg:9.3f} {sec:7.1f} {best:>5}", flush=True)
+        rows.extend(fold_rows)
+
+    if args.jobs > 1 and len(folds) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            for future in as_completed([pool.submit(run_fold, held, args) for held in folds]):
+                report(future.result())
+        peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
+    else:
+        for held in folds:
+            report(run_fold(held, args))
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     print("\nMean over held-out sections")
     print(f"{'scale':6} {'model':18} {'PCC_overall':>11} {'PCC_gene':>9}")
-    for scale in scales:
-        for name in ["mean", "ridge", *configs]:
+    for scale in args.scales:
+        for name in ["mean", "ridge", *args.configs]:
             sel = [r for r in rows if r[0] == scale and r[1] == name]
             if sel:
                 print(f"{scale:6} {name:18} {np.mean([r[3] for r in sel]):11.3f} {np.mean([r[4] for r in sel]):9.3f}")
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     print(
-        f"\nwall time {time.perf_counter() - t0:.0f} s (features cached; {time.perf_counter() - t_all:.0f} s in all), peak RSS {peak_gb:.2f} GB"
+        f"\nwall time {time.perf_counter() - t0:.0f} s (features cached; {time.perf_counter() - t_all:.0f} s in all), "
+        f"peak RSS {peak_gb:.2f} GB per process, {args.jobs} process(es) x {args.threads} torch thread(s)"
     )
 
 
