@@ -195,6 +195,12 @@ def log_cell_count(bag: Sequence[Seq]) -> float:
     return float(np.log1p(sum(s.n_pool for s in bag)))
 
 
+def size_stats(sizes: Sequence[float]) -> dict[str, float]:
+    """Mean and standard deviation of the training bags' sizes (the model standardises its bag-size input)."""
+    std = float(np.std(sizes))
+    return {"size_mean": float(np.mean(sizes)), "size_std": std if std > 1e-6 else 1.0}
+
+
 def _drop(seq: Seq, rate: float, rng: np.random.Generator) -> Seq:
     keep = rng.random(len(seq.cells)) >= rate
     keep[: seq.n_pool] |= ~keep[: seq.n_pool].any() & (np.arange(seq.n_pool) == 0)  # keep one pooled cell

@@ -136,12 +136,6 @@ def _split(
     return idx[~val], idx[val]
 
 
-def size_stats(sizes: list[float]) -> dict[str, float]:
-    """Mean and standard deviation of the training bags' sizes (the model standardises its bag-size input)."""
-    std = float(np.std(sizes))
-    return {"size_mean": float(np.mean(sizes)), "size_std": std if std > 1e-6 else 1.0}
-
-
 def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -392,7 +386,7 @@ def fit(
     >>> bt.tl.predict(model, new_sdata)  # doctest: +SKIP
     """
     params = {k: v for k, v in locals().items() if k not in ("adata", "cells", "genes")}
-    from bitro.tl._bags import bulk_bags, cell_data, log_cell_count, spot_bags
+    from bitro.tl._bags import bulk_bags, cell_data, log_cell_count, size_stats, spot_bags
     from bitro.tl._model import Architecture
     from bitro.tl._persist import FORMAT_VERSION, BitroModel
     from bitro.tl._predict import encoder_info

@@ -477,8 +477,8 @@ def transfer(
     >>> spot_model.save_adapters("adapters")  # doctest: +SKIP
     """
     params = {k: v for k, v in locals().items() if k not in ("model", "adata", "cells", "genes")}
-    from bitro.tl._bags import bulk_bags, cell_data, log_cell_count, spot_bags
-    from bitro.tl._fit import _split, _train, size_stats
+    from bitro.tl._bags import bulk_bags, cell_data, log_cell_count, size_stats, spot_bags
+    from bitro.tl._fit import _split, _train
     from bitro.tl._model import GENE_PARAMS
     from bitro.tl._predict import check_features
 
