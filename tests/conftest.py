@@ -86,8 +86,32 @@ def _toy_tl_tables(n_samples: int = 3, n_genes: int = 12, n_features: int = 8, s
     cells.obs["phenotype"] = cells.obs["phenotype"].astype("category")
     cells.obs["sample"] = cells.obs["sample"].astype("category")
     sq.gr.spatial_neighbors_knn(cells, library_key="sample", n_neighs=6)
-    cells.uns["bitro"] = {"pixel_size": {f"S{s}": px for s in range(n_samples)}}
+    cells.uns["bitro"] = {"pixel_size": {f"S{s}": px for s in range(n_samples)}, "extract_cells": toy_record(cells)}
     return spots, cells
+
+
+def toy_record(cells, encoder: str = "toy"):
+    """A real extraction record for toy features: the raw features go through the scaler + PCA of `bt.pp`."""
+    from bitro._features import fingerprint
+    from bitro.pp._cells import _apply_reducer, _fit_reducer
+
+    raw = cells.obsm["X_bitro"]
+    cells.obsm["X_bitro_raw"] = raw
+    reducer = _fit_reducer(raw, raw.shape[1])
+    cells.obsm["X_bitro"] = _apply_reducer(raw, reducer)
+    record = {
+        "encoder": encoder,
+        "weights_sha256": "",
+        "crop_um": 24.0,
+        "crop_px": 48,
+        "add_morphology": False,
+        "n_raw_features": raw.shape[1],
+        "feature_names": [f"f{i}" for i in range(raw.shape[1])],
+        "fitted_on": "these cells",
+        "reducer": reducer,
+    }
+    record["fingerprint"] = fingerprint(record)
+    return record
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,7 @@ class Key:
     # --- SpatialData element naming -----------------------------------------------------
     IMAGE_SUFFIX: Final = "_image"
     SPOTS_SUFFIX: Final = "_spots"
+    VIRTUAL_SPOTS_SUFFIX: Final = "_virtual_spots"
     CELLS_SUFFIX: Final = "_cells"
     TRUE_NUCLEI_SUFFIX: Final = "_true_nuclei"
     MICRONS_SUFFIX: Final = "_um"
@@ -42,6 +43,9 @@ class Key:
     CELLS_TABLE: Final = "cells"
     BULK_TABLE: Final = "bulk"
     TRUTH_TABLE: Final = "truth"
+    #: Tables :func:`bitro.tl.predict` writes: spots (measured or virtual) x genes and cells x genes.
+    PREDICTED_SPOTS_TABLE: Final = "bitro_spots"
+    PREDICTED_CELLS_TABLE: Final = "bitro_cells"
 
     # --- .obs ----------------------------------------------------------------------------
     SAMPLE: Final = "sample"
@@ -52,6 +56,12 @@ class Key:
     CELL_TYPE: Final = "cell_type"
     ARRAY_ROW: Final = "array_row"
     ARRAY_COL: Final = "array_col"
+    #: Predicted tables: the cells pooled by a spot's bag, and where its prediction came from
+    #: (``"spot"``: its own cells; ``"context"``: no cell inside, pooled from the cells around it).
+    N_CELLS: Final = "n_cells"
+    PREDICTED_FROM: Final = "predicted_from"
+    #: Predicted cell table: in how many (virtual) spots' bags a cell was pooled.
+    N_BAGS: Final = "n_bags"
     #: Pseudo-bulk tables (``bt.tl.pseudobulk``): the block of each row, its number of spots, and the ids of its
     #: spots joined by ``SPOT_IDS_SEP`` (empty for a whole-section row). A bulk row with spot ids is a region:
     #: its bag is the cells of those spots.
@@ -77,6 +87,9 @@ class Key:
 
     # --- .uns ----------------------------------------------------------------------------
     UNS: Final = "bitro"
+    EXTRACT_CELLS: Final = "extract_cells"
+    PHENOTYPES: Final = "phenotypes"
+    PREDICT: Final = "predict"
     EVALUATION: Final = "bitro_eval"
     COLOUR_STATS: Final = "bitro_colour"
     BASELINE_MEAN: Final = "bitro_baseline_mean"
@@ -111,6 +124,11 @@ class Key:
     def spots(sample: str) -> str:
         """Spot shapes element name of a section."""
         return f"{sample}{Key.SPOTS_SUFFIX}"
+
+    @staticmethod
+    def virtual_spots(sample: str) -> str:
+        """Virtual spot shapes element name of a section (:func:`bitro.pp.virtual_spots`)."""
+        return f"{sample}{Key.VIRTUAL_SPOTS_SUFFIX}"
 
     @staticmethod
     def cells(sample: str) -> str:

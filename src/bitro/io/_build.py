@@ -141,6 +141,11 @@ def spots_table(adatas: Sequence[AnnData]) -> AnnData:
     return _annotating_table(adatas, Key.spots, Key.SPOT_ID)
 
 
+def virtual_spots_table(adatas: Sequence[AnnData]) -> AnnData:
+    """Concatenate per-section virtual spot AnnDatas into a table annotating every ``"{s}_virtual_spots"``."""
+    return _annotating_table(adatas, Key.virtual_spots, Key.SPOT_ID)
+
+
 def cells_table(adatas: Sequence[AnnData], *, element: Callable[[str], str] = Key.cells) -> AnnData:
     """Concatenate per-section cell AnnDatas into a table annotating every ``element(sample)`` (``"{s}_cells"``).
 

@@ -5,6 +5,7 @@ from bitro.pp._graph import spatial_graph
 from bitro.pp._phenotypes import phenotypes
 from bitro.pp._segment import load_segmentation, segment_nuclei
 from bitro.pp._stain import normalize_stain
+from bitro.pp._virtual import virtual_spots
 
 __all__ = [
     "extract_cells",
@@ -13,4 +14,5 @@ __all__ = [
     "phenotypes",
     "segment_nuclei",
     "spatial_graph",
+    "virtual_spots",
 ]

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from bitro._constants import Key
+from bitro._features import differences, file_digest, fingerprint, record_of
 from bitro._logging import logger
 from bitro._settings import settings
 from bitro._utils import check_key, scale0
@@ -33,8 +34,6 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
     from bitro.io import Section
-
-_PARAMS = "extract_cells"
 
 
 # --- geometry ------------------------------------------------------------------------------
@@ -88,6 +87,24 @@ def morphology(polygons: np.ndarray, pixel_size: float) -> pd.DataFrame:
     -------
     One row per polygon; the shape columns of :attr:`bitro.Key.MORPHOLOGY`.
     """
+    # in blocks of cells: the vertex arrays of a whole slide's polygons (tens of millions of vertices,
+    # a dozen temporaries) would make the peak memory grow with the slide; every value is per cell,
+    # so the blocks give the same numbers
+    polygons = np.asarray(polygons)
+    if len(polygons) <= MORPHOLOGY_BLOCK:
+        return _morphology_block(polygons, pixel_size)
+    blocks = [
+        _morphology_block(polygons[i : i + MORPHOLOGY_BLOCK], pixel_size)
+        for i in range(0, len(polygons), MORPHOLOGY_BLOCK)
+    ]
+    return pd.concat(blocks, ignore_index=True)
+
+
+#: Cells whose polygons :func:`morphology` measures at once.
+MORPHOLOGY_BLOCK = 32768
+
+
+def _morphology_block(polygons: np.ndarray, pixel_size: float) -> pd.DataFrame:
     import shapely
 
     area = shapely.area(polygons)
@@ -296,21 +313,29 @@ def _apply_reducer(raw: np.ndarray, reducer: Mapping[str, Any]) -> np.ndarray:
 
 
 def _reference_params(reference: Any) -> dict[str, Any]:
-    """The ``extract_cells`` record of a reference cell table (or the record itself)."""
+    """The ``extract_cells`` record of a reference: a cell table, a trained model, or the record itself."""
     from anndata import AnnData
 
-    if isinstance(reference, AnnData):
-        params = reference.uns.get(Key.UNS, {}).get(_PARAMS)
+    if hasattr(reference, "cell_reference"):  # a trained model (bt.tl.fit / bt.tl.load_model)
+        params = reference.cell_reference.get(Key.EXTRACT_CELLS)
+        if params is None:
+            msg = "The model carries no extraction record of its training cells; pass the training cell table instead."
+            raise ValueError(msg)
+    elif isinstance(reference, AnnData):
+        params = record_of(reference)
         if params is None:
             msg = (
-                f"The reference AnnData has no `.uns[{Key.UNS!r}][{_PARAMS!r}]`: pass the cell table returned by "
-                "`bt.pp.extract_cells` on the training slides."
+                f"The reference AnnData has no `.uns[{Key.UNS!r}][{Key.EXTRACT_CELLS!r}]`: pass the cell table returned "
+                "by `bt.pp.extract_cells` on the training slides, or the trained model."
             )
             raise ValueError(msg)
     elif isinstance(reference, Mapping):
         params = reference
     else:
-        msg = f"`reference` must be a cell table (AnnData) from `bt.pp.extract_cells` or its record, got {type(reference).__name__}."
+        msg = (
+            "`reference` must be a trained model, a cell table (AnnData) from `bt.pp.extract_cells` or its record, "
+            f"got {type(reference).__name__}."
+        )
         raise TypeError(msg)
     if "reducer" not in params:
         msg = f"The reference holds no fitted scaler + PCA (no 'reducer' in its record; keys: {sorted(params)})."
@@ -319,17 +344,11 @@ def _reference_params(reference: Any) -> dict[str, Any]:
 
 
 def _check_reference(params: Mapping[str, Any], current: Mapping[str, Any]) -> None:
-    diffs = [
-        f"{k}: reference {params.get(k)!r}, now {current[k]!r}"
-        for k in ("encoder", "crop_um", "crop_px", "add_morphology", "n_raw_features")
-        if params.get(k) != current[k]
-        and not (isinstance(current[k], float) and np.isclose(params.get(k, np.nan), current[k]))
-    ]
-    if diffs:
+    diff = differences(params, {**current, "reducer": params["reducer"]}, names=("the reference", "these settings"))
+    if diff:
         msg = (
-            "The reference features were made differently, so its scaler + PCA cannot be applied: "
-            + "; ".join(diffs)
-            + ". Use the same encoder, crop_um, crop_px and add_morphology as for the reference."
+            f"The reference features were made differently, so its scaler + PCA cannot be applied: {diff}. "
+            "Use the same encoder, weights, crop_um, crop_px and add_morphology as for the reference."
         )
         raise ValueError(msg)
 
@@ -499,7 +518,7 @@ def extract_cells(
     crop_px: int = 48,
     n_components: int = 128,
     add_morphology: bool = True,
-    reference: AnnData | Mapping[str, Any] | None = None,
+    reference: Any = None,
     key_added: str = Key.CELLS_TABLE,
     batch_size: int = 512,
     client: Client | None = None,
@@ -541,8 +560,10 @@ def extract_cells(
     add_morphology
         Prepend the morphology columns (:attr:`bitro.Key.MORPHOLOGY`) to the encoder's features.
     reference
-        A cell table from an earlier call (or its ``.uns["bitro"]["extract_cells"]``): its fitted
-        scaler + PCA are applied unchanged. It must come from the same encoder and crop settings.
+        A trained model (:func:`bitro.tl.fit`, :func:`bitro.tl.load_model`), or a cell table from an earlier
+        call (or its ``.uns["bitro"]["extract_cells"]``): its fitted scaler + PCA are applied unchanged, so
+        the new cells' features mean what the model was trained on. It must come from the same encoder,
+        weights and crop settings.
     key_added
         Name of the table in ``sdata.tables``.
     batch_size
@@ -561,8 +582,9 @@ def extract_cells(
       outside every spot) and the morphology columns.
     - ``.obsm["spatial"]``: centroids in section pixels; ``.obsm["X_bitro_raw"]``: raw features;
       ``.obsm["X_bitro"]``: the PCA.
-    - ``.uns["bitro"]["extract_cells"]``: parameters, encoder, feature names and the fitted
-      scaler + PCA (``"reducer"``); ``.uns["bitro"]["pixel_size"]``: um per pixel per sample;
+    - ``.uns["bitro"]["extract_cells"]``: parameters, encoder, feature names, the fitted
+      scaler + PCA (``"reducer"``) and the ``"fingerprint"`` of what the features mean (settings that
+      define them + scaler + PCA; compared by :func:`bitro.tl.predict`); ``.uns["bitro"]["pixel_size"]``: um per pixel per sample;
       ``.uns["bitro"]["segmentation"]``: how each section's cells were made.
 
     Examples
@@ -571,6 +593,7 @@ def extract_cells(
     >>> sdata = bt.datasets.synthetic()  # doctest: +SKIP
     >>> cells = bt.pp.extract_cells(sdata, shapes_key={s: f"{s}_true_nuclei" for s in ["s0"]})  # doctest: +SKIP
     >>> new = bt.pp.extract_cells(new_sdata, reference=cells)  # doctest: +SKIP
+    >>> new = bt.pp.extract_cells(new_sdata, reference=bt.tl.load_model("her2st"))  # doctest: +SKIP
     """
     from spatialdata import SpatialData
 
@@ -616,6 +639,7 @@ def extract_cells(
         "crop_px": int(crop_px),
         "add_morphology": bool(add_morphology),
         "n_raw_features": int(n_raw),
+        "weights_sha256": file_digest(weights),
     }
     if ref is not None:
         _check_reference(ref, params)
@@ -678,9 +702,10 @@ def extract_cells(
     }
     if reducer is not None:
         uns_params["reducer"] = reducer
+    uns_params["fingerprint"] = fingerprint(uns_params)
     segmentation = sdata.attrs.get(Key.UNS, {}).get(Key.SEGMENTATION, {})
     table.uns[Key.UNS] = {
-        _PARAMS: uns_params,
+        Key.EXTRACT_CELLS: uns_params,
         Key.PIXEL_SIZE: {s.sample: float(s.pixel_size) for s in sections},
         Key.SEGMENTATION: {
             s.sample: {k: v for k, v in segmentation.get(s.sample, {"shapes_key": key}).items() if v is not None}

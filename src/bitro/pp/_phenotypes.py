@@ -9,29 +9,40 @@ import numpy as np
 import pandas as pd
 
 from bitro._constants import Key
+from bitro._features import reducer_digest, record_of
 from bitro._logging import logger
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
-_PARAMS = "phenotypes"
-
-
-def _reference_centroids(reference: AnnData | np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+def _reference_centroids(reference: Any) -> tuple[np.ndarray, dict[str, Any]]:
+    """Centroids of a reference (trained model, cell table or array) and the extraction record they belong to."""
     from anndata import AnnData
 
-    if isinstance(reference, AnnData):
-        record = reference.uns.get(Key.UNS, {}).get(_PARAMS)
+    if hasattr(reference, "cell_reference"):  # a trained model (bt.tl.fit / bt.tl.load_model)
+        record = reference.cell_reference.get(Key.PHENOTYPES)
         if record is None or "centroids" not in record:
             msg = (
-                f"The reference AnnData has no `.uns[{Key.UNS!r}][{_PARAMS!r}]['centroids']`: pass a cell table on "
-                "which `bt.pp.phenotypes` was run."
+                "The model carries no phenotype centroids (its training cells had no `bt.pp.phenotypes`); pass the "
+                "training cell table as `reference=`, or cluster these cells on their own with `n_clusters=`."
             )
             raise ValueError(msg)
-        return np.asarray(record["centroids"], dtype=np.float64), reference.uns[Key.UNS].get("extract_cells", {})
+        return np.asarray(record["centroids"], dtype=np.float64), reference.cell_reference.get(Key.EXTRACT_CELLS) or {}
+    if isinstance(reference, AnnData):
+        record = reference.uns.get(Key.UNS, {}).get(Key.PHENOTYPES)
+        if record is None or "centroids" not in record:
+            msg = (
+                f"The reference AnnData has no `.uns[{Key.UNS!r}][{Key.PHENOTYPES!r}]['centroids']`: pass a cell table on "
+                "which `bt.pp.phenotypes` was run, or the trained model."
+            )
+            raise ValueError(msg)
+        return np.asarray(record["centroids"], dtype=np.float64), record_of(reference) or {}
     centroids = np.asarray(reference, dtype=np.float64)
     if centroids.ndim != 2 or len(centroids) == 0:
-        msg = f"`reference` must be a cell table or a (n_clusters, n_features) array of centroids, got shape {centroids.shape}."
+        msg = (
+            "`reference` must be a trained model, a cell table or a (n_clusters, n_features) array of centroids, "
+            f"got shape {centroids.shape}."
+        )
         raise ValueError(msg)
     return centroids, {}
 
@@ -40,7 +51,7 @@ def phenotypes(
     cells: AnnData,
     *,
     n_clusters: int = 8,
-    reference: AnnData | np.ndarray | None = None,
+    reference: Any = None,
     use_rep: str = Key.FEATURES,
     key_added: str = Key.PHENOTYPE,
     random_state: int = 0,
@@ -54,9 +65,9 @@ def phenotypes(
     n_clusters
         Number of phenotypes (ignored with ``reference``).
     reference
-        A cell table on which this function ran (or its centroids): new cells are assigned to the
-        nearest stored centroid instead of fitting new ones, so phenotype ``k`` means the same on
-        every slide. The features must come from the same PCA (``extract_cells(..., reference=...)``).
+        A trained model, or a cell table on which this function ran (or its centroids): new cells are
+        assigned to the nearest stored centroid instead of fitting new ones, so phenotype ``k`` means the
+        same on every slide. The features must come from the same PCA (``extract_cells(..., reference=...)``).
     use_rep
         Features in ``.obsm`` to cluster.
     key_added
@@ -73,6 +84,7 @@ def phenotypes(
     --------
     >>> bt.pp.phenotypes(cells, n_clusters=8)  # doctest: +SKIP
     >>> bt.pp.phenotypes(new_cells, reference=cells)  # doctest: +SKIP
+    >>> bt.pp.phenotypes(new_cells, reference=model)  # doctest: +SKIP
     """
     from bitro._utils import check_key
 
@@ -86,13 +98,12 @@ def phenotypes(
                 "Extract the cells with `bt.pp.extract_cells(..., reference=<training cell table>)`."
             )
             raise ValueError(msg)
-        own = cells.uns.get(Key.UNS, {}).get("extract_cells", {})
+        own = record_of(cells) or {}
         if "reducer" in ref_cells and "reducer" in own:
-            a, b = np.asarray(ref_cells["reducer"]["pca_components"]), np.asarray(own["reducer"]["pca_components"])
-            if a.shape != b.shape or not np.allclose(a, b):
+            if reducer_digest(ref_cells["reducer"]) != reducer_digest(own["reducer"]):
                 msg = (
                     "These cells' features come from a different PCA than the reference's, so the centroids do not "
-                    "apply. Extract them with `bt.pp.extract_cells(..., reference=<training cell table>)`."
+                    "apply. Extract them with `bt.pp.extract_cells(..., reference=model)` (or the training cell table)."
                 )
                 raise ValueError(msg)
         n_clusters = len(centroids)
@@ -115,7 +126,7 @@ def phenotypes(
         km = KMeans(n_clusters=int(n_clusters), n_init=10, random_state=random_state).fit(x)
         labels, centroids = km.labels_, km.cluster_centers_
     cells.obs[key_added] = pd.Categorical.from_codes(labels, categories=categories)
-    cells.uns.setdefault(Key.UNS, {})[_PARAMS] = {
+    cells.uns.setdefault(Key.UNS, {})[Key.PHENOTYPES] = {
         "n_clusters": int(n_clusters),
         "use_rep": use_rep,
         "key_added": key_added,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -98,14 +99,18 @@ def cell_data(cells: AnnData, *, feature_key: str = Key.FEATURES, need_phenotype
     return CellData(features, xy_um, samples, spot_id, ph, adjacency, pixel_size)
 
 
-def spot_bags(spots: AnnData, cells: CellData, *, context_radius: float, max_context: int) -> list[list[Seq] | None]:
-    """One bag per row of the spot table (``None`` for spots that contain no cell).
+def _spot_seq(pooled: np.ndarray, near: np.ndarray, centre: np.ndarray, cells: CellData, max_context: int) -> Seq:
+    """A spot's sequence: its pooled cells, then at most ``max_context`` of the ``near`` cells that are not pooled
+    (subsampled evenly along their distance to the centre, so the bag never depends on other spots)."""
+    near = near[~np.isin(near, pooled)]
+    if len(near) > max_context:
+        order = np.argsort(np.linalg.norm(cells.xy_um[near] - centre, axis=1), kind="stable")
+        near = near[order[np.linspace(0, len(near) - 1, max_context).round().astype(int)]] if max_context else near[:0]
+    return Seq(np.concatenate([pooled, np.sort(near)]), len(pooled), centre)
 
-    Spots are matched to cells by ``(.obs["sample"], .obs["spot_id"])`` (the spot table's ``obs_names``
-    when it has no ``"spot_id"`` column); spot centres are ``.obsm["spatial"]`` in the section's pixels.
-    """
-    from scipy.spatial import cKDTree
 
+def _spot_rows(spots: AnnData, cells: CellData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sample, spot id and centre (section pixels) of each row of a spot table, checked against the cells."""
     check_key(spots.obs.columns, Key.SAMPLE, "Spot table column .obs")
     check_key(spots.obsm, Key.SPATIAL, "Spot centres .obsm")
     s_sample = spots.obs[Key.SAMPLE].astype(str).to_numpy()
@@ -114,30 +119,52 @@ def spot_bags(spots: AnnData, cells: CellData, *, context_radius: float, max_con
         msg = f"Spot samples {lacking} have no cells in the cell table (samples there: {sorted(set(cells.sample))})."
         raise KeyError(msg)
     s_id = (spots.obs[Key.SPOT_ID] if Key.SPOT_ID in spots.obs else spots.obs_names.to_series()).astype(str).to_numpy()
-    centres = np.asarray(spots.obsm[Key.SPATIAL], dtype=np.float64)[:, :2]
+    return s_sample, s_id, np.asarray(spots.obsm[Key.SPATIAL], dtype=np.float64)[:, :2]
+
+
+def spot_bags(
+    spots: AnnData,
+    cells: CellData,
+    *,
+    context_radius: float,
+    max_context: int,
+    radius: float | None = None,
+    empty: Literal["skip", "context"] = "skip",
+) -> list[list[Seq] | None]:
+    """One bag per row of the spot table.
+
+    The pooled cells of a spot are the cells whose ``.obs["spot_id"]`` names it, matched by
+    ``(.obs["sample"], .obs["spot_id"])`` (the spot table's ``obs_names`` when it has no ``"spot_id"`` column);
+    with ``radius`` (um), the cells within that distance of its centre instead (virtual spots). Spot centres
+    are ``.obsm["spatial"]`` in the section's pixels. A spot without a pooled cell is ``None`` (``empty="skip"``)
+    or pools its context cells instead (``empty="context"``; ``None`` when there are none either).
+    """
+    from scipy.spatial import cKDTree
+
+    s_sample, s_id, centres = _spot_rows(spots, cells)
     bags: list[list[Seq] | None] = [None] * spots.n_obs
     for sample in pd.unique(s_sample):
         rows = np.flatnonzero(s_sample == sample)
         cell_rows = np.flatnonzero(cells.sample == sample)
         members = pd.Series(cell_rows).groupby(cells.spot_id[cell_rows]).agg(list).to_dict()
-        tree = cKDTree(cells.xy_um[cell_rows]) if context_radius > 0 and len(cell_rows) else None
+        tree = cKDTree(cells.xy_um[cell_rows]) if len(cell_rows) else None
         for r in rows:
-            pooled = np.asarray(members.get(s_id[r], []), dtype=np.int64)
-            if not len(pooled):
-                continue
             centre = centres[r] * cells.pixel_size[sample]
-            context = np.empty(0, dtype=np.int64)
-            if tree is not None and max_context > 0:
+            if radius is None:
+                pooled = np.asarray(members.get(s_id[r], []), dtype=np.int64)
+            else:
+                pooled = np.sort(cell_rows[tree.query_ball_point(centre, radius)]) if tree else np.zeros(0, np.int64)
+            near = np.zeros(0, dtype=np.int64)
+            if tree is not None and context_radius > 0 and (max_context > 0 or (empty == "context" and not len(pooled))):
                 near = cell_rows[tree.query_ball_point(centre, context_radius)]
-                near = near[cells.spot_id[near] != s_id[r]]
-                if len(near) > max_context:
-                    order = np.argsort(np.linalg.norm(cells.xy_um[near] - centre, axis=1), kind="stable")
-                    near = near[order[np.linspace(0, len(near) - 1, max_context).round().astype(int)]]
-                context = np.sort(near)
-            bags[r] = [Seq(np.concatenate([pooled, context]), len(pooled), centre)]
+            if not len(pooled):
+                if empty == "skip" or not len(near):
+                    continue
+                pooled, near = np.sort(near), near[:0]
+            bags[r] = [_spot_seq(pooled, near, centre, cells, max_context)]
     n_empty = sum(b is None for b in bags)
     if n_empty:
-        logger.info(f"{n_empty} of {spots.n_obs} spots contain no cell and are skipped.")
+        logger.info(f"{n_empty} of {spots.n_obs} spots have no cell to pool and are skipped.")
     return bags
 
 
@@ -188,6 +215,15 @@ def bulk_bags(bulk: AnnData, cells: CellData, *, chunk_size: int) -> list[list[S
             seqs.append(Seq(c, len(c), cells.xy_um[c].mean(0)))
         bags.append(seqs)
     return bags
+
+
+def pooled_radius(bags: Sequence[Sequence[Seq]], cells: CellData) -> float:
+    """The radius (um) of the training spots, seen from their cells: the farthest pooled cell from a spot centre.
+
+    Virtual spots (:func:`bitro.pp.virtual_spots`) of this radius make bags of the size the model was trained on.
+    """
+    far = [float(np.linalg.norm(cells.xy_um[s.cells[: s.n_pool]] - s.centre, axis=1).max()) for b in bags for s in b]
+    return float(np.quantile(far, 0.99)) if far else 0.0
 
 
 def log_cell_count(bag: Sequence[Seq]) -> float:

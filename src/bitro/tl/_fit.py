@@ -386,10 +386,10 @@ def fit(
     >>> bt.tl.predict(model, new_sdata)  # doctest: +SKIP
     """
     params = {k: v for k, v in locals().items() if k not in ("adata", "cells", "genes")}
-    from bitro.tl._bags import bulk_bags, cell_data, log_cell_count, size_stats, spot_bags
+    from bitro.tl._bags import bulk_bags, cell_data, log_cell_count, pooled_radius, size_stats, spot_bags
     from bitro.tl._model import Architecture
-    from bitro.tl._persist import FORMAT_VERSION, BitroModel
-    from bitro.tl._predict import encoder_info
+    from bitro.tl._persist import FORMAT_VERSION, BitroModel, cell_reference
+    from bitro.tl._predict import feature_config
 
     params["checkpoint_dir"] = None if checkpoint_dir is None else str(checkpoint_dir)
     _check_params(**params)
@@ -397,6 +397,7 @@ def fit(
     counts = dense(table.X)
     check_counts(counts, f"The {target} expression (.X)")
     data = cell_data(cells, feature_key=feature_key, need_phenotype=cluster_weight > 0)
+    features = feature_config(cells, feature_key)
     if target == "spot":
         all_bags = spot_bags(table, data, context_radius=context_radius, max_context=max_context)
     else:
@@ -483,11 +484,16 @@ def fit(
         "zscore_mean": zscore.mean.tolist(),
         "zscore_std": zscore.std.tolist(),
         "feature_key": feature_key,
-        "encoder": encoder_info(cells),
+        "features": features,
         "architecture": arch.to_dict(),
-        "bags": {"context_radius": context_radius, "max_context": max_context, "chunk_size": chunk_size},
+        "bags": {
+            "context_radius": context_radius,
+            "max_context": max_context,
+            "chunk_size": chunk_size,
+            "spot_radius": pooled_radius(bags, data) if target == "spot" else None,
+        },
         "training": params,
         "training_samples": sorted(set(samples)),
         "members": members,
     }
-    return BitroModel(nets, config, histories)
+    return BitroModel(nets, config, histories, cell_reference(cells))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bitro._constants import Key
+from bitro._features import plain
 from bitro._logging import logger
 from bitro.tl._targets import ZScore
 
@@ -16,8 +19,33 @@ if TYPE_CHECKING:
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
-FORMAT_VERSION = 1
-_REQUIRED = ("format_version", "target", "scale", "genes", "zscore_mean", "zscore_std", "architecture", "bags")
+#: The arrays of the model's cell reference (scaler + PCA, phenotype centroids), ``"{record}.{array}"`` keys.
+REFERENCE_FILE = "reference.safetensors"
+FORMAT_VERSION = 2
+_REQUIRED = (
+    "format_version",
+    "target",
+    "scale",
+    "genes",
+    "zscore_mean",
+    "zscore_std",
+    "architecture",
+    "bags",
+    "features",
+)
+#: The arrays of each record of a cell reference (kept in :data:`REFERENCE_FILE`, not in the JSON config).
+_REFERENCE_ARRAYS = {Key.EXTRACT_CELLS: "reducer", Key.PHENOTYPES: "centroids"}
+
+
+def cell_reference(cells: Any) -> dict[str, Any]:
+    """What a model keeps of its training cell table: the extraction record (with the fitted scaler + PCA) and
+    the phenotype record (with the centroids), so new slides can be prepared with ``reference=model``."""
+    records = cells.uns.get(Key.UNS, {})
+    out = {}
+    for name in _REFERENCE_ARRAYS:
+        if records.get(name) is not None:
+            out[name] = copy.deepcopy(dict(records[name]))
+    return out
 
 
 class BitroModel:
@@ -32,18 +60,29 @@ class BitroModel:
         The trained networks (:class:`torch.nn.Module`), one per ensemble member.
     config
         JSON-able description: target (``"spot"``/``"bulk"``), target scale, genes, z-score statistics,
-        feature key and dimension, the encoder parameters found in the cell table's ``.uns``,
-        architecture, bag parameters and the training parameters.
+        feature key, ``"features"`` (the settings that define the cell features and their fingerprint),
+        architecture, bag parameters (with the training spots' radius in um) and the training parameters.
     history
         Per ensemble member, the training history: a dict of lists per epoch (``"train_loss"``,
         ``"train_mse"``, ``"train_cluster"``, ``"val_mse"``, ``"val_pcc_gene"``; ``"refit_train_*"`` after a
         refit), plus ``"best_epoch"``. Each member's seed and validation samples are in ``config["members"]``.
+    cell_reference
+        What the model keeps of its training cell table: ``"extract_cells"`` (the extraction record with the
+        fitted scaler + PCA) and ``"phenotypes"`` (the phenotype centroids). Pass the model as ``reference=`` to
+        :func:`bitro.pp.extract_cells` and :func:`bitro.pp.phenotypes` to prepare a new slide's cells.
     """
 
-    def __init__(self, nets: list[BitroNet], config: dict[str, Any], history: list[dict[str, Any]]):
+    def __init__(
+        self,
+        nets: list[BitroNet],
+        config: dict[str, Any],
+        history: list[dict[str, Any]],
+        cell_reference: dict[str, Any] | None = None,
+    ):
         self.nets = nets
         self.config = config
         self.history = history
+        self.cell_reference = cell_reference or {}
 
     @property
     def genes(self) -> list[str]:
@@ -73,7 +112,7 @@ class BitroModel:
         )
 
     def save(self, path: str | Path) -> Path:
-        """Write the model to the folder ``path``: ``config.json`` and ``weights.safetensors``.
+        """Write the model to the folder ``path``: ``config.json``, ``weights.safetensors`` and ``reference.safetensors``.
 
         Parameters
         ----------
@@ -89,6 +128,7 @@ class BitroModel:
         >>> model.save("my_model")  # doctest: +SKIP
         >>> model = bt.tl.load_model("my_model")  # doctest: +SKIP
         """
+        import torch
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -99,7 +139,14 @@ class BitroModel:
             for name, t in net.state_dict().items()
         }
         save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "bitro", "n_members": str(len(self.nets))})
-        config = dict(self.config, n_members=len(self.nets), history=self.history)
+        arrays, records = {}, {}
+        for name, record in self.cell_reference.items():
+            field = _REFERENCE_ARRAYS[name]
+            records[name] = plain({k: v for k, v in record.items() if k != field})
+            for k, v in (record[field].items() if isinstance(record[field], dict) else [("", record[field])]):
+                arrays[f"{name}.{field}.{k}".rstrip(".")] = torch.as_tensor(np.asarray(v, dtype=np.float64)).contiguous()
+        save_file(arrays, str(path / REFERENCE_FILE), metadata={"format": "bitro-reference"})
+        config = dict(self.config, n_members=len(self.nets), history=self.history, cell_reference=records)
         (path / CONFIG_FILE).write_text(json.dumps(config, indent=1))
         logger.info(f"Saved {self!r} to {path}.")
         return path
@@ -127,8 +174,31 @@ def load_model(path: str | Path, *, device: str | None = None) -> BitroModel:
     config = read_config(path)
     states = read_weights(path / WEIGHTS_FILE)
     nets = build_nets(config, states, device=device)
-    kept = {k: v for k, v in config.items() if k not in ("history", "n_members")}
-    return BitroModel(nets, kept, config.get("history", []))
+    reference = read_reference(path, config.get("cell_reference", {}))
+    kept = {k: v for k, v in config.items() if k not in ("history", "n_members", "cell_reference")}
+    return BitroModel(nets, kept, config.get("history", []), reference)
+
+
+def read_reference(path: Path, records: dict[str, Any]) -> dict[str, Any]:
+    """The cell reference of a saved model: its JSON records with their arrays put back from :data:`REFERENCE_FILE`."""
+    if not records:
+        return {}
+    tensors = read_weights(path / REFERENCE_FILE)
+    out = {}
+    for name, record in records.items():
+        field = _REFERENCE_ARRAYS.get(name)
+        if field is None:
+            msg = f"The model config {path / CONFIG_FILE} has an unknown cell reference record {name!r}."
+            raise ValueError(msg)
+        prefix = f"{name}.{field}"
+        arrays = {k[len(prefix) + 1 :]: t.numpy() for k, t in tensors.items() if k.startswith(prefix + ".")}
+        if prefix in tensors:
+            arrays = tensors[prefix].numpy()
+        if not len(arrays):
+            msg = f"{path / REFERENCE_FILE} lacks the arrays {prefix!r}; the model folder is incomplete. Save it again."
+            raise ValueError(msg)
+        out[name] = {**record, field: arrays}
+    return out
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -142,15 +212,16 @@ def read_config(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         msg = f"The model config {file} is corrupted or truncated ({e}); save the model again."
         raise ValueError(msg) from e
+    if isinstance(config, dict) and "format_version" in config and config["format_version"] != FORMAT_VERSION:
+        newer = config["format_version"] > FORMAT_VERSION
+        msg = (
+            f"{file} has format version {config['format_version']}; this bitro reads version {FORMAT_VERSION}. "
+            + ("Update bitro." if newer else "The model was saved by an older bitro: train it again.")
+        )
+        raise ValueError(msg)
     missing = [k for k in _REQUIRED if k not in config] if isinstance(config, dict) else list(_REQUIRED)
     if missing:
         msg = f"The model config {file} lacks {missing}; it was not written by `BitroModel.save`."
-        raise ValueError(msg)
-    if config["format_version"] > FORMAT_VERSION:
-        msg = (
-            f"{file} has format version {config['format_version']}; this bitro reads up to {FORMAT_VERSION}. "
-            "Update bitro."
-        )
         raise ValueError(msg)
     return config
 

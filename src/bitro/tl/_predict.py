@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import warnings
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 
 from bitro._constants import Key
+from bitro._features import FEATURE_SETTINGS, FIX, differences, fingerprint, plain, record_of
 from bitro._logging import logger
 from bitro._settings import settings
-from bitro.tl._fit import resolve_tables
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -41,19 +42,24 @@ def predict_bags(
     cells: CellData,
     *,
     tokens_per_batch: int = 8192,
-    attention: bool = False,
+    cell_scale: Callable[[np.ndarray], np.ndarray] | None = None,
     desc: str | None = None,
-):
-    """Predictions (z-scores, ensemble mean) of ``bags``, and optionally each pooled cell's attention.
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Predictions (z-scores, ensemble mean) of ``bags``, and optionally the cell expression they imply.
 
     Every sequence is encoded on its own and the pooling of a bag is combined over its sequences
     exactly (:func:`~bitro.tl._model.combine_parts`), so memory is bounded by ``tokens_per_batch``
     whatever the bag size, and a bag's result does not depend on how sequences are packed.
 
+    With ``cell_scale`` (a map from z-scores ``(n, n_genes)`` to the target scale), each pooled cell ``i`` of
+    a bag ``b`` gets ``n_b * A[g, i] * y[b, g]``: its attention relative to an equal share of the bag's
+    ``n_b`` pooled cells, times the bag's prediction on the target scale (the mean over a bag's cells is the
+    bag's prediction). These are summed over the bags that pool the cell and averaged over the ensemble.
+
     Returns
     -------
-    ``y`` ``(n_bags, n_genes)``, and with ``attention``: the cell rows of the pooled cells and their
-    attention ``(n_pooled, n_genes)`` (ensemble mean); else ``None, None``.
+    ``y`` ``(n_bags, n_genes)``; with ``cell_scale`` also the per-cell sums ``(n_cells, n_genes)`` (float32)
+    and how many bags pooled each cell ``(n_cells,)``, else ``None, None``.
     """
     import torch
     from tqdm.auto import tqdm
@@ -67,17 +73,17 @@ def predict_bags(
     for gi, group in enumerate(groups):
         for b, _ in group:
             last_group[b] = gi
-    n_genes = nets[0].arch.n_genes
+    n_genes, n_cells = nets[0].arch.n_genes, len(cells.features)
+    n_pool = np.array([sum(s.n_pool for s in bag) for bag in bags], dtype=np.float32)
     y_sum = np.zeros((len(bags), n_genes))
-    att_sum, rows = None, None
+    cell_sum = np.zeros((n_cells, n_genes), dtype=np.float32) if cell_scale is not None else None
     device = next(nets[0].parameters()).device
     sizes = torch.tensor([log_cell_count(bag) for bag in bags], dtype=torch.float32, device=device)
     bar = tqdm(total=len(nets) * len(groups), desc=desc or "predict", disable=not settings.progress or desc is None)
     for net in nets:
         net.eval()
-        lse_final = torch.zeros((len(bags), n_genes))
         pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        logit_parts, bag_parts, row_parts = [], [], []
+        tokens: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # bag -> [(cell rows, logits)]
         with torch.no_grad():
             for gi, group in enumerate(groups):
                 batch = collate([[s] for _, s in group], cells).to(device)
@@ -86,166 +92,315 @@ def predict_bags(
                 bag_ids = np.array([b for b, _ in group])
                 uniq, local = np.unique(bag_ids, return_inverse=True)
                 lse_b, z_b = combine_parts(lse, z, torch.as_tensor(local, device=device), len(uniq))
+                if cell_sum is not None:
+                    token_bag = torch.as_tensor(local, device=device)[batch.pooled_bag]
+                    rows = batch.cell[batch.pool]
                 for j, b in enumerate(uniq):
                     cur = (lse_b[j : j + 1], z_b[j : j + 1])
                     if b in pending:
                         prev = pending.pop(b)
                         both = torch.zeros(2, dtype=torch.long, device=device)
                         cur = combine_parts(torch.cat([prev[0], cur[0]]), torch.cat([prev[1], cur[1]]), both, 1)
-                    if last_group[b] == gi:
-                        y_sum[b] += net.readout(cur[1], sizes[b : b + 1])[0].cpu().numpy()
-                        lse_final[b] = cur[0][0].cpu()
-                    else:
+                    if cell_sum is not None:
+                        mine = token_bag == j
+                        tokens.setdefault(b, []).append((rows[mine].cpu(), logits[mine].cpu()))
+                    if last_group[b] != gi:
                         pending[b] = cur
-                if attention:
-                    logit_parts.append(logits.cpu())
-                    bag_parts.append(torch.as_tensor(bag_ids)[batch.pooled_bag.cpu()])
-                    row_parts.append(batch.cell[batch.pool].cpu())
+                        continue
+                    yz = net.readout(cur[1], sizes[b : b + 1])[0].cpu().numpy()
+                    y_sum[b] += yz
+                    if cell_sum is not None:
+                        r = torch.cat([t[0] for t in tokens[b]]).numpy()
+                        att = torch.exp(torch.cat([t[1] for t in tokens.pop(b)]) - cur[0][0].cpu()).numpy()
+                        cell_sum[r] += n_pool[b] * att * cell_scale(yz[None])[0].astype(np.float32)
                 bar.update()
-        if attention:
-            bag_of = torch.cat(bag_parts)
-            att = torch.exp(torch.cat(logit_parts) - lse_final[bag_of]).numpy()
-            att_sum = att if att_sum is None else att_sum + att
-            rows = torch.cat(row_parts).numpy()
     bar.close()
     y = y_sum / len(nets)
-    return (y, rows, att_sum / len(nets)) if attention else (y, None, None)
+    if cell_sum is None:
+        return y, None, None
+    cell_sum /= len(nets)
+    n_bags = np.bincount(np.concatenate([s.cells[: s.n_pool] for bag in bags for s in bag]), minlength=n_cells)
+    return y, cell_sum, n_bags
 
 
-def check_features(model_config: dict, cells: AnnData) -> None:
-    """Raise when the cell table's features do not match those the model was trained on."""
+def feature_config(cells: AnnData, feature_key: str) -> dict[str, Any]:
+    """What a model records of its training cells' features: the settings that define them and the fingerprint."""
     from bitro._utils import check_key
 
-    key, dim = model_config["feature_key"], model_config["architecture"]["n_features"]
-    check_key(cells.obsm, key, "Cell features .obsm")
-    got = np.shape(cells.obsm[key])[1]
-    if got != dim:
+    record = record_of(cells)
+    if record is None:
         msg = (
-            f"The model was trained on {dim}-dimensional cell features .obsm[{key!r}], the cell table has {got}. "
-            "Extract the features with the same encoder and PCA as the training data."
+            f"The cell table has no extraction record `.uns[{Key.UNS!r}][{Key.EXTRACT_CELLS!r}]`, so nothing says what "
+            "its features mean and new slides could not be matched to them. Build the cell table with "
+            "`bt.pp.extract_cells` (any encoder, including your own callable)."
         )
         raise ValueError(msg)
-    trained, here = model_config.get("encoder"), encoder_info(cells)
-    if trained and here and trained != here:
-        msg = f"The cell features were made with {here}, the model was trained on features made with {trained}."
+    check_key(cells.obsm, feature_key, "Cell features .obsm")
+    return {
+        **{k: plain(record.get(k)) for k in FEATURE_SETTINGS},
+        "feature_key": feature_key,
+        "n_features": int(np.shape(cells.obsm[feature_key])[1]),
+        "feature_names": plain(record.get("feature_names", [])),
+        "fingerprint": fingerprint(record),
+    }
+
+
+def check_features(model: BitroModel, cells: AnnData) -> None:
+    """Raise, in one line, when the cell table's features do not mean what the model was trained on."""
+    from bitro._utils import check_key
+
+    key, dim = model.config["feature_key"], model.config["architecture"]["n_features"]
+    check_key(cells.obsm, key, "Cell features .obsm")
+    record = record_of(cells)
+    if record is None:
+        msg = (
+            f"The cell table has no extraction record `.uns[{Key.UNS!r}][{Key.EXTRACT_CELLS!r}]`, so its features "
+            f"cannot be checked against the model's. {FIX}."
+        )
+        raise ValueError(msg)
+    trained = model.config["features"]
+    if fingerprint(record) != trained["fingerprint"]:
+        why = differences(model.cell_reference.get(Key.EXTRACT_CELLS, trained), record)
+        why = why or "the scaler + PCA differs from the model's"
+        msg = f"The cell features do not match the model's: {why}. {FIX}."
+        raise ValueError(msg)
+    got = np.shape(cells.obsm[key])[1]
+    if got != dim:
+        msg = f"The model was trained on {dim}-dimensional cell features .obsm[{key!r}], the cell table has {got}. {FIX}."
         raise ValueError(msg)
 
 
-def encoder_info(cells: AnnData) -> dict | None:
-    """The feature extraction parameters recorded in the cell table's ``.uns`` (JSON-able), if any."""
-    import json
+def _resolve(model: BitroModel, data: Any, cells: AnnData | None, table_key: str | None, cells_key: str):
+    """``(sdata or None, the spot/bulk table or None, the cell table)`` of :func:`predict`'s input."""
+    from bitro.tl._persist import BitroModel
 
-    info = cells.uns.get(Key.UNS, {}).get("extract_cells")
-    if info is None:
+    if not isinstance(model, BitroModel):
+        msg = f"`model` must be a trained model (from `bt.tl.fit` or `bt.tl.load_model`), got {type(model).__name__}."
+        raise TypeError(msg)
+    key = table_key or (Key.SPOTS_TABLE if model.target == "spot" else Key.BULK_TABLE)
+    if isinstance(data, AnnData):
+        if cells is None:  # the cell table alone: a slide without spots
+            return None, None, data
+        return None, data, cells
+    from spatialdata import SpatialData
+
+    if not isinstance(data, SpatialData):
+        msg = f"`data` must be a SpatialData, a spot/bulk table or a cell table (AnnData), got {type(data).__name__}."
+        raise TypeError(msg)
+    if table_key is not None and table_key not in data.tables:
+        msg = f"Table {table_key!r} not found in the SpatialData; tables: {sorted(data.tables)}."
+        raise KeyError(msg)
+    if cells is None:
+        if cells_key not in data.tables:
+            msg = (
+                f"No cell table {cells_key!r} in the SpatialData (tables: {sorted(data.tables)}): segment nuclei and "
+                "extract cells first (`bt.pp.segment_nuclei`, `bt.pp.extract_cells(sdata, reference=model)`)."
+            )
+            raise KeyError(msg)
+        cells = data.tables[cells_key]
+    return data, data.tables.get(key), cells
+
+
+def _predicted_table(values: np.ndarray, obs: pd.DataFrame, xy: np.ndarray | None, genes: list[str], attrs: dict | None):
+    """An AnnData of predictions (rows x the model's genes), annotating the elements ``attrs`` names."""
+    from spatialdata.models import TableModel
+
+    out = AnnData(np.asarray(values, dtype=np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
+    if xy is not None:
+        out.obsm[Key.SPATIAL] = np.asarray(xy, dtype=np.float64)
+    if attrs:
+        region_key, instance_key = attrs["region_key"], attrs["instance_key"]
+        out.obs[region_key] = pd.Categorical(out.obs[region_key].astype(str))
+        return TableModel.parse(
+            out, region=list(out.obs[region_key].cat.categories), region_key=region_key, instance_key=instance_key
+        )
+    return out
+
+
+def _table_attrs(table: AnnData | None) -> dict | None:
+    from spatialdata.models import TableModel
+
+    attrs = table.uns.get(TableModel.ATTRS_KEY) if table is not None else None
+    if not attrs or attrs.get("region_key") not in table.obs or attrs.get("instance_key") not in table.obs:
         return None
-    return json.loads(json.dumps(info, default=str))
+    return {"region_key": attrs["region_key"], "instance_key": attrs["instance_key"]}
 
 
 def predict(
     model: BitroModel,
-    adata: AnnData | SpatialData,
+    data: AnnData | SpatialData,
     *,
     cells: AnnData | None = None,
+    coverage: Literal["tissue", "spots"] = "tissue",
+    table_key: str | None = None,
+    cells_key: str = Key.CELLS_TABLE,
     key_added: str = Key.PREDICTED,
-    pseudo_cell_key: str = Key.PSEUDO_CELL,
-    attention: bool = False,
-    attention_key: str = Key.ATTENTION,
+    spots_key_added: str = Key.PREDICTED_SPOTS_TABLE,
+    cells_key_added: str = Key.PREDICTED_CELLS_TABLE,
     tokens_per_batch: int = 8192,
-) -> None:
-    """Predict expression with a trained model and write it into ``adata`` and the cell table.
+) -> AnnData:
+    """Predict expression for every spot and every cell of any H&E slide with a trained model.
 
-    Bags are built as in training: each spot's cells with their context (``target="spot"``), or all cells
-    of each slide in chunks (``target="bulk"``, combined exactly, so any slide size fits in memory).
+    Works on slides the model never saw (their cells extracted with ``reference=model``) and on slides with
+    no spatial data at all. A spot model predicts the measured spots of a slide from their cells and context,
+    as in training, and predicts the cells from *virtual spots*: circles of the training spot size laid over
+    the tissue (:func:`bitro.pp.virtual_spots`), so that every cell gets a value. A bulk model predicts each
+    slide from all its cells.
 
     Parameters
     ----------
     model
         A model from :func:`bitro.tl.fit` or :func:`bitro.tl.load_model`.
-    adata
-        The table to predict: spots (``.obs["sample"]``, ``.obs["spot_id"]``, ``.obsm["spatial"]``) for a
-        spot model, slides (``.obs["sample"]``) for a bulk model; or a SpatialData holding it
-        (``"spots"`` / ``"bulk"``) and the ``"cells"`` table. Its expression, if any, is not used.
+    data
+        A SpatialData with the cell table (and, if measured, the spot or bulk table); or the spot / bulk table
+        with ``cells=``; or the cell table alone (a slide without spots). Its expression, if any, is not used.
     cells
-        The cell table; default: the SpatialData's ``"cells"`` table.
+        The cell table, when ``data`` is a spot / bulk table.
+    coverage
+        Which cells a spot model predicts: ``"tissue"`` every cell, from virtual spots over the tissue;
+        ``"spots"`` only the cells inside measured spots, from those spots (the others are left out of the
+        cell table). Slides without measured spots always use ``"tissue"``.
+    table_key
+        The spot / bulk table of a SpatialData (default ``"spots"`` / ``"bulk"``; none is needed).
+    cells_key
+        The cell table of a SpatialData.
     key_added
-        Where predictions go in ``adata``.
-    pseudo_cell_key
-        Where pseudo-cell expression goes in the cell table's ``.obsm``.
-    attention
-        Also write each pooled cell's attention per gene.
-    attention_key
-        Where the attention goes in the cell table's ``.obsm``.
+        Where the measured spots' (or bulk rows') predictions go in the input table's ``.obsm``.
+    spots_key_added, cells_key_added
+        Names of the prediction tables written into a SpatialData.
     tokens_per_batch
         Cells per forward pass (bounds memory).
 
     Returns
     -------
-    Nothing; writes
+    The cell expression table: cells x the model's genes, ``X`` = predicted expression on the model's target
+    scale (``model.scale``, e.g. log1p CP10k), namely each cell's attention relative to an equal share of its
+    (virtual) spot, times that spot's prediction, averaged over the spots that hold the cell, so that the mean
+    over a spot's cells is the spot's prediction. ``.obs``: ``"sample"``, ``"phenotype"`` (if the cell table has
+    one), ``"spot_id"``, ``"n_bags"`` and the region / instance keys of the cell table (it annotates the cell
+    shapes); ``.obsm["spatial"]``: centroids in section pixels; ``.uns["bitro"]``: pixel sizes and the
+    parameters. Also written:
 
-    - ``adata.obsm[key_added]``: :class:`pandas.DataFrame` (rows x the model's genes) on the model's target
-      scale; rows whose bag has no cell are NaN.
-    - ``adata.layers[key_added]``: the same values aligned to ``adata.var_names`` (NaN for genes the model
-      does not predict); only written when ``adata`` has at least one of the model's genes.
-    - ``cells.obsm[pseudo_cell_key]``: :class:`pandas.DataFrame` (cells x genes), pseudo-cell expression
-      ``A[g, i] * y[g]`` (attention share of cell ``i`` times its bag's prediction on the target scale; a bag's
-      cells sum to its prediction). NaN for cells in no bag (e.g. outside every spot).
-    - ``cells.obsm[attention_key]`` (with ``attention=True``): the attention ``A[g, i]``, NaN outside bags.
-    - ``.uns["bitro"]["predict"]`` on both tables: the parameters.
+    - with a measured spot / bulk table: ``.obsm[key_added]`` on it, a :class:`pandas.DataFrame` (rows x the
+      model's genes); ``.obs["n_cells"]`` (cells inside) and ``.obs["predicted_from"]`` (``"spot"``: its own
+      cells; ``"context"``: none inside, pooled from the cells around it; ``"none"``: no cell near, NaN row).
+    - into a SpatialData: the spot predictions as ``sdata[spots_key_added]`` (measured spots with a prediction,
+      or the virtual spots, whose circles are added as shapes ``"{sample}_virtual_spots"``; rows x genes,
+      annotating the spot circles) and the cell expression table as ``sdata[cells_key_added]``. A bulk model
+      writes its slide predictions as ``sdata[spots_key_added]`` too (one row per slide, annotating nothing).
 
     Examples
     --------
-    >>> bt.tl.predict(model, sdata)  # doctest: +SKIP
-    >>> sdata["spots"].obsm["bitro_predicted"]["ERBB2"]  # doctest: +SKIP
+    >>> expr = bt.tl.predict(model, sdata)  # doctest: +SKIP
+    >>> sc.tl.rank_genes_groups(expr, "phenotype")  # doctest: +SKIP
     """
+    from bitro.pp._virtual import virtual_spots
     from bitro.tl._bags import bulk_bags, cell_data, spot_bags
 
-    table, cells = resolve_tables(model.target, adata, cells)
-    check_features(model.config, cells)
-    if tokens_per_batch < 1:
-        msg = f"tokens_per_batch must be positive, got {tokens_per_batch}."
+    sdata, table, cells = _resolve(model, data, cells, table_key, cells_key)
+    if coverage not in ("tissue", "spots"):
+        msg = f"coverage={coverage!r}: use 'tissue' (every cell) or 'spots' (only cells inside measured spots)."
         raise ValueError(msg)
-    data = cell_data(cells, feature_key=model.config["feature_key"])
-    bag_cfg = model.config["bags"]
+    if not (isinstance(tokens_per_batch, int | np.integer) and tokens_per_batch >= 1):
+        msg = f"tokens_per_batch must be a positive integer, got {tokens_per_batch!r}."
+        raise ValueError(msg)
+    check_features(model, cells)
+    genes, bag_cfg = model.genes, model.config["bags"]
+    if cells.n_obs == 0:
+        warnings.warn("The cell table is empty (no tissue found?): nothing is predicted.", UserWarning, stacklevel=2)
+        return _predicted_table(np.zeros((0, len(genes))), pd.DataFrame(index=pd.Index([])), None, genes, None)
+    feats = cell_data(cells, feature_key=model.config["feature_key"])
+    scale = model.zscore.inverse
+
+    def run(bags, desc):
+        keep = np.array([b is not None for b in bags], dtype=bool)
+        kept = [b for b in bags if b is not None]
+        y, cell_sum, n_bags = predict_bags(
+            model.nets, kept, feats, tokens_per_batch=tokens_per_batch, cell_scale=scale, desc=desc
+        )
+        return keep, scale(y), cell_sum, n_bags
+
+    spot_out = None
     if model.target == "spot":
-        bags = spot_bags(table, data, context_radius=bag_cfg["context_radius"], max_context=bag_cfg["max_context"])
+        context = {"context_radius": bag_cfg["context_radius"], "max_context": bag_cfg["max_context"]}
+        if table is not None:
+            bags = spot_bags(table, feats, empty="context", **context)
+            keep, y, cell_sum, n_bags = run(bags, "predict spots")
+            inside = _cells_per_spot(table, feats)
+            spot_out = _write_rows(table, keep, y, genes, key_added)
+            table.obs[Key.N_CELLS] = inside
+            table.obs[Key.PREDICTED_FROM] = np.where(~keep, "none", np.where(inside > 0, "spot", "context"))
+        if table is None or coverage == "tissue":
+            radius = _spot_radius(model)
+            own = sdata is not None and sdata.tables.get(cells_key) is cells  # the circles go into that SpatialData
+            spots = virtual_spots(sdata if own and table is None else cells, diameter_um=2 * radius, cells_key=cells_key)
+            keep, y, cell_sum, n_bags = run(spot_bags(spots, feats, radius=radius, **context), "predict virtual spots")
+            if table is None:
+                spots.obs[Key.PREDICTED_FROM] = "spot"
+                spot_out = (spots[keep], y)
     else:
-        bags = bulk_bags(table, data, chunk_size=bag_cfg["chunk_size"])
-    keep = np.array([b is not None for b in bags])
-    kept = [b for b in bags if b is not None]
-    y, rows, att = predict_bags(
-        model.nets, kept, data, tokens_per_batch=tokens_per_batch, attention=True, desc="predict"
-    )
-    genes = model.genes
-    y = model.zscore.inverse(y)
-    pred = np.full((table.n_obs, len(genes)), np.nan, dtype=np.float32)
-    pred[keep] = y
-    # pseudo-cells: attention share x the bag's prediction on the target scale
-    owner = np.full(cells.n_obs, -1)
-    for j, bag in enumerate(kept):
-        for s in bag:
-            owner[s.cells[: s.n_pool]] = j
-    pseudo = np.full((cells.n_obs, len(genes)), np.nan, dtype=np.float32)
-    pseudo[rows] = att * y[owner[rows]]
-    table.obsm[key_added] = pd.DataFrame(pred, index=table.obs_names, columns=genes)
-    present = [g for g in genes if g in table.var_names]
-    if present:
-        layer = np.full(table.shape, np.nan, dtype=np.float32)
-        layer[:, table.var_names.get_indexer(present)] = pred[:, [genes.index(g) for g in present]]
-        table.layers[key_added] = layer
-    cells.obsm[pseudo_cell_key] = pd.DataFrame(pseudo, index=cells.obs_names, columns=genes)
-    if attention:
-        full = np.full((cells.n_obs, len(genes)), np.nan, dtype=np.float32)
-        full[rows] = att
-        cells.obsm[attention_key] = pd.DataFrame(full, index=cells.obs_names, columns=genes)
+        if table is None:
+            samples = pd.unique(cells.obs[Key.SAMPLE].astype(str))
+            table = AnnData(obs=pd.DataFrame({Key.SAMPLE: samples}, index=pd.Index(samples)))
+        keep, y, cell_sum, n_bags = run(bulk_bags(table, feats, chunk_size=bag_cfg["chunk_size"]), "predict slides")
+        spot_out = _write_rows(table, keep, y, genes, key_added)
+
+    covered = n_bags > 0
+    values = cell_sum[covered] / n_bags[covered, None]
+    obs_cols = [c for c in (Key.SAMPLE, Key.PHENOTYPE, Key.SPOT_ID) if c in cells.obs]
+    attrs = _table_attrs(cells)
+    if attrs:
+        obs_cols += [c for c in (attrs["region_key"], attrs["instance_key"]) if c not in obs_cols]
+    obs = cells.obs.loc[covered, obs_cols].copy()
+    obs[Key.N_BAGS] = n_bags[covered]
+    expr = _predicted_table(values, obs, np.asarray(cells.obsm[Key.SPATIAL])[covered], genes, attrs)
     params = {
         "target": model.target,
         "scale": model.scale,
-        "key_added": key_added,
-        "pseudo_cell_key": pseudo_cell_key,
-        "attention_key": attention_key if attention else None,
-        "n_predicted": int(keep.sum()),
+        "coverage": coverage if table is not None or model.target == "bulk" else "tissue",
+        "n_cells": int(covered.sum()),
+        "n_cells_left_out": int((~covered).sum()),
         "n_genes": len(genes),
+        "features": model.config["features"]["fingerprint"],
     }
-    for t in (table, cells):
-        t.uns.setdefault(Key.UNS, {})["predict"] = params
-    logger.info(f"Predicted {len(genes)} genes for {int(keep.sum())} of {table.n_obs} {model.target} rows.")
+    expr.uns[Key.UNS] = {Key.PIXEL_SIZE: dict(cells.uns[Key.UNS][Key.PIXEL_SIZE]), Key.PREDICT: params}
+    if (~covered).any():
+        logger.info(f"{int((~covered).sum())} of {cells.n_obs} cells lie in no spot's bag and are left out.")
+    if sdata is not None:
+        rows, y = spot_out
+        spot_table = _predicted_table(
+            y, rows.obs.copy(), rows.obsm[Key.SPATIAL] if Key.SPATIAL in rows.obsm else None, genes, _table_attrs(rows)
+        )
+        spot_table.uns[Key.UNS] = {Key.PREDICT: params}
+        if Key.PIXEL_SIZE in cells.uns[Key.UNS]:
+            spot_table.uns[Key.UNS][Key.PIXEL_SIZE] = dict(cells.uns[Key.UNS][Key.PIXEL_SIZE])
+        sdata.tables[spots_key_added] = spot_table
+        sdata.tables[cells_key_added] = expr
+    if table is not None and key_added in table.obsm:
+        table.uns.setdefault(Key.UNS, {})[Key.PREDICT] = params
+    logger.info(f"Predicted {len(genes)} genes for {int(covered.sum())} cells ({model.target} model).")
+    return expr
+
+
+def _spot_radius(model: BitroModel) -> float:
+    radius = model.config["bags"].get("spot_radius")
+    if not radius:
+        msg = "The model records no spot size (`config['bags']['spot_radius']`); it cannot lay virtual spots."
+        raise ValueError(msg)
+    return float(radius)
+
+
+def _cells_per_spot(table: AnnData, feats: CellData) -> np.ndarray:
+    """How many cells of the cell table lie inside each spot of ``table`` (matched by sample and spot id)."""
+    s_id = (table.obs[Key.SPOT_ID] if Key.SPOT_ID in table.obs else table.obs_names.to_series()).astype(str)
+    keys = table.obs[Key.SAMPLE].astype(str).to_numpy() + "\x00" + s_id.to_numpy()
+    counts = pd.Series(feats.sample + "\x00" + feats.spot_id.astype(str)).value_counts()
+    return counts.reindex(keys).fillna(0).to_numpy(dtype=int)
+
+
+def _write_rows(table: AnnData, keep: np.ndarray, y: np.ndarray, genes: list[str], key: str):
+    """Write row predictions to ``table.obsm[key]`` (NaN where nothing was predicted); the predicted rows."""
+    pred = np.full((table.n_obs, len(genes)), np.nan, dtype=np.float32)
+    pred[keep] = y
+    table.obsm[key] = pd.DataFrame(pred, index=table.obs_names, columns=genes)
+    return table[keep], y

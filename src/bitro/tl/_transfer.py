@@ -190,7 +190,7 @@ class TransferredModel(BitroModel):
         nets = [merged_net(net).eval() for net in self.nets]
         config = copy.deepcopy(self.config)
         config["transfer"]["merged"] = True
-        return BitroModel(nets, config, copy.deepcopy(self.history))
+        return BitroModel(nets, config, copy.deepcopy(self.history), copy.deepcopy(self.cell_reference))
 
     def save(self, path: str | Path) -> Path:
         """Write the merged, stand-alone model (read it with :func:`bitro.tl.load_model`); see :meth:`save_adapters`.
@@ -308,7 +308,7 @@ def load_adapters(base: BitroModel, path: str | Path, *, device: str | None = No
         nets.append(net.to(dev).eval())
     history = config.pop("history", [])
     config.pop("n_members", None)
-    return TransferredModel(nets, config, history)
+    return TransferredModel(nets, config, history, base.cell_reference)
 
 
 # -- transfer ----------------------------------------------------------------------------------------------
@@ -477,7 +477,7 @@ def transfer(
     >>> spot_model.save_adapters("adapters")  # doctest: +SKIP
     """
     params = {k: v for k, v in locals().items() if k not in ("model", "adata", "cells", "genes")}
-    from bitro.tl._bags import bulk_bags, cell_data, log_cell_count, size_stats, spot_bags
+    from bitro.tl._bags import bulk_bags, cell_data, log_cell_count, pooled_radius, size_stats, spot_bags
     from bitro.tl._fit import _split, _train
     from bitro.tl._model import GENE_PARAMS
     from bitro.tl._predict import check_features
@@ -492,7 +492,7 @@ def transfer(
     _check_params(params)
     table, cells = resolve_tables(target, adata, cells)
     _check_target_table(table, target)
-    check_features(model.config, cells)
+    check_features(model, cells)
     counts = dense(table.X)
     check_counts(counts, f"The {target} expression (.X)")
 
@@ -612,6 +612,7 @@ def transfer(
         architecture=trained[0].arch.to_dict(),
         training=params,
         training_samples=sorted(set(samples)),
+        bags=dict(model.config["bags"], spot_radius=pooled_radius(bags, data) if target == "spot" else None),
         transfer={
             "source_target": model.target,
             "base_fingerprint": model_fingerprint(model),
@@ -626,4 +627,4 @@ def transfer(
             "merged": False,
         },
     )
-    return TransferredModel(trained, config, histories)
+    return TransferredModel(trained, config, histories, model.cell_reference)
