@@ -201,11 +201,17 @@ def _resolve(model: BitroModel, data: Any, cells: AnnData | None, table_key: str
     return data, data.tables.get(key), cells
 
 
-def _predicted_table(values: np.ndarray, obs: pd.DataFrame, xy: np.ndarray | None, genes: list[str], attrs: dict | None):
-    """An AnnData of predictions (rows x the model's genes), annotating the elements ``attrs`` names."""
+def _predicted_table(
+    values: np.ndarray, obs: pd.DataFrame, xy: np.ndarray | None, model: BitroModel, attrs: dict | None
+) -> AnnData:
+    """An AnnData of predictions (rows x the model's genes), annotating the elements ``attrs`` names.
+
+    ``.var`` holds the model's per-gene scores (``config["gene_scores"]``: column -> one value per gene), if any.
+    """
     from spatialdata.models import TableModel
 
-    out = AnnData(np.asarray(values, dtype=np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
+    var = pd.DataFrame(model.config.get("gene_scores", {}), index=pd.Index(model.genes))
+    out = AnnData(np.asarray(values, dtype=np.float32), obs=obs, var=var)
     if xy is not None:
         out.obsm[Key.SPATIAL] = np.asarray(xy, dtype=np.float64)
     if attrs:
@@ -274,7 +280,7 @@ def predict(
     Returns
     -------
     The cell expression table: cells x the model's genes, ``X`` = predicted expression on the model's target
-    scale (``model.scale``, e.g. log1p CP10k), namely each cell's attention relative to an equal share of its
+    scale (``model.scale``, e.g. log1p CP10k; ``.var`` holds the model's per-gene scores, if it has any), namely each cell's attention relative to an equal share of its
     (virtual) spot, times that spot's prediction, averaged over the spots that hold the cell, so that the mean
     over a spot's cells is the spot's prediction. ``.obs``: ``"sample"``, ``"phenotype"`` (if the cell table has
     one), ``"spot_id"``, ``"n_bags"`` and the region / instance keys of the cell table (it annotates the cell
@@ -308,7 +314,7 @@ def predict(
     genes, bag_cfg = model.genes, model.config["bags"]
     if cells.n_obs == 0:
         warnings.warn("The cell table is empty (no tissue found?): nothing is predicted.", UserWarning, stacklevel=2)
-        return _predicted_table(np.zeros((0, len(genes))), pd.DataFrame(index=pd.Index([])), None, genes, None)
+        return _predicted_table(np.zeros((0, len(genes))), pd.DataFrame(index=pd.Index([])), None, model, None)
     feats = cell_data(cells, feature_key=model.config["feature_key"])
     scale = model.zscore.inverse
 
@@ -353,7 +359,7 @@ def predict(
         obs_cols += [c for c in (attrs["region_key"], attrs["instance_key"]) if c not in obs_cols]
     obs = cells.obs.loc[covered, obs_cols].copy()
     obs[Key.N_BAGS] = n_bags[covered]
-    expr = _predicted_table(values, obs, np.asarray(cells.obsm[Key.SPATIAL])[covered], genes, attrs)
+    expr = _predicted_table(values, obs, np.asarray(cells.obsm[Key.SPATIAL])[covered], model, attrs)
     params = {
         "target": model.target,
         "scale": model.scale,
@@ -369,7 +375,7 @@ def predict(
     if sdata is not None:
         rows, y = spot_out
         spot_table = _predicted_table(
-            y, rows.obs.copy(), rows.obsm[Key.SPATIAL] if Key.SPATIAL in rows.obsm else None, genes, _table_attrs(rows)
+            y, rows.obs.copy(), rows.obsm[Key.SPATIAL] if Key.SPATIAL in rows.obsm else None, model, _table_attrs(rows)
         )
         spot_table.uns[Key.UNS] = {Key.PREDICT: params}
         if Key.PIXEL_SIZE in cells.uns[Key.UNS]:
