@@ -184,6 +184,32 @@ def test_dask_client_gives_the_same_features(toy, toy_cells):
     np.testing.assert_array_equal(dist.obsm[Key.FEATURES_RAW], toy_cells.obsm[Key.FEATURES_RAW])
 
 
+def test_serial_processes_and_dask_worker_processes_agree(toy, toy_cells):
+    """Tiles sent to local processes and to the worker processes of a real LocalCluster give identical features."""
+    from dask.distributed import Client, LocalCluster, get_task_stream
+
+    old = bt.settings.tile_size
+    bt.settings.tile_size = 160  # 16 tiles: more than the 4 tasks kept in flight
+    try:
+        serial = bt.pp.extract_cells(toy, reference=toy_cells, key_added="serial", n_jobs=1)
+        procs = bt.pp.extract_cells(toy, reference=toy_cells, key_added="procs", n_jobs=2)
+        with (
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+            Client(cluster) as client,
+            get_task_stream(client) as stream,
+        ):
+            dist = bt.pp.extract_cells(toy, reference=toy_cells, key_added="dask", client=client)
+            workers = set(client.nthreads())
+    finally:
+        bt.settings.tile_size = old
+    ran = [t for t in stream.data if t["key"].startswith("_tile_features")]
+    assert len(ran) == 16 and {t["worker"] for t in ran} <= workers  # every tile ran on a worker process
+    for other in (procs, dist):
+        assert list(other.obs_names) == list(serial.obs_names)
+        np.testing.assert_array_equal(other.obsm[Key.FEATURES_RAW], serial.obsm[Key.FEATURES_RAW])
+        np.testing.assert_array_equal(other.obsm[Key.FEATURES], serial.obsm[Key.FEATURES])
+
+
 def test_crop_covers_the_same_tissue_at_another_pixel_size(toy, toy_cells):
     """A 2x coarser scan of the same tissue gives crops of the same area: features stay close."""
     import spatialdata as sd

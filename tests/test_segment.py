@@ -117,22 +117,27 @@ def test_seams_keep_each_nucleus_once(synth):
 
 
 def test_serial_processes_and_dask_agree(synth):
-    from dask.distributed import Client, LocalCluster
+    from dask.distributed import Client, LocalCluster, get_task_stream
 
     s = _sample(synth)
-    bt.pp.segment_nuclei(synth, tile_size=320, n_jobs=1, key_added="serial")
-    bt.pp.segment_nuclei(synth, tile_size=320, n_jobs=2, key_added="processes")
+    bt.pp.segment_nuclei(synth, tile_size=160, n_jobs=1, key_added="serial")
+    bt.pp.segment_nuclei(synth, tile_size=160, n_jobs=2, key_added="processes")
     with (
         LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
         Client(cluster) as client,
+        get_task_stream(client) as stream,
     ):
-        bt.pp.segment_nuclei(synth, tile_size=320, client=client, key_added="dask")
+        bt.pp.segment_nuclei(synth, tile_size=160, client=client, key_added="dask")
+        workers = set(client.nthreads())
+    ran = [t for t in stream.data if t["key"].startswith("_segment_tile")]
+    assert len(ran) == 16 and {t["worker"] for t in ran} <= workers  # every tile ran on a worker process
     serial = synth.shapes["serial"]
     assert len(serial) > 100
     for key in ("processes", "dask"):
         other = synth.shapes[key]
         assert list(other.index) == list(serial.index)
-        np.testing.assert_allclose(shapely.get_coordinates(other.centroid), shapely.get_coordinates(serial.centroid))
+        np.testing.assert_array_equal(shapely.get_coordinates(other.geometry), shapely.get_coordinates(serial.geometry))
+        np.testing.assert_array_equal(other[Key.AREA_UM2], serial[Key.AREA_UM2])
     assert synth.attrs[Key.UNS][Key.SEGMENTATION][s]["shapes_key"] == "dask"
 
 
