@@ -18,7 +18,14 @@ from typing import Any
 import numpy as np
 
 #: Settings of an extraction record that define what a raw cell feature means.
-FEATURE_SETTINGS: tuple[str, ...] = ("encoder", "weights_sha256", "crop_um", "crop_px", "add_morphology", "n_raw_features")
+FEATURE_SETTINGS: tuple[str, ...] = (
+    "encoder",
+    "weights_sha256",
+    "crop_um",
+    "crop_px",
+    "add_morphology",
+    "n_raw_features",
+)
 #: The arrays of the fitted standard scaler + PCA (``record["reducer"]``) that define what a reduced feature means.
 REDUCER_KEYS: tuple[str, ...] = ("scaler_mean", "scaler_scale", "pca_mean", "pca_components")
 #: How to make new cells comparable with a model's or a reference table's.

@@ -20,6 +20,7 @@ from bitro.pl._spatial import (
     spot_radius,
     tissue,
 )
+from bitro.tl._targets import dense
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -30,22 +31,18 @@ if TYPE_CHECKING:
 SCALE_LABELS = {"cp10k": "log1p CP10k", "log1p": "log1p counts"}
 
 
-def _pseudo_cells(sdata: SpatialData | None, gene: str, sample: str | None, cells_table_key: str):
+def _predicted_cells(sdata: SpatialData | None, gene: str, sample: str | None, cells_table_key: str):
     if sdata is None or cells_table_key not in sdata.tables:
         where = "an AnnData" if sdata is None else f"a SpatialData without table {cells_table_key!r}"
-        msg = f"`cells=True` needs the SpatialData holding the cell table {cells_table_key!r}; got {where}."
-        raise ValueError(msg)
-    cells = sdata.tables[cells_table_key]
-    if Key.PSEUDO_CELL not in cells.obsm:
         msg = (
-            f"The cell table has no pseudo-cell expression `.obsm[{Key.PSEUDO_CELL!r}]`. "
-            "Run `bt.tl.predict` first (it writes the cells' share of each spot prediction)."
+            f"`cells=True` needs the SpatialData holding the cell expression table {cells_table_key!r} "
+            f"(written by `bt.tl.predict`); got {where}."
         )
-        raise KeyError(msg)
-    pseudo = cells.obsm[Key.PSEUDO_CELL]
-    check_gene(gene, list(pseudo.columns), f"the pseudo-cell expression `.obsm[{Key.PSEUDO_CELL!r}]`")
-    t = tissue(cells, sdata, sample)
-    values = np.asarray(pseudo[gene], float)[t.rows]
+        raise ValueError(msg)
+    expr = sdata.tables[cells_table_key]
+    check_gene(gene, expr.var_names, f"the cell expression table {cells_table_key!r}")
+    t = tissue(expr, sdata, sample)
+    values = dense(expr.X[t.rows][:, [int(expr.var_names.get_loc(gene))]])[:, 0]
     keep = np.flatnonzero(np.isfinite(values))
     keep = keep[np.argsort(values[keep], kind="stable")]  # highest on top
     return t.xy[keep], values[keep]
@@ -60,7 +57,7 @@ def expression(
     cells: bool = False,
     scale: str | None = None,
     table_key: str = Key.SPOTS_TABLE,
-    cells_table_key: str = Key.CELLS_TABLE,
+    cells_table_key: str = Key.PREDICTED_CELLS_TABLE,
     cmap: str = "viridis",
     vmin: float | None = None,
     vmax: float | None = None,
@@ -73,7 +70,9 @@ def expression(
 
     Spots are drawn as filled circles of their true radius over the section's image (a coarse
     pyramid level), coloured by the observed expression brought to the scale of the predictions
-    (see :func:`bitro.tl.evaluate`) and by the prediction. Each panel has its own colourbar.
+    (see :func:`bitro.tl.evaluate`) and by the prediction. Each panel has its own colourbar. A slide
+    without measured expression is drawn from the prediction table of :func:`bitro.tl.predict`
+    (``table_key="bitro_spots"``: the virtual spots), without the observed panel.
 
     Parameters
     ----------
@@ -85,18 +84,17 @@ def expression(
     sample
         Section to show; may be left out when the table holds one section.
     layer
-        Layer with the predictions (:func:`bitro.tl.predict`).
+        Where the spot table holds the predictions: ``.obsm[layer]`` (:func:`bitro.tl.predict`) or a layer.
     cells
-        Add a panel with the predicted cell-level (pseudo-cell) expression of the cell table
-        ``cells_table_key`` as points (highest values drawn on top; cells outside every bag,
-        which have no pseudo-cell value, are left out).
+        Add a panel with the predicted cell expression of the table ``cells_table_key`` (written by
+        :func:`bitro.tl.predict`) as points, highest values drawn on top.
     scale
         Scale of the predictions, ``"cp10k"`` or ``"log1p"``; by default the one recorded by
         :func:`bitro.tl.predict`.
     table_key
         Spot table of a SpatialData.
     cells_table_key
-        Cell table of a SpatialData, used with ``cells=True``.
+        Cell expression table of a SpatialData, used with ``cells=True``.
     cmap
         Colour map.
     vmin
@@ -122,19 +120,23 @@ def expression(
     >>> import bitro as bt
     >>> bt.pl.expression(sdata, "EPCAM", sample="B4", cells=True)  # doctest: +SKIP
     """
-    from bitro.tl._evaluate import observed_on_scale, predicted_genes, prediction_scale
-    from bitro.tl._targets import dense
+    from bitro.tl._evaluate import observed_on_scale, prediction_matrix, prediction_scale
 
     sdata, adata = split_data(data, table_key)
-    check_gene(gene, adata.var_names, "the spot table")
-    cols = predicted_genes(adata, layer)
+    if layer not in adata.obsm and layer not in adata.layers and Key.PREDICT in adata.uns.get(Key.UNS, {}):
+        # a prediction table of `bt.tl.predict` (e.g. "bitro_spots"): predictions in .X, nothing observed
+        check_gene(gene, adata.var_names, "the prediction table")
+        cols, pred_all, observed_too = np.arange(adata.n_vars), None, False
+    else:
+        check_gene(gene, adata.var_names, "the spot table")
+        cols, pred_all = prediction_matrix(adata, layer)
+        observed_too = True
     g = int(adata.var_names.get_loc(gene))
     if g not in set(cols.tolist()):
         names = [str(x) for x in adata.var_names[cols]]
         shown = difflib.get_close_matches(gene, names, n=5) or names[:10]
         msg = (
-            f"Gene {gene!r} has no prediction in `.layers[{layer!r}]` ({len(names)} genes have one, "
-            f"e.g. {shown}). "
+            f"Gene {gene!r} has no prediction in {layer!r} ({len(names)} genes have one, e.g. {shown}). "
             "Fit the model on this gene (`bt.tl.fit(..., genes=...)`) and run `bt.tl.predict`."
         )
         raise KeyError(msg)
@@ -142,15 +144,19 @@ def expression(
     t = tissue(adata, sdata, sample)
     cell_xy = cell_values = None
     if cells:
-        cell_xy, cell_values = _pseudo_cells(sdata, gene, t.sample, cells_table_key)
+        cell_xy, cell_values = _predicted_cells(sdata, gene, t.sample, cells_table_key)
     radius = spot_radius(adata, t)
-    observed = observed_on_scale(adata, t.rows, np.array([g]), scale)[:, 0]
-    predicted = dense(adata.layers[layer][t.rows][:, [g]])[:, 0]
-    axs = new_axes(3 if cells else 2, axs)
+    if pred_all is None:
+        predicted = dense(adata.X[t.rows][:, [g]])[:, 0]
+    else:
+        predicted = pred_all[t.rows, int(np.flatnonzero(cols == g)[0])]
+    axs = new_axes(int(observed_too) + 1 + int(cells), axs)
     box = frame(t.xy, radius.max())
     label = SCALE_LABELS.get(scale, scale)
     has = np.isfinite(predicted)
-    panels = [("observed", t.xy, radius, observed), ("predicted", t.xy[has], radius[has], predicted[has])]
+    panels = [("predicted", t.xy[has], radius[has], predicted[has])]
+    if observed_too:
+        panels.insert(0, ("observed", t.xy, radius, observed_on_scale(adata, t.rows, np.array([g]), scale)[:, 0]))
     for ax, (what, xy, r, values) in zip(axs, panels, strict=False):
         draw_tissue(ax, t, box, image_size=image_size)
         coll = draw_spots(ax, xy, r, values, cmap=cmap, alpha=alpha, linewidths=0)
@@ -158,7 +164,7 @@ def expression(
         colorbar(ax, coll, label)
         ax.set_title(f"{gene} — {what}")
     if cells:
-        ax = axs[2]
+        ax = axs[len(panels)]
         draw_tissue(ax, t, box, image_size=image_size)
         sc = ax.scatter(
             cell_xy[:, 0],
@@ -171,6 +177,6 @@ def expression(
             vmin=vmin,
             vmax=vmax,
         )
-        colorbar(ax, sc, f"pseudo-cell, {label}")
+        colorbar(ax, sc, f"cell, {label}")
         ax.set_title(f"{gene} — predicted cells")
     return axs

@@ -81,11 +81,16 @@ def tissue(adata: AnnData, sdata: SpatialData | None, sample: str | None) -> Tis
 def spot_radius(adata: AnnData, t: Tissue) -> np.ndarray:
     """Radius (pixels) of each spot of ``t``.
 
-    From the circles ``"{sample}_spots"`` of the SpatialData when there are any; otherwise a quarter
-    of the median spacing to the nearest spot (the diameter-to-pitch ratio of legacy ST and Visium).
+    From the circles ``"{sample}_spots"`` (or the virtual spots ``"{sample}_virtual_spots"``) of the
+    SpatialData when they hold the table's spots; otherwise a quarter of the median spacing to the
+    nearest spot (the diameter-to-pitch ratio of legacy ST and Visium).
     """
-    if t.sdata is not None and t.sample is not None and Key.spots(t.sample) in t.sdata.shapes:
-        shapes = t.sdata.shapes[Key.spots(t.sample)]
+    names = [Key.spots(t.sample), Key.virtual_spots(t.sample)] if t.sample is not None else []
+    if Key.REGION in adata.obs and len(t.rows):
+        names.insert(0, str(adata.obs[Key.REGION].iloc[t.rows[0]]))
+    found_in = next((n for n in names if t.sdata is not None and n in t.sdata.shapes), None)
+    if found_in is not None:
+        shapes = t.sdata.shapes[found_in]
         ids = (
             adata.obs[Key.SPOT_ID].astype(str).to_numpy()[t.rows]
             if Key.SPOT_ID in adata.obs
@@ -96,9 +101,7 @@ def spot_radius(adata: AnnData, t: Tissue) -> np.ndarray:
         found = radius.reindex(ids)
         if found.notna().all():
             return found.to_numpy(dtype=float)
-        logger.warning(
-            "Some spots of the table are not in %r; estimating spot radii from their spacing.", Key.spots(t.sample)
-        )
+        logger.warning("Some spots of the table are not in %r; estimating spot radii from their spacing.", found_in)
     if len(t.xy) < 2:
         return np.full(len(t.xy), 1.0)
     from scipy.spatial import cKDTree

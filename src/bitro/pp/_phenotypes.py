@@ -9,11 +9,12 @@ import numpy as np
 import pandas as pd
 
 from bitro._constants import Key
-from bitro._features import reducer_digest, record_of
+from bitro._features import record_of, reducer_digest
 from bitro._logging import logger
 
 if TYPE_CHECKING:
     from anndata import AnnData
+
 
 def _reference_centroids(reference: Any) -> tuple[np.ndarray, dict[str, Any]]:
     """Centroids of a reference (trained model, cell table or array) and the extraction record they belong to."""

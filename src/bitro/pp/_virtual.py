@@ -134,7 +134,9 @@ def virtual_spots(
         if sdata is not None and len(centres):
             cs = sections[sample].coordinate_system if sample in sections else sample
             shapes[Key.virtual_spots(sample)] = spots_element(centres / ps, radius / ps, ids, cs, ps)
-        logger.info("Section %r: %d virtual spots of %g um cover %d cells.", sample, len(centres), diameter_um, len(xy_um))
+        logger.info(
+            "Section %r: %d virtual spots of %g um cover %d cells.", sample, len(centres), diameter_um, len(xy_um)
+        )
     parts = [p for p in parts if p.n_obs]
     if not parts:
         msg = "The cell table has no cells, so no virtual spot can be laid (no tissue found?)."

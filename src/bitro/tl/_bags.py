@@ -100,8 +100,10 @@ def cell_data(cells: AnnData, *, feature_key: str = Key.FEATURES, need_phenotype
 
 
 def _spot_seq(pooled: np.ndarray, near: np.ndarray, centre: np.ndarray, cells: CellData, max_context: int) -> Seq:
-    """A spot's sequence: its pooled cells, then at most ``max_context`` of the ``near`` cells that are not pooled
-    (subsampled evenly along their distance to the centre, so the bag never depends on other spots)."""
+    """A spot's sequence: its pooled cells, then at most ``max_context`` of the ``near`` cells that are not pooled.
+
+    Context cells are subsampled evenly along their distance to the centre, so the bag never depends on other spots.
+    """
     near = near[~np.isin(near, pooled)]
     if len(near) > max_context:
         order = np.argsort(np.linalg.norm(cells.xy_um[near] - centre, axis=1), kind="stable")
@@ -155,7 +157,11 @@ def spot_bags(
             else:
                 pooled = np.sort(cell_rows[tree.query_ball_point(centre, radius)]) if tree else np.zeros(0, np.int64)
             near = np.zeros(0, dtype=np.int64)
-            if tree is not None and context_radius > 0 and (max_context > 0 or (empty == "context" and not len(pooled))):
+            if (
+                tree is not None
+                and context_radius > 0
+                and (max_context > 0 or (empty == "context" and not len(pooled)))
+            ):
                 near = cell_rows[tree.query_ball_point(centre, context_radius)]
             if not len(pooled):
                 if empty == "skip" or not len(near):

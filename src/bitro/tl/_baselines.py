@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 from tqdm.auto import tqdm
 
 from bitro._constants import Key
@@ -116,7 +117,7 @@ def add_baselines(train: AnnData, test: AnnData, *, genes: Sequence[str], scale:
       (:func:`bitro.tl.colour_statistics`, ``.obsm["bitro_colour"]``) to its expression: what a
       trivial image model gets. Fitted only when both tables have these statistics.
 
-    Score the layers written here with :func:`bitro.tl.evaluate` (``layer=``), beside the model's
+    Score the predictions written here with :func:`bitro.tl.evaluate` (``layer=``), beside the model's
     own predictions.
 
     Parameters
@@ -137,9 +138,9 @@ def add_baselines(train: AnnData, test: AnnData, *, genes: Sequence[str], scale:
     -------
     Nothing; adds to ``test``:
 
-    - ``.layers["bitro_baseline_mean"]``: the training-mean profile, on ``scale``, for ``genes``
-      (NaN for the other genes).
-    - ``.layers["bitro_baseline_ridge"]``: the ridge baseline's predictions, likewise; only when
+    - ``.obsm["bitro_baseline_mean"]``: the training-mean profile, on ``scale``, a :class:`pandas.DataFrame`
+      of rows x ``genes`` (as :func:`bitro.tl.predict` writes its predictions).
+    - ``.obsm["bitro_baseline_ridge"]``: the ridge baseline's predictions, likewise; only when
       both ``train`` and ``test`` have ``.obsm["bitro_colour"]``.
 
     Examples
@@ -180,7 +181,6 @@ def add_baselines(train: AnnData, test: AnnData, *, genes: Sequence[str], scale:
         )
         raise ValueError(msg)
 
-    cols = test.var_names.get_indexer(genes)
     train_y = observed_on_scale(train, np.arange(train.n_obs), train.var_names.get_indexer(genes), scale)
     preds = {Key.BASELINE_MEAN: np.broadcast_to(train_y.mean(0), (test.n_obs, len(genes)))}
     if ridge:
@@ -188,6 +188,4 @@ def add_baselines(train: AnnData, test: AnnData, *, genes: Sequence[str], scale:
             np.asarray(train.obsm[Key.COLOUR_STATS]), train_y, np.asarray(test.obsm[Key.COLOUR_STATS])
         )
     for key, pred in preds.items():
-        layer = np.full(test.shape, np.nan, dtype=np.float32)
-        layer[:, cols] = pred
-        test.layers[key] = layer
+        test.obsm[key] = pd.DataFrame(np.asarray(pred, dtype=np.float32), index=test.obs_names, columns=genes)

@@ -167,7 +167,7 @@ def cross_validate(
         if baselines:
             add_baselines(train, test, genes=model.genes, scale=scale)
         for method, layer in _METHOD_LAYERS.items():
-            if layer in test.layers:
+            if layer in test.obsm:
                 score = evaluate(test, layer=layer, scale=scale, groupby=None, key_added=f"{layer}_eval")
                 rows.append({"held_out": held_out, "method": method, **score.iloc[0].to_dict()})
         logger.info(

@@ -38,24 +38,29 @@ def resolve_table(data: AnnData | SpatialData, table_key: str) -> AnnData:
     return tables[table_key]
 
 
-def predicted_genes(adata: AnnData, layer: str) -> np.ndarray:
-    """Indices of the genes a prediction layer holds.
+def prediction_matrix(adata: AnnData, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The predictions stored under ``key`` and the ``.var`` indices of their genes: ``(cols, values)``.
 
-    The columns of the DataFrame :func:`bitro.tl.predict` writes beside the layer
-    (``.obsm[layer]``) when present, otherwise every gene with at least one finite predicted value.
+    ``.obsm[key]`` as :func:`bitro.tl.predict` writes it (a :class:`pandas.DataFrame`, rows x the model's genes;
+    genes that are not in ``.var_names`` cannot be scored and are left out), else a layer ``.layers[key]``
+    aligned with ``.var_names`` (the genes with at least one finite value).
     """
-    if layer not in adata.layers:
-        msg = (
-            f"No predictions in `.layers[{layer!r}]` (layers: {sorted(adata.layers) or 'none'}). "
-            "Run `bt.tl.predict` first, or pass the layer that holds the predictions as `layer=`."
-        )
-        raise KeyError(msg)
-    recorded = adata.obsm.get(layer)
-    if isinstance(recorded, pd.DataFrame):
-        idx = adata.var_names.get_indexer([str(g) for g in recorded.columns])
-        return idx[idx >= 0]
-    x = adata.layers[layer]
-    return np.flatnonzero(np.isfinite(x.toarray() if sp.issparse(x) else np.asarray(x)).any(axis=0))
+    frame = adata.obsm.get(key)
+    if isinstance(frame, pd.DataFrame):
+        genes = [str(g) for g in frame.columns]
+        idx = adata.var_names.get_indexer(genes)
+        return idx[idx >= 0], frame.to_numpy(dtype=np.float64)[:, idx >= 0]
+    if key in adata.layers:
+        x = adata.layers[key]
+        x = x.toarray() if sp.issparse(x) else np.asarray(x, dtype=np.float64)
+        cols = np.flatnonzero(np.isfinite(x).any(axis=0))
+        return cols, x[:, cols]
+    msg = (
+        f"No predictions under {key!r}: neither `.obsm[{key!r}]` (obsm: {sorted(adata.obsm) or 'none'}) nor "
+        f"`.layers[{key!r}]` (layers: {sorted(adata.layers) or 'none'}). Run `bt.tl.predict` first, or pass the key "
+        "that holds the predictions as `layer=`."
+    )
+    raise KeyError(msg)
 
 
 def prediction_scale(adata: AnnData, scale: str | None) -> str:
@@ -116,10 +121,11 @@ def evaluate(
     Parameters
     ----------
     data
-        Spot (or bulk) table with raw counts in ``.X`` and predictions in ``.layers[layer]``,
+        Spot (or bulk) table with raw counts in ``.X`` and predictions under ``layer``,
         or a SpatialData holding it as table ``table_key``.
     layer
-        Layer with the predictions, as written by :func:`bitro.tl.predict`.
+        Where the predictions are: ``.obsm[layer]``, a :class:`pandas.DataFrame` of rows x genes as written by
+        :func:`bitro.tl.predict` and :func:`bitro.tl.add_baselines`, or else a layer aligned with ``.var_names``.
         Observations whose predictions are not all finite are not scored.
     scale
         Target scale of the predictions, ``"cp10k"`` or ``"log1p"``. By default the scale
@@ -158,9 +164,9 @@ def evaluate(
     if not key_added:
         msg = "`key_added` must be a non-empty string."
         raise ValueError(msg)
-    cols = predicted_genes(adata, layer)
+    cols, pred_all = prediction_matrix(adata, layer)
     if len(cols) == 0:
-        msg = f"`.layers[{layer!r}]` holds no finite prediction. Run `bt.tl.predict` first."
+        msg = f"The predictions {layer!r} hold no finite value for a gene of `.var_names`. Run `bt.tl.predict` first."
         raise ValueError(msg)
     if truth is not None and truth not in adata.layers:
         msg = f"Truth layer {truth!r} not found. Available layers: {sorted(adata.layers) or 'none'}."
@@ -169,10 +175,9 @@ def evaluate(
     if groupby is not None and groupby not in adata.obs:
         msg = f"`groupby={groupby!r}` is not a column of `.obs` (columns: {list(adata.obs.columns)}). Use `groupby=None` to score all rows together."
         raise KeyError(msg)
-    pred_all = dense(adata.layers[layer][:, cols])
     rows = np.flatnonzero(np.isfinite(pred_all).all(axis=1))
     if len(rows) == 0:
-        msg = f"No observation has finite predictions for all {len(cols)} predicted genes in `.layers[{layer!r}]`."
+        msg = f"No observation has finite predictions for all {len(cols)} predicted genes in {layer!r}."
         raise ValueError(msg)
 
     pred = pred_all[rows]

@@ -166,7 +166,9 @@ def check_features(model: BitroModel, cells: AnnData) -> None:
         raise ValueError(msg)
     got = np.shape(cells.obsm[key])[1]
     if got != dim:
-        msg = f"The model was trained on {dim}-dimensional cell features .obsm[{key!r}], the cell table has {got}. {FIX}."
+        msg = (
+            f"The model was trained on {dim}-dimensional cell features .obsm[{key!r}], the cell table has {got}. {FIX}."
+        )
         raise ValueError(msg)
 
 
@@ -339,7 +341,9 @@ def predict(
         if table is None or coverage == "tissue":
             radius = _spot_radius(model)
             own = sdata is not None and sdata.tables.get(cells_key) is cells  # the circles go into that SpatialData
-            spots = virtual_spots(sdata if own and table is None else cells, diameter_um=2 * radius, cells_key=cells_key)
+            spots = virtual_spots(
+                sdata if own and table is None else cells, diameter_um=2 * radius, cells_key=cells_key
+            )
             keep, y, cell_sum, n_bags = run(spot_bags(spots, feats, radius=radius, **context), "predict virtual spots")
             if table is None:
                 spots.obs[Key.PREDICTED_FROM] = "spot"
