@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from bitro import datasets, io, pl, pp, tl
 from bitro._constants import Key
 from bitro._logging import logger
+from bitro._pipeline import predict_slide
 from bitro._settings import settings
 
 try:
@@ -18,4 +19,4 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0"
 
-__all__ = ["Key", "datasets", "io", "logger", "pl", "pp", "settings", "tl", "__version__"]
+__all__ = ["Key", "datasets", "io", "logger", "pl", "pp", "predict_slide", "settings", "tl", "__version__"]

@@ -1,12 +1,18 @@
-"""The ``bitro`` command line: the demo, and the pipeline steps for batch use on many slides.
+"""The ``bitro`` command line: predict a slide, the demo, and the pipeline steps for batch use on many slides.
 
-Every step reads and writes SpatialData zarr stores, so steps can run as separate jobs
+Predict every cell of your own H&E slide with the ready HER2+ breast cancer model (or a model of yours)::
+
+    bitro predict my_slide.svs --model her2st --out my_slide_bitro
+    bitro predict my_slide.jpg --pixel-size 0.5 --out my_slide_bitro --genes ERBB2 CD74
+
+The steps read and write SpatialData zarr stores, so they can run as separate jobs
 (one per slide on a cluster, for example)::
 
     bitro read  ST_FOLDER --samples A1 A2 --out sections.zarr
     bitro cells sections.zarr --out cells.zarr
     bitro fit   cells.zarr --model model/ --target spot
-    bitro predict cells.zarr --model model/ --out predicted.zarr
+    bitro cells new_slide.zarr --reference model/ --out new_cells.zarr
+    bitro predict new_cells.zarr --model model/ --out predicted.zarr
 """
 
 from __future__ import annotations
@@ -37,9 +43,16 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cells", help="Stain normalisation, segmentation, cell features, phenotypes and graph.")
     c.add_argument("store", help="Input SpatialData zarr store.")
     c.add_argument("--out", required=True, help="Output zarr store (may equal the input with --overwrite).")
-    c.add_argument("--stain", choices=["macenko", "vahadane", "none"], default="macenko")
-    c.add_argument("--encoder", default="handcrafted", help="Cell encoder (default: handcrafted).")
-    c.add_argument("--n-clusters", type=int, default=8)
+    c.add_argument(
+        "--reference",
+        default=None,
+        metavar="MODEL",
+        help="Prepare a new slide for this model (a folder or a bundled name such as her2st): its stain reference, "
+        "encoder, scaler + PCA and phenotypes, instead of fitting new ones.",
+    )
+    c.add_argument("--stain", choices=["macenko", "vahadane", "none"], default=None, help="Default: macenko.")
+    c.add_argument("--encoder", default=None, help="Cell encoder (default: handcrafted).")
+    c.add_argument("--n-clusters", type=int, default=None, help="Phenotypes (default: 8).")
     c.add_argument("--n-jobs", type=int, default=None)
     c.add_argument("--overwrite", action="store_true")
 
@@ -52,12 +65,35 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--epochs", type=int, default=100)
     f.add_argument("--overwrite", action="store_true")
 
-    q = sub.add_parser("predict", help="Predict expression with a saved model.")
-    q.add_argument("store", help="SpatialData zarr store with a cell table.")
-    q.add_argument("--model", required=True, help="Folder of a saved model.")
-    q.add_argument("--target", choices=["spot", "bulk"], default="spot")
-    q.add_argument("--out", required=True, help="Output zarr store.")
-    q.add_argument("--overwrite", action="store_true")
+    q = sub.add_parser(
+        "predict",
+        help="Predict every cell of a slide: an image file (JPEG/PNG, TIFF/OME-TIFF/SVS) or a store with a cell table.",
+    )
+    q.add_argument(
+        "input",
+        help="An H&E image file (the whole pipeline runs: segmentation, cells, prediction) or a SpatialData zarr "
+        "store with a cell table made for the model (`bitro cells --reference`).",
+    )
+    q.add_argument(
+        "--model", default="her2st", help="A saved model folder or a bundled model's name (default: her2st)."
+    )
+    q.add_argument(
+        "--out",
+        required=True,
+        help="For an image: output folder (sdata.zarr, cells.h5ad, expression_GENE.png). For a store: output store.",
+    )
+    q.add_argument(
+        "--pixel-size",
+        type=float,
+        default=None,
+        metavar="UM",
+        help="Micrometres per pixel; required for JPEG/PNG, overrides a TIFF/SVS file's own value.",
+    )
+    q.add_argument("--genes", nargs="+", default=None, help="Genes to draw (default: ERBB2, EPCAM or the best-scored).")
+    q.add_argument("--n-jobs", type=int, default=None, help="Local processes for image work.")
+    q.add_argument(
+        "--overwrite", action="store_true", help="Replace an existing output (only once the new one is complete)."
+    )
     return p
 
 
@@ -72,6 +108,7 @@ def _read(store: str):
 
 
 def _table_for(sdata, target: str):
+    """The spot or bulk table of a store."""
     from bitro._constants import Key
     from bitro._utils import check_key
 
@@ -99,15 +136,31 @@ def run(args: argparse.Namespace) -> None:
         if Path(args.out).exists() and not args.overwrite:
             msg = f"{args.out!r} exists; pass --overwrite to replace it."
             raise FileExistsError(msg)
-        sdata = _read(args.store)
-        _pipeline.cell_table(
-            sdata,
-            stain=None if args.stain == "none" else args.stain,
-            encoder=args.encoder,
-            n_clusters=args.n_clusters,
-            n_jobs=args.n_jobs,
-        )
-        bt.io.write_zarr(sdata, args.out, overwrite=args.overwrite)
+        if args.reference is not None:
+            given = [
+                f"--{k.replace('_', '-')}" for k in ("stain", "encoder", "n_clusters") if getattr(args, k) is not None
+            ]
+            if given:
+                msg = (
+                    f"{' and '.join(given)} cannot be combined with --reference: the model fixes them; leave them out."
+                )
+                raise ValueError(msg)
+            model = bt.tl.load_model(args.reference)
+            sdata = _read(args.store)
+            _pipeline.prepare_cells(sdata, model, n_jobs=args.n_jobs)
+        else:
+            sdata = _read(args.store)
+            stain = args.stain or "macenko"
+            _pipeline.cell_table(
+                sdata,
+                stain=None if stain == "none" else stain,
+                encoder=args.encoder or "handcrafted",
+                n_clusters=8 if args.n_clusters is None else args.n_clusters,
+                n_jobs=args.n_jobs,
+            )
+        # the stain-normalised images are lazy views of the originals that can be recomputed: not written
+        keep = [name for _, name, _ in sdata.gen_elements() if not name.endswith(Key.NORMALIZED_SUFFIX)]
+        bt.io.write_zarr(sdata.subset(keep, filter_tables=False), args.out, overwrite=args.overwrite)
     elif args.command == "fit":
         if Path(args.model).exists() and not args.overwrite:
             msg = f"{args.model!r} exists; pass --overwrite to replace it."
@@ -120,13 +173,37 @@ def run(args: argparse.Namespace) -> None:
         model = bt.tl.fit(adata, target=args.target, cells=sdata[Key.CELLS_TABLE], genes=genes, epochs=args.epochs)
         model.save(args.model)
     elif args.command == "predict":
+        _predict(args)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    """``bitro predict``: an image file through the whole pipeline, or a store with a cell table."""
+    import bitro as bt
+    from bitro import _pipeline
+
+    source = Path(args.input)
+    if source.is_dir():  # a SpatialData zarr store with a cell table
+        if args.pixel_size is not None:
+            msg = "--pixel-size is for image files; a SpatialData store records its pixel size already."
+            raise ValueError(msg)
         if Path(args.out).exists() and not args.overwrite:
             msg = f"{args.out!r} exists; pass --overwrite to replace it."
             raise FileExistsError(msg)
         model = bt.tl.load_model(args.model)
-        sdata = _read(args.store)
-        bt.tl.predict(model, _table_for(sdata, args.target), cells=sdata[Key.CELLS_TABLE])
+        sdata = _read(args.input)
+        expr = bt.tl.predict(model, sdata)
         bt.io.write_zarr(sdata, args.out, overwrite=args.overwrite)
+    else:
+        expr = _pipeline.predict_slide(
+            source,
+            args.model,
+            pixel_size=args.pixel_size,
+            out=args.out,
+            overwrite=args.overwrite,
+            genes=args.genes,
+            n_jobs=args.n_jobs,
+        )
+    sys.stdout.write(f"Predicted {expr.n_vars} genes for {expr.n_obs} cells -> {args.out}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

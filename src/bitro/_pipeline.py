@@ -1,19 +1,25 @@
-"""The end-to-end pipeline behind ``bitro demo`` and the ``bitro`` command-line steps."""
+"""The end-to-end pipelines behind ``bitro demo``, ``bitro predict`` (:func:`predict_slide`) and the other steps."""
 
 from __future__ import annotations
 
+import difflib
 import shutil
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bitro._constants import Key
 from bitro._logging import logger
 
 if TYPE_CHECKING:
     import pandas as pd
+    from anndata import AnnData
     from spatialdata import SpatialData
+
+    from bitro.tl import BitroModel
 
 #: Genes shown in the demo figures.
 DEMO_GENES = ("ERBB2", "EPCAM")
@@ -141,3 +147,289 @@ def demo(
     plt.close("all")
     logger.info("Demo finished in %.0f s; results in %s.", time.perf_counter() - t0, out)
     return metrics
+
+
+# -- predicting a new slide ---------------------------------------------------------------------------------
+
+#: Files read with :func:`bitro.io.read_wsi` (pixel size from the file's metadata); other images with
+#: :func:`bitro.io.read_image` (pixel size required).
+WSI_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".ome.tif", ".ome.tiff")
+#: Default model of :func:`predict_slide`.
+DEFAULT_MODEL = "her2st"
+#: How many genes the figures of :func:`predict_slide` show by default.
+N_FIGURE_GENES = 2
+
+
+def is_wsi(path: str | Path) -> bool:
+    """Whether ``path`` is read as a (pyramidal) TIFF / SVS slide rather than a flat image."""
+    return Path(path).name.lower().endswith(WSI_SUFFIXES)
+
+
+def check_slide(image: str | Path, pixel_size: float | None) -> Path:
+    """The slide file, checked before any work: it exists, and a flat image (JPEG, PNG) comes with a pixel size."""
+    path = Path(image)
+    if path.is_dir():
+        msg = f"{str(path)!r} is a folder; give an image file (JPEG/PNG, TIFF/OME-TIFF/SVS) or use `bt.tl.predict` on a SpatialData."
+        raise ValueError(msg)
+    if not path.is_file():
+        msg = f"The slide {str(path)!r} does not exist."
+        raise FileNotFoundError(msg)
+    if pixel_size is not None and not (isinstance(pixel_size, int | float) and 0 < pixel_size < float("inf")):
+        msg = f"The pixel size must be a positive number of micrometres per pixel, got {pixel_size!r}."
+        raise ValueError(msg)
+    if pixel_size is None and not is_wsi(path):
+        msg = (
+            f"{path.name} records no pixel size and bitro does not guess it: pass --pixel-size UM "
+            "(Python: `pixel_size=`), the micrometres per pixel of the scan (about 0.5 at 20x, 0.25 at 40x)."
+        )
+        raise ValueError(msg)
+    return path
+
+
+def read_slide(image: str | Path, *, pixel_size: float | None = None, sample: str | None = None) -> SpatialData:
+    """A one-section SpatialData of an image file: :func:`bitro.io.read_wsi` for TIFF / SVS, else :func:`bitro.io.read_image`."""
+    import bitro as bt
+
+    path = check_slide(image, pixel_size)
+    if is_wsi(path):
+        return bt.io.read_wsi(path, sample=sample, pixel_size=pixel_size)
+    return bt.io.read_image(path, pixel_size=pixel_size, sample=sample)
+
+
+def resolve_model(model: Any) -> BitroModel:
+    """A trained model from a model, a saved model folder or a bundled model's name."""
+    import bitro as bt
+
+    if isinstance(model, str | Path):
+        return bt.tl.load_model(model)
+    if not hasattr(model, "cell_reference"):
+        msg = f"`model` must be a trained model, a model folder or a bundled model's name, got {type(model).__name__}."
+        raise TypeError(msg)
+    return model
+
+
+def stain_reference(model: BitroModel) -> Any:
+    """The stain reference the model's training images were normalised to (``config["stain_reference"]``), or ``None``."""
+    import numpy as np
+
+    record = model.config.get("stain_reference")
+    if not record:
+        return None
+    import squidpy.experimental.im as sqi
+
+    arrays = {
+        k: np.asarray(record[k], dtype=float)
+        for k in ("stain_matrix", "white_point", "max_concentrations")
+        if k in record
+    }
+    return sqi.StainReference(method=record["method"], **arrays)
+
+
+def prepare_cells(sdata: SpatialData, model: BitroModel, *, n_neighs: int = 8, n_jobs: int | None = None) -> AnnData:
+    """A new slide's cell table, made the way the model's training cells were, in place.
+
+    Segments nuclei on the original images, normalises the stains to the model's stain reference (if its
+    training images were normalised), extracts the cell features with the model's encoder and its training
+    cells' scaler + PCA (``extract_cells(reference=model)``), assigns the model's phenotypes
+    (``phenotypes(reference=model)``) and builds the cell graph.
+
+    Returns
+    -------
+    The cell table ``sdata["cells"]``.
+    """
+    import bitro as bt
+
+    record = model.cell_reference.get(Key.EXTRACT_CELLS)
+    if record is None:
+        msg = "The model carries no record of its training cells' features, so new cells cannot be made to match them."
+        raise ValueError(msg)
+    image_keys = {s.sample: s.image_key for s in bt.io.get_sections(sdata)}
+    bt.pp.segment_nuclei(sdata, image_key=image_keys, n_jobs=n_jobs)
+    reference = stain_reference(model)
+    if reference is not None:
+        bt.pp.normalize_stain(sdata, method=reference.method, reference=reference)
+        image_keys = {s: Key.normalized(k) for s, k in image_keys.items()}
+    cells = bt.pp.extract_cells(
+        sdata,
+        image_key=image_keys,
+        encoder=record["encoder"],
+        crop_um=float(record["crop_um"]),
+        crop_px=int(record["crop_px"]),
+        add_morphology=bool(record["add_morphology"]),
+        reference=model,
+        n_jobs=n_jobs,
+    )
+    if Key.PHENOTYPES in model.cell_reference:
+        bt.pp.phenotypes(cells, reference=model)
+    bt.pp.spatial_graph(cells, n_neighs=n_neighs)
+    return cells
+
+
+def figure_genes(model: BitroModel, genes: Sequence[str] | None = None) -> list[str]:
+    """Genes to draw: ``genes`` (checked against the model), else ERBB2 / EPCAM if predicted, else the best-scored."""
+    import numpy as np
+
+    if genes is not None:
+        genes = [genes] if isinstance(genes, str) else list(genes)
+        missing = [g for g in genes if g not in model.genes]
+        if missing:
+            hint = difflib.get_close_matches(missing[0], model.genes, n=3)
+            msg = (
+                f"The model does not predict {missing}"
+                + (f" (did you mean {hint}?)" if hint else "")
+                + f"; it predicts {len(model.genes)} genes, listed in `model.genes`."
+            )
+            raise KeyError(msg)
+        return genes
+    shown = [g for g in DEMO_GENES if g in model.genes]
+    if shown:
+        return shown
+    scores = model.config.get("gene_scores") or {}
+    if scores:
+        values = np.asarray(next(iter(scores.values())), dtype=float)
+        order = np.argsort(-np.nan_to_num(values, nan=-np.inf), kind="stable")
+        return [model.genes[i] for i in order[:N_FIGURE_GENES]]
+    return model.genes[:N_FIGURE_GENES]
+
+
+def draw_gene(sdata: SpatialData, expr: AnnData, gene: str, sample: str, file: Path, *, scale: str) -> None:
+    """A PNG of the predicted expression of ``gene``: virtual spots and cells over the H&E.
+
+    Drawn by :func:`bitro.pl.expression`; should that fail, the cells alone as points coloured by the gene.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    import bitro as bt
+    from bitro.pl._expression import SCALE_LABELS
+
+    try:
+        bt.pl.expression(sdata, gene, sample=sample, table_key=Key.PREDICTED_SPOTS_TABLE, cells=True)
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
+        logger.warning("bt.pl.expression could not draw %s (%s); drawing the cells alone.", gene, e)
+        plt.close("all")
+        rows = (expr.obs[Key.SAMPLE].astype(str) == sample).to_numpy()
+        xy = np.asarray(expr.obsm[Key.SPATIAL])[rows]
+        values = np.asarray(expr[rows, gene].X).ravel()
+        order = np.argsort(values, kind="stable")
+        fig, ax = plt.subplots(figsize=(6, 6))
+        sc = ax.scatter(xy[order, 0], xy[order, 1], c=values[order], s=1.5, cmap="viridis", linewidths=0)
+        ax.set_aspect("equal")
+        ax.invert_yaxis()
+        ax.set_axis_off()
+        fig.colorbar(sc, ax=ax, shrink=0.7, label=f"predicted {gene}, {SCALE_LABELS.get(scale, scale)}")
+        ax.set_title(f"{gene} — predicted cells ({sample})")
+    plt.savefig(file, dpi=120, bbox_inches="tight")
+    plt.close("all")
+
+
+@contextmanager
+def staged_folder(out: str | Path, *, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling of ``out`` to write into, swapped in place of ``out`` only once everything is written.
+
+    An existing ``out`` is refused without ``overwrite``; with it, the old folder is removed only after the
+    new one is complete, so an error or a crash while writing leaves it untouched.
+    """
+    out = check_output_dir(out, overwrite=overwrite).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    tmp, old = out.with_name(f".{out.name}.tmp-{token}"), out.with_name(f".{out.name}.old-{token}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rename(old)  # keep the old output until the new one is in place
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def predict_slide(
+    image: str | Path,
+    model: BitroModel | str | Path = DEFAULT_MODEL,
+    *,
+    pixel_size: float | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    genes: Sequence[str] | None = None,
+    n_jobs: int | None = None,
+) -> AnnData:
+    """Predict the expression of every cell of an H&E slide that has no spatial data, from the image file alone.
+
+    Reads the image, segments the nuclei, prepares the cells the way the model's training cells were
+    (stain normalisation to the model's reference, the model's encoder, its scaler + PCA and phenotype
+    centroids), builds the cell graph and predicts every tissue cell with :func:`bitro.tl.predict` (from
+    virtual spots of the training spot size laid over the tissue). This is ``bitro predict SLIDE``.
+
+    Parameters
+    ----------
+    image
+        The slide: a pyramidal TIFF, OME-TIFF or SVS (read with :func:`bitro.io.read_wsi`; the pixel size
+        comes from its metadata) or a flat image such as JPEG or PNG (read with :func:`bitro.io.read_image`).
+    model
+        A trained model, a saved model folder, or the name of a model shipped with bitro (``"her2st"``:
+        HER2+ breast cancer, see its model card ``bitro/datasets/models/her2st/MODEL_CARD.md``).
+    pixel_size
+        Micrometres per pixel of the image. Required for JPEG / PNG (bitro does not guess it); for TIFF / SVS
+        it overrides the file's value.
+    out
+        Folder to write the results to (nothing is written by default): ``sdata.zarr`` (the SpatialData:
+        image, nuclei, cell table, virtual spots and the prediction tables ``"bitro_spots"`` and
+        ``"bitro_cells"``), ``cells.h5ad`` (the returned cell expression table) and ``expression_{gene}.png``
+        per gene of ``genes``.
+    overwrite
+        Replace an existing ``out``. The old folder is removed only once the new one is complete.
+    genes
+        Genes to draw (default: ERBB2 and EPCAM if the model predicts them, else its best-scored genes).
+    n_jobs
+        Local processes for the image work (default ``bitro.settings.n_jobs``).
+
+    Returns
+    -------
+    The cell expression table: cells x the model's genes, ``X`` on the model's target scale (``model.scale``,
+    e.g. log1p CP10k; levels are relative, see the model card); ``.obs`` ``"sample"``, ``"phenotype"``,
+    ``"cell_id"``; ``.obsm["spatial"]`` the nucleus centroids in image pixels; ``.var`` the model's per-gene
+    scores (e.g. ``"loso_pcc"``), if it has any. See :func:`bitro.tl.predict`.
+
+    Examples
+    --------
+    >>> import bitro as bt
+    >>> model = bt.tl.load_model("her2st")  # doctest: +SKIP
+    >>> expr = bt.predict_slide("my_slide.svs", model, out="my_slide_bitro")  # doctest: +SKIP
+    >>> expr.to_df()["ERBB2"].describe()  # doctest: +SKIP
+    """
+    import bitro as bt
+
+    t0 = time.perf_counter()
+    # everything that can be checked is checked before the slow work
+    path = check_slide(image, pixel_size)
+    if out is not None:
+        check_output_dir(out, overwrite=overwrite)
+    model = resolve_model(model)
+    shown = figure_genes(model, genes) if out is not None or genes is not None else []
+
+    sdata = read_slide(path, pixel_size=pixel_size)
+    sample = bt.io.get_sections(sdata)[0].sample
+    prepare_cells(sdata, model, n_jobs=n_jobs)
+    expr = bt.tl.predict(model, sdata)
+    logger.info(
+        "Predicted %d genes for %d cells of %s in %.0f s.", expr.n_vars, expr.n_obs, path.name, time.perf_counter() - t0
+    )
+    if out is None:
+        return expr
+    with staged_folder(out, overwrite=overwrite) as tmp:
+        # the stain-normalised images are lazy views of the original that can be recomputed: not written
+        keep = [name for _, name, _ in sdata.gen_elements() if not name.endswith(Key.NORMALIZED_SUFFIX)]
+        bt.io.write_zarr(sdata.subset(keep, filter_tables=False), tmp / "sdata.zarr")
+        expr.write_h5ad(tmp / "cells.h5ad")
+        for gene in shown:
+            draw_gene(sdata, expr, gene, sample, tmp / f"expression_{gene}.png", scale=model.scale)
+    logger.info("Wrote %s (%.0f s in all).", out, time.perf_counter() - t0)
+    return expr

@@ -26,9 +26,10 @@ table ``"spots"``, coordinate systems ``"{s}"`` and ``"{s}_um"``). Objects made 
 :func:`get_sections` finds these pieces and returns one :class:`Section` per tissue section.
 """
 
+from bitro.io._image import read_image
 from bitro.io._sections import Section, get_sections, set_pixel_size
 from bitro.io._st import read_st
 from bitro.io._wsi import read_wsi
 from bitro.io._zarr import write_zarr
 
-__all__ = ["Section", "get_sections", "read_st", "read_wsi", "set_pixel_size", "write_zarr"]
+__all__ = ["Section", "get_sections", "read_image", "read_st", "read_wsi", "set_pixel_size", "write_zarr"]

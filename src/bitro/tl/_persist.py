@@ -152,13 +152,54 @@ class BitroModel:
         return path
 
 
+#: Folder of the models shipped with bitro (one sub-folder per model name).
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "datasets" / "models"
+
+
+def bundled_models() -> list[str]:
+    """Names of the ready models shipped with bitro, loadable by name with :func:`load_model`.
+
+    Returns
+    -------
+    The sorted names, e.g. ``["her2st"]``; each has a model card ``MODEL_CARD.md`` in its folder.
+
+    Examples
+    --------
+    >>> from bitro.tl._persist import bundled_models
+    >>> "her2st" in bundled_models()  # doctest: +SKIP
+    True
+    """
+    if not BUNDLED_DIR.is_dir():
+        return []
+    return sorted(d.name for d in BUNDLED_DIR.iterdir() if (d / CONFIG_FILE).is_file())
+
+
+def model_path(path: str | Path) -> Path:
+    """The folder of a model given as a folder or as the name of a bundled model (an existing path wins)."""
+    given = Path(path)
+    if given.exists():
+        return given
+    names = bundled_models()
+    if isinstance(path, str) and path in names:
+        return BUNDLED_DIR / path
+    looks_like_name = isinstance(path, str) and "/" not in path and "\\" not in path and not path.startswith(".")
+    what = f"no bundled model is called {str(path)!r}" if looks_like_name else f"there is no folder {str(path)!r}"
+    msg = (
+        f"Cannot load the model {str(path)!r}: {what}. Give a folder written by `model.save(path)` or one of the "
+        f"bundled models {names}."
+    )
+    raise FileNotFoundError(msg)
+
+
 def load_model(path: str | Path, *, device: str | None = None) -> BitroModel:
-    """Read a model written by :meth:`BitroModel.save`.
+    """Read a model written by :meth:`BitroModel.save`, or a ready model shipped with bitro by name.
 
     Parameters
     ----------
     path
-        The model folder.
+        The model folder, or the name of a model shipped with bitro (``"her2st"``: trained on the four
+        bundled HER2ST breast cancer sections; see ``bitro/datasets/models/her2st/MODEL_CARD.md``).
+        An existing path is always read as a folder.
     device
         Torch device for the networks; default ``bitro.settings.device``.
 
@@ -169,8 +210,12 @@ def load_model(path: str | Path, *, device: str | None = None) -> BitroModel:
     Examples
     --------
     >>> model = bt.tl.load_model("my_model")  # doctest: +SKIP
+    >>> model = bt.tl.load_model("her2st")  # doctest: +SKIP
     """
-    path = Path(path)
+    path = model_path(path)
+    if not path.is_dir():
+        msg = f"{str(path)!r} is a file, not a model folder; give the folder that holds {CONFIG_FILE}."
+        raise FileNotFoundError(msg)
     config = read_config(path)
     states = read_weights(path / WEIGHTS_FILE)
     nets = build_nets(config, states, device=device)
