@@ -116,7 +116,7 @@ def main() -> None:
         model = bt.tl.load_model(out)
         genes = model.genes
     else:
-        model = fit_and_save(spots, cells, genes, samples, out)
+        model = fit_and_save(spots, cells, genes, samples, out, sdata)
     log(f"fitted on {spots.n_obs} spots x {len(genes)} genes in {time.perf_counter() - t:.0f} s: {model!r} -> {out}")
     if args.no_loso:
         return
@@ -124,11 +124,37 @@ def main() -> None:
     log(f"done in {time.perf_counter() - t0:.0f} s")
 
 
-def fit_and_save(spots, cells, genes, samples, out):
+def stain_record(sdata) -> dict:
+    """The stain reference all sections were normalised to (``cell_table``: the first section's image), in full.
+
+    ``bitro predict`` normalises a new slide to it, so its cells' colours match the training cells'.
+    """
+    import squidpy.experimental.im as sqi
+
+    from bitro._constants import Key
+    from bitro.pp._stain import _ensure_tissue_mask
+
+    record = next(iter(sdata.attrs[Key.UNS][Key.NORMALIZE_STAIN].values()))
+    key = record["reference"]
+    ref = sqi.fit_stain_reference(sdata, key, method=record["method"], tissue_mask_key=_ensure_tissue_mask(sdata, key))
+    if not np.allclose(ref.stain_matrix, record["reference_stain_matrix"]):
+        msg = f"Refitting the stain reference of {key!r} gave another stain matrix than the normalisation used."
+        raise RuntimeError(msg)
+    out = {"method": record["method"], "image": key}
+    for name in ("stain_matrix", "white_point", "max_concentrations"):
+        value = getattr(ref, name, None)
+        if value is not None:
+            out[name] = np.asarray(value, dtype=float).tolist()
+    return out
+
+
+def fit_and_save(spots, cells, genes, samples, out, sdata=None):
     """Fit the shipped model on every section with the default settings and save it."""
     import bitro as bt
 
     model = bt.tl.fit(spots, target="spot", cells=cells, genes=genes, seed=SEED)
+    if sdata is not None:
+        model.config["stain_reference"] = stain_record(sdata)
     model.config["training_data"] = {
         "dataset": "HER2ST (Andersson et al., Nat. Commun. 12, 6012, 2021), bundled with bitro",
         "sections": samples,
