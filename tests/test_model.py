@@ -44,11 +44,19 @@ def test_prediction_does_not_depend_on_batch_mates(bags_cells):
 def test_predict_bags_independent_of_packing(bags_cells):
     bags, data = bags_cells
     net = _net()
-    big, rows_big, att_big = predict_bags([net], bags, data, attention=True)
-    small, rows_small, att_small = predict_bags([net], bags, data, tokens_per_batch=50, attention=True)
+    big, cells_big, n_big = predict_bags([net], bags, data, cell_scale=lambda y: y)
+    small, cells_small, n_small = predict_bags([net], bags, data, tokens_per_batch=50, cell_scale=lambda y: y)
     np.testing.assert_allclose(big, small, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(rows_big, rows_small)
-    np.testing.assert_allclose(att_big, att_small, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(n_big, n_small)
+    np.testing.assert_allclose(cells_big, cells_small, rtol=1e-5, atol=1e-6)
+    # each pooled cell gets n_pool x its attention x its bag's prediction, as the network's own forward pass gives
+    with torch.no_grad():
+        for bag in bags[:5]:
+            y, att = net(collate([bag], data))
+            rows = bag[0].cells[: bag[0].n_pool]
+            expected = bag[0].n_pool * att.numpy() * y.numpy()[0]
+            np.testing.assert_allclose(cells_big[rows], expected, rtol=1e-4, atol=1e-5)
+            assert (n_big[rows] == 1).all()
 
 
 def test_combine_parts_is_exact():

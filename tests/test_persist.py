@@ -22,18 +22,27 @@ def trained(toy_tl):
 
 def test_save_load_same_predictions(trained, tmp_path):
     model, spots, cells = trained
-    bt.tl.predict(model, spots, cells=cells)
+    expr = bt.tl.predict(model, spots, cells=cells)
     before = spots.obsm["bitro_predicted"].to_numpy().copy()
-    pseudo = cells.obsm["bitro_pseudo_cell"].to_numpy().copy()
     model.save(tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "weights.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "config.json",
+        "reference.safetensors",
+        "weights.safetensors",
+    ]
     loaded = bt.tl.load_model(tmp_path / "m")
     assert loaded.genes == model.genes and len(loaded.nets) == 2
     assert loaded.history[0]["train_loss"] == model.history[0]["train_loss"]
-    bt.tl.predict(loaded, spots, cells=cells)
+    again = bt.tl.predict(loaded, spots, cells=cells)
     np.testing.assert_array_equal(spots.obsm["bitro_predicted"].to_numpy(), before)
-    np.testing.assert_array_equal(cells.obsm["bitro_pseudo_cell"].to_numpy(), pseudo)
+    np.testing.assert_array_equal(again.X, expr.X)
     assert "n_genes=12" in repr(loaded)
+    # the model carries its training cells' scaler + PCA and phenotype centroids, bit for bit
+    for name in ("scaler_mean", "scaler_scale", "pca_mean", "pca_components"):
+        np.testing.assert_array_equal(
+            loaded.cell_reference["extract_cells"]["reducer"][name], cells.uns["bitro"]["extract_cells"]["reducer"][name]
+        )
+    assert loaded.config["features"]["fingerprint"] == cells.uns["bitro"]["extract_cells"]["fingerprint"]
 
 
 def test_truncated_or_corrupted_files(trained, tmp_path):
@@ -49,10 +58,13 @@ def test_truncated_or_corrupted_files(trained, tmp_path):
     (folder / "config.json").write_text(config[: len(config) // 2])
     with pytest.raises(ValueError, match="corrupted or truncated"):
         bt.tl.load_model(folder)
-    (folder / "config.json").write_text(json.dumps({"format_version": 1}))
+    (folder / "config.json").write_text(json.dumps({"format_version": 2}))
     with pytest.raises(ValueError, match="lacks"):
         bt.tl.load_model(folder)
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    (folder / "config.json").write_text(json.dumps({"format_version": 1}))
+    with pytest.raises(ValueError, match="older bitro"):
+        bt.tl.load_model(folder)
+    with pytest.raises(FileNotFoundError, match="no folder"):
         bt.tl.load_model(tmp_path / "nothing")
 
 
@@ -72,9 +84,18 @@ def test_predict_checks_features(trained):
     other.obsm["X_bitro"] = other.obsm["X_bitro"][:, :5]
     with pytest.raises(ValueError, match="8-dimensional"):
         bt.tl.predict(model, spots, cells=other)
-    assert "bitro_pseudo_cell" not in other.obsm
     other = cells.copy()
-    other.uns["bitro"] = {**other.uns["bitro"], "extract_cells": {"encoder": "uni"}}
-    model.config["encoder"] = {"encoder": "efficientnet_lite0"}
-    with pytest.raises(ValueError, match="efficientnet_lite0"):
+    record = dict(other.uns["bitro"]["extract_cells"], crop_um=12.0)
+    other.uns["bitro"] = {**other.uns["bitro"], "extract_cells": record}
+    with pytest.raises(ValueError, match="crop_um is 12.0 for these cells but 24.0 for the model") as err:
         bt.tl.predict(model, spots, cells=other)
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400  # one readable line
+    other.uns["bitro"]["extract_cells"] = dict(cells.uns["bitro"]["extract_cells"], reducer={
+        k: np.asarray(v) * 1.01 for k, v in cells.uns["bitro"]["extract_cells"]["reducer"].items()
+    })
+    with pytest.raises(ValueError, match="scaler \\+ PCA"):
+        bt.tl.predict(model, spots, cells=other)
+    del other.uns["bitro"]["extract_cells"]
+    with pytest.raises(ValueError, match="no extraction record"):
+        bt.tl.predict(model, spots, cells=other)
+    assert "bitro_predicted" not in spots.obsm

@@ -48,18 +48,20 @@ def _section_sdata(samples=("s1",)):
             ),
         )
         cells.obsm[Key.SPATIAL] = cxy
-        pseudo = pd.DataFrame(rng.uniform(0, 1, (60, 3)), index=cells.obs_names, columns=genes[:3])
-        pseudo.iloc[0] = np.nan  # a cell outside every spot
-        cells.obsm[Key.PSEUDO_CELL] = pseudo
         cell_tables.append(cells)
     table = spots_table(tables)
-    table.layers[Key.PREDICTED] = np.log1p(1e4 * table.X / table.X.sum(1, keepdims=True)) * 0.8 + 0.5
-    table.layers[Key.PREDICTED][:, 3] = np.nan  # PTPRC not predicted
+    predicted = np.log1p(1e4 * table.X / table.X.sum(1, keepdims=True)) * 0.8 + 0.5
+    table.obsm[Key.PREDICTED] = pd.DataFrame(predicted[:, :3], index=table.obs_names, columns=genes[:3])  # not PTPRC
     table.uns[Key.UNS] = {"predict": {"scale": "cp10k"}}
     cells = ad.concat(cell_tables)
     cells.obs[Key.PHENOTYPE] = pd.Categorical(cells.obs[Key.PHENOTYPE])
-    cells.obsm[Key.PSEUDO_CELL] = pd.concat([c.obsm[Key.PSEUDO_CELL] for c in cell_tables])
-    return SpatialData(images=images, shapes=shapes, tables={Key.SPOTS_TABLE: table, Key.CELLS_TABLE: cells})
+    # the cell expression table of bt.tl.predict: the first cell of each section left out (no bag)
+    covered = cells[[i % 60 != 0 for i in range(cells.n_obs)]]
+    expr = ad.AnnData(rng.uniform(0, 1, (covered.n_obs, 3)), obs=covered.obs.copy(), var=pd.DataFrame(index=genes[:3]))
+    expr.obsm[Key.SPATIAL] = covered.obsm[Key.SPATIAL]
+    expr.uns[Key.UNS] = {"predict": {"scale": "cp10k"}}
+    tables = {Key.SPOTS_TABLE: table, Key.CELLS_TABLE: cells, Key.PREDICTED_CELLS_TABLE: expr}
+    return SpatialData(images=images, shapes=shapes, tables=tables)
 
 
 @pytest.fixture
@@ -86,7 +88,7 @@ def test_expression_draws_observed_and_predicted(sdata):
     assert [ax.get_title() for ax in axs] == ["EPCAM — observed", "EPCAM — predicted"]
     x = table.X
     observed = np.log1p(1e4 * x[:, 0] / x.sum(1))
-    for ax, expected in zip(axs, [observed, table.layers[Key.PREDICTED][:, 0]], strict=True):
+    for ax, expected in zip(axs, [observed, table.obsm[Key.PREDICTED]["EPCAM"]], strict=True):
         coll = _spot_collection(ax)
         np.testing.assert_allclose(coll.get_array(), expected)
         np.testing.assert_allclose(coll.get_offsets(), table.obsm[Key.SPATIAL])
@@ -110,16 +112,28 @@ def test_expression_picks_a_coarse_level_for_the_image(sdata):
 
 
 def test_expression_cells_overlay(sdata):
-    cells = sdata.tables[Key.CELLS_TABLE]
+    expr = sdata.tables[Key.PREDICTED_CELLS_TABLE]
     axs = bt.pl.expression(sdata, "ERBB2", cells=True)
     assert len(axs) == 3 and axs[2].get_title() == "ERBB2 — predicted cells"
     (points,) = axs[2].collections
-    values = cells.obsm[Key.PSEUDO_CELL]["ERBB2"].to_numpy()
-    keep = np.flatnonzero(np.isfinite(values))
-    assert len(keep) == 59  # the cell outside every spot is left out
-    order = keep[np.argsort(values[keep])]  # highest drawn last
-    np.testing.assert_allclose(points.get_offsets(), cells.obsm[Key.SPATIAL][order])
+    values = expr[:, "ERBB2"].X[:, 0]
+    assert len(values) == 59  # the cell in no bag is not in the table
+    order = np.argsort(values)  # highest drawn last
+    np.testing.assert_allclose(points.get_offsets(), expr.obsm[Key.SPATIAL][order])
     np.testing.assert_allclose(points.get_array(), values[order])
+
+
+def test_expression_prediction_table_without_observed(sdata):
+    # a slide without measured expression: the prediction table of bt.tl.predict, drawn without an observed panel
+    spots = sdata.tables[Key.SPOTS_TABLE]
+    pred = ad.AnnData(spots.obsm[Key.PREDICTED].to_numpy(), obs=spots.obs.copy())
+    pred.var_names = list(spots.obsm[Key.PREDICTED].columns)
+    pred.obsm[Key.SPATIAL] = spots.obsm[Key.SPATIAL]
+    pred.uns[Key.UNS] = {"predict": {"scale": "cp10k", "predictions": "X"}}
+    sdata.tables["bitro_spots"] = pred
+    axs = bt.pl.expression(sdata, "EPCAM", table_key="bitro_spots", cells=True)
+    assert [ax.get_title() for ax in axs] == ["EPCAM — predicted", "EPCAM — predicted cells"]
+    np.testing.assert_allclose(_spot_collection(axs[0]).get_array(), pred[:, "EPCAM"].X[:, 0])
 
 
 def test_expression_anndata_without_image(sdata):
@@ -171,10 +185,10 @@ def test_expression_bad_inputs(sdata):
     del table.obsm[Key.SPATIAL]
     with pytest.raises(KeyError, match="spatial coordinates"):
         bt.pl.expression(table, "EPCAM")
-    with pytest.raises(ValueError, match="cell table"):
+    with pytest.raises(ValueError, match="cell expression table"):
         bt.pl.expression(sdata.tables[Key.SPOTS_TABLE], "EPCAM", cells=True)
-    del sdata.tables[Key.CELLS_TABLE].obsm[Key.PSEUDO_CELL]
-    with pytest.raises(KeyError, match=r"bt\.tl\.predict"):
+    del sdata.tables[Key.PREDICTED_CELLS_TABLE]
+    with pytest.raises(ValueError, match=r"bt\.tl\.predict"):
         bt.pl.expression(sdata, "EPCAM", cells=True)
     assert not plt.get_fignums()  # nothing drawn before the checks failed
 
@@ -186,7 +200,7 @@ def test_expression_needs_sample_when_several():
         bt.pl.expression(sdata, "EPCAM")
     axs = bt.pl.expression(sdata, "EPCAM", sample="s2")
     np.testing.assert_allclose(
-        _spot_collection(axs[1]).get_array(), sdata.tables[Key.SPOTS_TABLE].layers[Key.PREDICTED][20:, 0]
+        _spot_collection(axs[1]).get_array(), sdata.tables[Key.SPOTS_TABLE].obsm[Key.PREDICTED]["EPCAM"][20:]
     )
 
 

@@ -169,10 +169,10 @@ def test_merged_equals_unmerged(bulk_model, toy):
     spots, cells = toy
     data = cell_data(cells)
     bags = [b for b in spot_bags(spots, data, context_radius=150.0, max_context=128) if b is not None]
-    y_a, _, att_a = predict_bags(tuned.nets, bags, data, attention=True)
-    y_b, _, att_b = predict_bags(merged.nets, bags, data, attention=True)
+    y_a, cells_a, _ = predict_bags(tuned.nets, bags, data, cell_scale=lambda y: y)
+    y_b, cells_b, _ = predict_bags(merged.nets, bags, data, cell_scale=lambda y: y)
     np.testing.assert_allclose(y_a, y_b, atol=1e-5)
-    np.testing.assert_allclose(att_a, att_b, atol=1e-6)
+    np.testing.assert_allclose(cells_a, cells_b, atol=1e-5)
     base_y, _, _ = predict_bags(_transfer_untrained(bulk_model, toy).nets, bags, data)
     assert not np.allclose(y_a, base_y, atol=1e-3)  # the adapters do change the predictions
     batch = collate(bags[:8], data)
@@ -263,7 +263,8 @@ rng = np.random.default_rng(0)
 obs = pd.DataFrame({"sample": ["A"] * 20 + ["B"] * 20, "spot_id": [f"s{i % 4}" for i in range(40)]}, index=[f"c{i}" for i in range(40)])
 cells = ad.AnnData(obs=obs, obsm={"X_bitro": rng.normal(size=(40, 4)).astype("float32"), "spatial": rng.uniform(0, 100, (40, 2))})
 cells.obsp["spatial_connectivities"] = sp.eye(40, format="csr")
-cells.uns["bitro"] = {"pixel_size": {"A": 0.5, "B": 0.5}}
+record = {"encoder": "toy", "weights_sha256": "", "crop_um": 24.0, "crop_px": 48, "add_morphology": False, "n_raw_features": 4}
+cells.uns["bitro"] = {"pixel_size": {"A": 0.5, "B": 0.5}, "extract_cells": record}
 obs = pd.DataFrame({"sample": ["A"] * 4 + ["B"] * 4, "spot_id": [f"s{i}" for i in range(4)] * 2}, index=[f"p{i}" for i in range(8)])
 spots = ad.AnnData(rng.poisson(5, (8, 3)).astype("float32"), obs=obs, obsm={"spatial": rng.uniform(0, 200, (8, 2))})
 bt.settings.progress = False

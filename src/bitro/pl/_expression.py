@@ -123,7 +123,7 @@ def expression(
     from bitro.tl._evaluate import observed_on_scale, prediction_matrix, prediction_scale
 
     sdata, adata = split_data(data, table_key)
-    if layer not in adata.obsm and layer not in adata.layers and Key.PREDICT in adata.uns.get(Key.UNS, {}):
+    if adata.uns.get(Key.UNS, {}).get(Key.PREDICT, {}).get("predictions") == "X":
         # a prediction table of `bt.tl.predict` (e.g. "bitro_spots"): predictions in .X, nothing observed
         check_gene(gene, adata.var_names, "the prediction table")
         cols, pred_all, observed_too = np.arange(adata.n_vars), None, False

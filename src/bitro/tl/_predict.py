@@ -373,7 +373,8 @@ def predict(
         "n_genes": len(genes),
         "features": model.config["features"]["fingerprint"],
     }
-    expr.uns[Key.UNS] = {Key.PIXEL_SIZE: dict(cells.uns[Key.UNS][Key.PIXEL_SIZE]), Key.PREDICT: params}
+    in_x = {**params, "predictions": "X"}  # marks the tables whose .X holds predictions
+    expr.uns[Key.UNS] = {Key.PIXEL_SIZE: dict(cells.uns[Key.UNS][Key.PIXEL_SIZE]), Key.PREDICT: in_x}
     if (~covered).any():
         logger.info(f"{int((~covered).sum())} of {cells.n_obs} cells lie in no spot's bag and are left out.")
     if sdata is not None:
@@ -381,7 +382,7 @@ def predict(
         spot_table = _predicted_table(
             y, rows.obs.copy(), rows.obsm[Key.SPATIAL] if Key.SPATIAL in rows.obsm else None, model, _table_attrs(rows)
         )
-        spot_table.uns[Key.UNS] = {Key.PREDICT: params}
+        spot_table.uns[Key.UNS] = {Key.PREDICT: in_x}
         if Key.PIXEL_SIZE in cells.uns[Key.UNS]:
             spot_table.uns[Key.UNS][Key.PIXEL_SIZE] = dict(cells.uns[Key.UNS][Key.PIXEL_SIZE])
         sdata.tables[spots_key_added] = spot_table
