@@ -92,6 +92,7 @@ def main() -> None:
     p.add_argument("--n-jobs", type=int, default=None, help="Local processes for the image work.")
     p.add_argument("--no-loso", action="store_true", help="Skip the leave-one-section-out scores.")
     p.add_argument("--loso-only", action="store_true", help="Only (re)compute the scores of the model in --out.")
+    p.add_argument("--card-only", action="store_true", help="Only rewrite the tables of MODEL_CARD.md in --out.")
     args = p.parse_args()
 
     import torch
@@ -100,9 +101,12 @@ def main() -> None:
     from bitro import _pipeline
     from bitro._constants import Key
 
+    out = Path(args.out)
+    if args.card_only:
+        write_card_tables(out)
+        return
     torch.set_num_threads(args.threads)
     bt.settings.progress = False
-    out = Path(args.out)
     t0 = time.perf_counter()
     sdata = bt.datasets.her2st()
     samples = [s.sample for s in bt.io.get_sections(sdata)]
@@ -121,31 +125,8 @@ def main() -> None:
     if args.no_loso:
         return
     write_scores(per_gene_scores(sdata, cells, genes, model.scale, samples), genes, samples, out)
+    write_card_tables(out)
     log(f"done in {time.perf_counter() - t0:.0f} s")
-
-
-def stain_record(sdata) -> dict:
-    """The stain reference all sections were normalised to (``cell_table``: the first section's image), in full.
-
-    ``bitro predict`` normalises a new slide to it, so its cells' colours match the training cells'.
-    """
-    import squidpy.experimental.im as sqi
-
-    from bitro._constants import Key
-    from bitro.pp._stain import _ensure_tissue_mask
-
-    record = next(iter(sdata.attrs[Key.UNS][Key.NORMALIZE_STAIN].values()))
-    key = record["reference"]
-    ref = sqi.fit_stain_reference(sdata, key, method=record["method"], tissue_mask_key=_ensure_tissue_mask(sdata, key))
-    if not np.allclose(ref.stain_matrix, record["reference_stain_matrix"]):
-        msg = f"Refitting the stain reference of {key!r} gave another stain matrix than the normalisation used."
-        raise RuntimeError(msg)
-    out = {"method": record["method"], "image": key}
-    for name in ("stain_matrix", "white_point", "max_concentrations"):
-        value = getattr(ref, name, None)
-        if value is not None:
-            out[name] = np.asarray(value, dtype=float).tolist()
-    return out
 
 
 def fit_and_save(spots, cells, genes, samples, out, sdata=None):
@@ -153,8 +134,10 @@ def fit_and_save(spots, cells, genes, samples, out, sdata=None):
     import bitro as bt
 
     model = bt.tl.fit(spots, target="spot", cells=cells, genes=genes, seed=SEED)
-    if sdata is not None:
-        model.config["stain_reference"] = stain_record(sdata)
+    if sdata is not None:  # new slides are normalised to the same stain reference (`bitro predict`)
+        from bitro._pipeline import stain_reference_record
+
+        model.config["stain_reference"] = stain_reference_record(sdata)
     model.config["training_data"] = {
         "dataset": "HER2ST (Andersson et al., Nat. Commun. 12, 6012, 2021), bundled with bitro",
         "sections": samples,
@@ -191,6 +174,67 @@ def write_scores(scores: pd.DataFrame, genes, samples, out: Path) -> None:
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=1))
     fold_means = scores.groupby(["method", "held_out"])["pcc"].mean().unstack()
     log(f"mean PCC_gene per held-out section:\n{fold_means.round(3)}\nmean over folds:\n{fold_means.mean(1).round(3)}")
+
+
+#: Markers in MODEL_CARD.md between which :func:`write_card_tables` writes the measured tables.
+CARD_BEGIN, CARD_END = "<!-- scores: begin (written by scripts/train_her2st_model.py) -->", "<!-- scores: end -->"
+
+
+def write_card_tables(out: Path) -> None:
+    """Write the measured tables (per fold, thresholds, best and worst genes) into the model card."""
+    table = pd.read_csv(out / "loso_scores.csv", index_col="gene")
+    folds = sorted({c.split("_", 1)[1] for c in table.columns if c.startswith("bitro_") and c != "bitro_mean"})
+    lines = [
+        CARD_BEGIN,
+        "",
+        "| held-out section | bitro | ridge on patch colour | training-mean profile |",
+        "|---|---|---|---|",
+    ]
+    for h in [*folds, "mean"]:
+        name = "**mean over folds**" if h == "mean" else h
+        lines.append(
+            f"| {name} | {table[f'bitro_{h}'].mean():.3f} | {table[f'ridge_{h}'].mean():.3f} | "
+            f"{table[f'mean_{h}'].mean():.3f} |"
+        )
+    score, ridge = table["bitro_mean"], table["ridge_mean"]
+    lines += [
+        "",
+        f"Per gene (mean over the {len(folds)} folds of the PCC over held-out spots), of {len(table)} genes:",
+        "",
+        "| PCC_gene above | 0.3 | 0.2 | 0.1 | 0 |",
+        "|---|---|---|---|---|",
+        "| genes (bitro) | " + " | ".join(str(int((score > t).sum())) for t in (0.3, 0.2, 0.1, 0.0)) + " |",
+        "| genes (ridge) | " + " | ".join(str(int((ridge > t).sum())) for t in (0.3, 0.2, 0.1, 0.0)) + " |",
+        "",
+        f"bitro beats the ridge baseline on {int((score > ridge).sum())} of {len(table)} genes.",
+        "",
+    ]
+    per_fold = " | ".join(folds)
+
+    def gene_table(title: str, genes) -> list[str]:
+        rows = [
+            title,
+            "",
+            f"| gene | bitro (mean) | ridge (mean) | {per_fold} |",
+            "|---|---|---|" + "---|" * len(folds),
+        ]
+        for g in genes:
+            vals = " | ".join(f"{table.loc[g, f'bitro_{h}']:.2f}" for h in folds)
+            rows.append(f"| {g} | {score[g]:.3f} | {ridge[g]:.3f} | {vals} |")
+        return [*rows, ""]
+
+    order = score.sort_values(ascending=False, na_position="last").index
+    lines += gene_table("**The 20 best-predicted genes** (bitro per held-out section on the right):", order[:20])
+    lines += gene_table("**The 20 worst-predicted genes:**", order[-20:][::-1])
+    demo = [g for g in ("ERBB2", "EPCAM") if g in table.index]
+    if demo:
+        lines += gene_table("**The demo's marker genes:**", demo)
+    lines.append(CARD_END)
+    card = out / "MODEL_CARD.md"
+    text = card.read_text() if card.is_file() else f"# Model card\n\n{CARD_BEGIN}\n{CARD_END}\n"
+    a, b = text.index(CARD_BEGIN), text.index(CARD_END) + len(CARD_END)
+    card.write_text(text[:a] + "\n".join(lines) + text[b:])
+    log(f"wrote the tables of {card}")
 
 
 if __name__ == "__main__":

@@ -53,3 +53,32 @@ def test_read_writes_a_store(tmp_path, her2st_dir):
     main(["read", str(folder), "--out", str(tmp_path / "b4.zarr")])
     sdata = sd.read_zarr(tmp_path / "b4.zarr")
     assert "B4_image" in sdata.images and "spots" in sdata.tables
+
+
+def test_help_shows_the_new_options():
+    for step, options in (("predict", ("--pixel-size", "--genes", "her2st")), ("cells", ("--reference",))):
+        out = subprocess.run(
+            [sys.executable, "-m", "bitro", step, "--help"], capture_output=True, text=True, check=True
+        ).stdout
+        for option in options:
+            assert option in out
+
+
+def test_cells_reference_fixes_the_feature_settings(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["cells", str(tmp_path), "--out", str(tmp_path / "o.zarr"), "--reference", "her2st", "--encoder", "x"])
+    assert e.value.code == 2
+    assert "--encoder cannot be combined with --reference" in capsys.readouterr().err
+
+
+def test_predict_refuses_bad_inputs(tmp_path, capsys):
+    store = tmp_path / "cells.zarr"
+    store.mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(store), "--pixel-size", "0.5", "--out", str(tmp_path / "p.zarr")])
+    assert e.value.code == 2
+    assert "--pixel-size is for image files" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["predict", str(tmp_path / "missing.svs"), "--out", str(tmp_path / "o")])
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

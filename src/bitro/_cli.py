@@ -171,6 +171,9 @@ def run(args: argparse.Namespace) -> None:
             adata = adata[adata.obs[Key.SAMPLE].isin(args.samples)].copy()
         genes = Path(args.genes).read_text().split() if args.genes else None
         model = bt.tl.fit(adata, target=args.target, cells=sdata[Key.CELLS_TABLE], genes=genes, epochs=args.epochs)
+        stain = _pipeline.stain_reference_record(sdata)
+        if stain is not None:  # `bitro cells --reference` / `bitro predict` normalise new slides to it
+            model.config["stain_reference"] = stain
         model.save(args.model)
     elif args.command == "predict":
         _predict(args)

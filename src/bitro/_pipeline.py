@@ -208,6 +208,43 @@ def resolve_model(model: Any) -> BitroModel:
     return model
 
 
+def stain_reference_record(sdata: SpatialData) -> dict[str, Any] | None:
+    """The stain reference the images of ``sdata`` were normalised to (:func:`bitro.pp.normalize_stain`), in full.
+
+    Refitted on the recorded reference image (deterministic: the same stain matrix), because the record keeps
+    only the stain matrix and applying a reference needs its white point too. A model keeps it as
+    ``config["stain_reference"]``, so that new slides are normalised to the same colours. ``None`` when the
+    images were not normalised, or the reference image is not in ``sdata``.
+    """
+    import numpy as np
+    import squidpy.experimental.im as sqi
+
+    from bitro.pp._stain import _ensure_tissue_mask
+
+    records = sdata.attrs.get(Key.UNS, {}).get(Key.NORMALIZE_STAIN, {})
+    if not records:
+        return None
+    record = next(iter(records.values()))
+    key = record.get("reference")
+    if key is None or key not in sdata.images:
+        logger.warning(
+            "The stain reference image %r is not in the SpatialData: the model records no stain reference, and new "
+            "slides will not be stain-normalised for it.",
+            key,
+        )
+        return None
+    ref = sqi.fit_stain_reference(sdata, key, method=record["method"], tissue_mask_key=_ensure_tissue_mask(sdata, key))
+    if not np.allclose(ref.stain_matrix, record["reference_stain_matrix"], atol=1e-6):
+        logger.warning("Refitting the stain reference of %r gave another stain matrix; none recorded.", key)
+        return None
+    out: dict[str, Any] = {"method": record["method"], "image": key}
+    for name in ("stain_matrix", "white_point", "max_concentrations"):
+        value = getattr(ref, name, None)
+        if value is not None:
+            out[name] = np.asarray(value, dtype=float).tolist()
+    return out
+
+
 def stain_reference(model: BitroModel) -> Any:
     """The stain reference the model's training images were normalised to (``config["stain_reference"]``), or ``None``."""
     import numpy as np
