@@ -113,8 +113,9 @@ def demo(
     held_out = (spots.obs[Key.SAMPLE] == test_sample).to_numpy()
     model = bt.tl.fit(spots[~held_out].copy(), target="spot", cells=cells, genes=genes, epochs=epochs)
     model.save(out / "model")
-    # predictions for every section (written into sdata["spots"]); only the held-out one is scored
-    bt.tl.predict(model, spots, cells=cells)
+    # predictions for every spot and cell of every section (sdata["spots"], "bitro_spots", "bitro_cells");
+    # only the held-out section is scored
+    bt.tl.predict(model, sdata)
     bt.tl.colour_statistics(sdata)
     test = spots[held_out].copy()
     add_baselines(spots[~held_out].copy(), test, genes=model.genes, scale=model.scale)

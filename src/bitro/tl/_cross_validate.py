@@ -163,7 +163,7 @@ def cross_validate(
             else cells
         )
         model = fit(train, target="spot", cells=fold_cells, genes=genes, scale=scale, seed=seed, **fit_kwargs)
-        predict(model, test, cells=fold_cells)
+        predict(model, test, cells=fold_cells, coverage="spots")  # only the spots are scored
         if baselines:
             add_baselines(train, test, genes=model.genes, scale=scale)
         for method, layer in _METHOD_LAYERS.items():

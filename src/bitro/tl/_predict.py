@@ -265,9 +265,10 @@ def predict(
     cells
         The cell table, when ``data`` is a spot / bulk table.
     coverage
-        Which cells a spot model predicts: ``"tissue"`` every cell, from virtual spots over the tissue;
-        ``"spots"`` only the cells inside measured spots, from those spots (the others are left out of the
-        cell table). Slides without measured spots always use ``"tissue"``.
+        Which cells a spot model predicts: ``"tissue"`` every cell (of the sections in the spot table, when one
+        is given), from virtual spots over the tissue; ``"spots"`` only the cells inside measured spots, from
+        those spots (the others are left out of the cell table; cheaper when only spots matter). Slides without
+        measured spots always use ``"tissue"``.
     table_key
         The spot / bulk table of a SpatialData (default ``"spots"`` / ``"bulk"``; none is needed).
     cells_key
@@ -340,10 +341,14 @@ def predict(
             table.obs[Key.PREDICTED_FROM] = np.where(~keep, "none", np.where(inside > 0, "spot", "context"))
         if table is None or coverage == "tissue":
             radius = _spot_radius(model)
-            own = sdata is not None and sdata.tables.get(cells_key) is cells  # the circles go into that SpatialData
-            spots = virtual_spots(
-                sdata if own and table is None else cells, diameter_um=2 * radius, cells_key=cells_key
-            )
+            if table is None:  # the circles go into the SpatialData that holds the cells
+                own = sdata is not None and sdata.tables.get(cells_key) is cells
+                spots = virtual_spots(sdata if own else cells, diameter_um=2 * radius, cells_key=cells_key)
+            else:  # the cells of the sections of the spot table
+                samples = table.obs[Key.SAMPLE].astype(str).unique()
+                spots = virtual_spots(
+                    cells[cells.obs[Key.SAMPLE].astype(str).isin(samples).to_numpy()], diameter_um=2 * radius
+                )
             keep, y, cell_sum, n_bags = run(spot_bags(spots, feats, radius=radius, **context), "predict virtual spots")
             if table is None:
                 spots.obs[Key.PREDICTED_FROM] = "spot"
