@@ -88,6 +88,7 @@ def demo(
     import pandas as pd
 
     import bitro as bt
+    from bitro.io._lazy_image import clear_cache
     from bitro.tl import add_baselines
 
     out = check_output_dir(out, overwrite=overwrite)
@@ -105,6 +106,7 @@ def demo(
 
     t0 = time.perf_counter()
     cell_table(sdata, n_jobs=n_jobs)
+    clear_cache()  # the last decoded section image: not needed while the model trains
     cells, spots = sdata[Key.CELLS_TABLE], sdata[Key.SPOTS_TABLE]
     logger.info("Cell table: %d cells in %.0f s.", cells.n_obs, time.perf_counter() - t0)
 

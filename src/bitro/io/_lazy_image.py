@@ -27,8 +27,10 @@ import numpy as np
 if TYPE_CHECKING:
     import dask.array as da
 
-#: Bytes of decoded images kept in memory per process (the most recent decode is always kept).
-DECODED_CACHE_BYTES = 768 * 2**20
+#: Bytes of decoded images kept in memory per process (the most recent decode is always kept). Room
+#: for one full decode of a 92-Mpx legacy ST section (276 MB) and its reduced decodes: bitro reads
+#: sections one after the other, so a second full decode kept would only hold memory.
+DECODED_CACHE_BYTES = 384 * 2**20
 #: Reduced decodes that libjpeg makes by DCT scaling (1/2 is left out: it costs about as much as a full decode).
 JPEG_REDUCTIONS = (8, 4)
 

@@ -35,13 +35,67 @@ def _scale_factors(image) -> list[int] | None:
 
 def _ensure_tissue_mask(sdata: SpatialData, image_key: str) -> str:
     """The tissue mask of an image, detected with squidpy (Otsu on the coarsest level) when missing."""
-    from squidpy.experimental.im import detect_tissue
-
     key = Key.tissue(image_key)
     if key not in sdata.labels:
         logger.info("Detecting the tissue of %r -> labels[%r].", image_key, key)
-        detect_tissue(sdata, image_key, new_labels_key=key)
+        sdata.labels[key] = tissue_labels(sdata.images[image_key])
     return key
+
+
+def tissue_labels(image):
+    """Squidpy's tissue labels of an image element, with the full-resolution level kept lazy.
+
+    :func:`squidpy.experimental.im.detect_tissue` finds the tissue on the coarsest pyramid level and
+    then materialises its nearest-neighbour upscaling to full resolution as one int32 numpy array:
+    4 bytes per pixel (370 MB for a 92-Mpx HER2ST section, 4.3 GB for a 1-Gpx slide), held for as
+    long as the labels are. Here squidpy runs on the coarsest level alone (the same pixels, so the
+    same labels, returned at that size), and the upscaling is squidpy's own dask-image affine
+    transform left lazy: the labels are identical, computed chunk by chunk when read.
+
+    Parameters
+    ----------
+    image
+        A (multiscale) ``(c, y, x)`` RGB image element.
+
+    Returns
+    -------
+    A labels element (``(y, x)`` int32, 0 = background, 1.. = tissue pieces) of the image's
+    full-resolution size, with its transformations and pyramid scale factors.
+    """
+    import dask.array as da
+    import xarray as xr
+    from dask_image.ndinterp import affine_transform
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel, Labels2DModel
+    from spatialdata.transformations import get_transformation
+    from squidpy.experimental.im import detect_tissue
+    from squidpy._utils import _get_scale_factors
+    from squidpy.experimental.im._detect_tissue import _get_scaling_matrix
+
+    full = scale0(image)
+    coarse = next(iter(image[list(image.keys())[-1]].values())) if isinstance(image, xr.DataTree) else full
+    work = SpatialData(
+        images={"coarsest": Image2DModel.parse(coarse.data, dims=("c", "y", "x"), c_coords=coarse.coords["c"].values)}
+    )
+    low = detect_tissue(work, "coarsest", inplace=False)  # at the coarsest level's size: the identity upscaling
+    target = (int(full.sizes["y"]), int(full.sizes["x"]))
+    # squidpy's _affine_upscale_nearest, minus its final np.asarray
+    labels = affine_transform(
+        da.from_array(np.asarray(low, dtype=np.int32), chunks="auto"),
+        matrix=_get_scaling_matrix(low.shape, target),
+        offset=(0.0, 0.0),
+        output_shape=target,
+        order=0,
+        mode="constant",
+        cval=0,
+        output=np.int32,
+    )
+    return Labels2DModel.parse(
+        data=labels,
+        dims=("y", "x"),
+        transformations=get_transformation(image, get_all=True),
+        scale_factors=_get_scale_factors(image),
+    )
 
 
 def normalize_stain(
