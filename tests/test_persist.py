@@ -74,6 +74,10 @@ def test_weights_not_matching_config(trained, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["architecture"]["dim"] = 32
     (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="changed after the model was saved"):  # the checksum sees the edit
+        bt.tl.load_model(folder)
+    del config["checksums"]  # a model saved without checksums: the weights themselves disagree
+    (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="do not match"):
         bt.tl.load_model(folder)
 

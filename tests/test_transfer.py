@@ -261,12 +261,14 @@ assert "peft" not in sys.modules and "torch" not in sys.modules
 import anndata as ad, numpy as np, pandas as pd, scipy.sparse as sp
 rng = np.random.default_rng(0)
 obs = pd.DataFrame({"sample": ["A"] * 20 + ["B"] * 20, "spot_id": [f"s{i % 4}" for i in range(40)]}, index=[f"c{i}" for i in range(40)])
-cells = ad.AnnData(obs=obs, obsm={"X_bitro": rng.normal(size=(40, 4)).astype("float32"), "spatial": rng.uniform(0, 100, (40, 2))})
+centres = np.array([[20.0, 20.0], [80.0, 20.0], [20.0, 80.0], [80.0, 80.0]])  # each cell lies in the spot it names
+xy = centres[np.arange(40) % 4] + rng.uniform(-5, 5, (40, 2))
+cells = ad.AnnData(obs=obs, obsm={"X_bitro": rng.normal(size=(40, 4)).astype("float32"), "spatial": xy})
 cells.obsp["spatial_connectivities"] = sp.eye(40, format="csr")
 record = {"encoder": "toy", "weights_sha256": "", "crop_um": 24.0, "crop_px": 48, "add_morphology": False, "n_raw_features": 4}
 cells.uns["bitro"] = {"pixel_size": {"A": 0.5, "B": 0.5}, "extract_cells": record}
 obs = pd.DataFrame({"sample": ["A"] * 4 + ["B"] * 4, "spot_id": [f"s{i}" for i in range(4)] * 2}, index=[f"p{i}" for i in range(8)])
-spots = ad.AnnData(rng.poisson(5, (8, 3)).astype("float32"), obs=obs, obsm={"spatial": rng.uniform(0, 200, (8, 2))})
+spots = ad.AnnData(rng.poisson(5, (8, 3)).astype("float32"), obs=obs, obsm={"spatial": np.tile(centres, (2, 1))})
 bt.settings.progress = False
 bt.tl.fit(spots, cells=cells, epochs=1, dim=8, heads=2, ff_dim=8, validation=None, cluster_weight=0.0)
 assert "torch" in sys.modules and "peft" not in sys.modules, "peft imported"

@@ -25,6 +25,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from bitro._checks import check_finite_array, check_unique_index, duplicates
 from bitro._constants import Key
 from bitro._logging import logger
 from bitro._utils import check_key
@@ -73,10 +74,27 @@ def cell_data(cells: AnnData, *, feature_key: str = Key.FEATURES, need_phenotype
     if need_phenotype:
         what = "Cell phenotypes .obs (run `bt.pp.phenotypes` or set cluster_weight=0)"
         check_key(cells.obs.columns, Key.PHENOTYPE, what)
+    check_unique_index(
+        cells.obs_names,
+        "The cell table (.obs_names)",
+        "give every cell its own id, e.g. `cells.obs_names_make_unique()`",
+    )
     features = np.asarray(cells.obsm[feature_key], dtype=np.float32)
     if features.ndim != 2 or not np.isfinite(features).all():
-        msg = f"Cell features .obsm[{feature_key!r}] must be a finite 2-D array (cells x features)."
+        msg = (
+            f"Cell features .obsm[{feature_key!r}] must be a finite 2-D array (cells x features); "
+            "drop the cells with NaN or infinite features or extract them again with `bt.pp.extract_cells`."
+        )
         raise ValueError(msg)
+    centroids = np.asarray(cells.obsm[Key.SPATIAL])
+    if centroids.ndim != 2 or centroids.shape[1] < 2:
+        msg = f"Cell centroids .obsm[{Key.SPATIAL!r}] must be a (cells x 2) array of x, y pixels, got shape {centroids.shape}."
+        raise ValueError(msg)
+    check_finite_array(
+        centroids[:, :2],
+        f"Cell centroids .obsm[{Key.SPATIAL!r}] of the cell table",
+        "drop those cells or segment again",
+    )
     samples = cells.obs[Key.SAMPLE].astype(str).to_numpy()
     sizes = cells.uns.get(Key.UNS, {}).get("pixel_size", {})
     lacking = sorted(set(samples) - set(map(str, sizes)))
@@ -121,7 +139,70 @@ def _spot_rows(spots: AnnData, cells: CellData) -> tuple[np.ndarray, np.ndarray,
         msg = f"Spot samples {lacking} have no cells in the cell table (samples there: {sorted(set(cells.sample))})."
         raise KeyError(msg)
     s_id = (spots.obs[Key.SPOT_ID] if Key.SPOT_ID in spots.obs else spots.obs_names.to_series()).astype(str).to_numpy()
-    return s_sample, s_id, np.asarray(spots.obsm[Key.SPATIAL], dtype=np.float64)[:, :2]
+    dup = duplicates(pd.Series(s_sample) + " / " + pd.Series(s_id))
+    if dup:
+        column = f".obs[{Key.SPOT_ID!r}]" if Key.SPOT_ID in spots.obs else ".obs_names"
+        msg = (
+            f"The spot table names spots {dup[:3]} (sample / spot id) more than once in {column}, so their cells "
+            "would be pooled into several rows; give every spot of a section its own id (drop or rename duplicated rows)."
+        )
+        raise ValueError(msg)
+    centres = np.asarray(spots.obsm[Key.SPATIAL], dtype=np.float64)
+    if centres.ndim != 2 or centres.shape[1] < 2 or len(centres) != spots.n_obs:
+        msg = f"Spot centres .obsm[{Key.SPATIAL!r}] must be a (spots x 2) array of x, y pixels, got shape {centres.shape}."
+        raise ValueError(msg)
+    check_finite_array(centres[:, :2], f"Spot centres .obsm[{Key.SPATIAL!r}] of the spot table", "drop those spots")
+    return s_sample, s_id, centres[:, :2]
+
+
+#: Most of the spot ids a section's cells name may be missing from the spot table before it is refused.
+MAX_MISSING_SPOTS = 0.5
+#: Most of a section's cells that may lie nearer another spot's centre than their own spot's.
+MAX_MISPLACED_CELLS = 0.05
+
+
+def check_cells_match_spots(spots: AnnData, cells: CellData) -> None:
+    """Raise when the cell table does not belong to the spot table, beyond sharing section names.
+
+    Per section: the spot ids its cells name must mostly be rows of the spot table (at most
+    :data:`MAX_MISSING_SPOTS` missing, e.g. spots dropped by quality control), and the cells must lie nearest
+    to the centre of the spot they name (at most :data:`MAX_MISPLACED_CELLS` do not), which holds for cells
+    assigned to non-overlapping spot circles of the same section.
+    """
+    from scipy.spatial import cKDTree
+
+    s_sample, s_id, centres = _spot_rows(spots, cells)
+    fix = (
+        "pass the cell table made from the same SpatialData as the spot table "
+        "(`bt.pp.extract_cells(sdata)` assigns the cells to that SpatialData's spots)"
+    )
+    for sample in pd.unique(s_sample):
+        rows = np.flatnonzero(s_sample == sample)
+        crow = np.flatnonzero((cells.sample == sample) & (cells.spot_id != ""))
+        if not len(crow):
+            continue
+        named = cells.spot_id[crow].astype(str)
+        pos = pd.Index(s_id[rows]).get_indexer(named)
+        uniq = pd.unique(named)
+        missing = np.setdiff1d(uniq, s_id[rows])
+        if len(missing) > MAX_MISSING_SPOTS * len(uniq):
+            msg = (
+                f"The cells of section {sample!r} name {len(uniq)} spots, of which {len(missing)} (e.g. "
+                f"{list(missing[:3])}) are not in the spot table: the tables do not belong together; {fix}."
+            )
+            raise ValueError(msg)
+        known = pos >= 0
+        if known.sum() < 2 or len(rows) < 2:
+            continue
+        centre_um = centres[rows] * cells.pixel_size[str(sample)]
+        _, nearest = cKDTree(centre_um).query(cells.xy_um[crow[known]])
+        misplaced = float(np.mean(nearest != pos[known]))
+        if misplaced > MAX_MISPLACED_CELLS:
+            msg = (
+                f"{misplaced:.0%} of the cells of section {sample!r} lie nearer another spot's centre than the centre "
+                f"of the spot they name (.obs[{Key.SPOT_ID!r}]): the cell and spot tables do not share coordinates; {fix}."
+            )
+            raise ValueError(msg)
 
 
 def spot_bags(

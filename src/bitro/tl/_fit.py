@@ -14,6 +14,7 @@ from anndata import AnnData
 from bitro._constants import Key
 from bitro._logging import logger
 from bitro._settings import settings
+from bitro._utils import check_key
 from bitro.tl._metrics import pcc_gene
 from bitro.tl._targets import check_counts, check_scale, dense, select_genes, standardise_targets, to_scale
 
@@ -42,8 +43,6 @@ def resolve_device(device: str | None = None) -> torch.device:
 
 def resolve_tables(target: str, adata: AnnData | SpatialData, cells: AnnData | None) -> tuple[AnnData, AnnData]:
     """The expression table and the cell table, from an AnnData + ``cells`` or from a SpatialData."""
-    from bitro._utils import check_key
-
     if not isinstance(adata, AnnData):
         from spatialdata import SpatialData
 
@@ -62,6 +61,24 @@ def resolve_tables(target: str, adata: AnnData | SpatialData, cells: AnnData | N
     return adata, cells
 
 
+def check_table(table: AnnData, target: str) -> None:
+    """Raise when the spot / bulk table cannot be trained on: no rows, no genes or duplicated gene names."""
+    from bitro._checks import check_unique_index
+
+    if not isinstance(table, AnnData):
+        msg = f"The {target} table must be an AnnData, got {type(table).__name__}."
+        raise TypeError(msg)
+    if table.n_obs == 0 or table.n_vars == 0:
+        msg = f"The {target} table is empty ({table.n_obs} rows x {table.n_vars} genes); give rows with measured genes."
+        raise ValueError(msg)
+    check_unique_index(
+        table.var_names,
+        f"The {target} table's genes (.var_names)",
+        "make them unique with `adata.var_names_make_unique()` or sum the duplicated genes first",
+    )
+    check_key(table.obs.columns, Key.SAMPLE, f"The {target} table's column .obs")
+
+
 def check_validation(v: Any) -> None:
     """Check the ``validation`` argument of :func:`fit` and :func:`bitro.tl.transfer`."""
     if not (v is None or v == "sample" or (isinstance(v, float) and 0 < v < 1)):
@@ -69,37 +86,54 @@ def check_validation(v: Any) -> None:
         raise ValueError(msg)
 
 
+#: Largest seed: seeds are combined with epochs and members into numpy and torch seeds.
+MAX_SEED = 2**31 - 1
+
+
+def check_bool(name: str, value: Any, *, allow_none: bool = False) -> None:
+    """Raise unless ``value`` is ``True`` or ``False`` (or ``None`` when allowed)."""
+    if not (isinstance(value, bool | np.bool_) or (allow_none and value is None)):
+        msg = f"`{name}` must be True or False{' or None' if allow_none else ''}, got {value!r}."
+        raise TypeError(msg)
+
+
 def _check_params(**p: Any) -> None:
+    """Types and ranges of :func:`fit`'s parameters, each failing with one sentence before any work."""
+    from bitro._checks import check_int, check_number
+    from bitro.tl._model import READOUTS
+
     if p["target"] not in TARGETS:
         msg = f"target={p['target']!r} is not supported; use one of {TARGETS}."
         raise ValueError(msg)
     check_scale(p["scale"])
-    from bitro.tl._model import READOUTS
-
     if p["readout"] not in READOUTS:
         msg = f"readout={p['readout']!r} is not supported; use one of {READOUTS}."
         raise ValueError(msg)
     check_validation(p["validation"])
-    for name in ("epochs", "batch_size", "n_seeds", "dim", "chunk_size", "max_cells", "n_top_genes"):
-        if int(p[name]) < 1:
-            msg = f"{name} must be a positive integer, got {p[name]!r}."
-            raise ValueError(msg)
-    for name in ("patience", "gat_layers", "transformer_layers", "max_context"):
-        if int(p[name]) < 0:
-            msg = f"{name} must be >= 0, got {p[name]!r}."
-            raise ValueError(msg)
-    for name in ("lr",):
-        if not p[name] > 0:
-            msg = f"{name} must be positive, got {p[name]!r}."
-            raise ValueError(msg)
+    for name in ("epochs", "batch_size", "n_seeds", "dim", "chunk_size", "max_cells", "n_top_genes", "heads", "ff_dim"):
+        check_int(name, p[name], minimum=1)
+    for name in ("patience", "gat_layers", "transformer_layers", "max_context", "seed"):
+        check_int(name, p[name], minimum=0)
+    if p["seed"] + p["n_seeds"] > MAX_SEED:
+        msg = f"`seed` + `n_seeds` must stay below {MAX_SEED}, got seed={p['seed']!r}; use a smaller seed."
+        raise ValueError(msg)
+    if p["dim"] % p["heads"]:
+        msg = f"`dim` ({p['dim']}) must be divisible by `heads` ({p['heads']}); e.g. dim={p['heads'] * 16}."
+        raise ValueError(msg)
+    check_number("lr", p["lr"], low=0, low_open=True, hint="Adam learning rates are about 1e-4 to 1e-2.")
     for name in ("weight_decay", "cluster_weight", "context_radius"):
-        if not p[name] >= 0:
-            msg = f"{name} must be >= 0, got {p[name]!r}."
-            raise ValueError(msg)
+        check_number(name, p[name], low=0)
     for name in ("dropout", "cell_dropout"):
-        if not 0 <= p[name] < 1:
-            msg = f"{name} must be in [0, 1), got {p[name]!r}."
-            raise ValueError(msg)
+        check_number(name, p[name], low=0, high=1, high_open=True)
+    for name in ("bag_size", "refit"):
+        check_bool(name, p[name])
+    check_bool("center_samples", p["center_samples"], allow_none=True)
+    if not isinstance(p["feature_key"], str):
+        msg = f"`feature_key` must be the name of the features in `cells.obsm`, got {p['feature_key']!r}."
+        raise TypeError(msg)
+    if p["device"] is not None and not isinstance(p["device"], str):
+        msg = f"`device` must be a torch device name such as 'cpu' or 'cuda', got {p['device']!r}."
+        raise TypeError(msg)
 
 
 def _split(
@@ -134,6 +168,21 @@ def _split(
         msg = "The validation split left no training data; use a smaller validation fraction."
         raise ValueError(msg)
     return idx[~val], idx[val]
+
+
+#: Training stops with an error when an epoch's mean loss exceeds this many times the untrained network's loss.
+DIVERGENCE_FACTOR = 10.0
+#: The yardstick of :data:`DIVERGENCE_FACTOR` is at least this loss (z-scored targets start near 1).
+DIVERGENCE_FLOOR = 0.1
+
+
+def _diverged(what: str, lr: float) -> None:
+    """Stop a diverging training run with one sentence (nothing is returned or written)."""
+    msg = (
+        f"Training diverged: {what}, so the model would predict nonsense; train again with a smaller learning rate "
+        f"(lr={lr:g} now, try lr={lr / 10:g})."
+    )
+    raise RuntimeError(msg)
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -178,10 +227,18 @@ def _train(
         arch.to_dict(), hp, seed, train_idx.tolist(), val_idx.tolist(), yz.shape, float(yz.sum())
     )
     history: dict[str, Any] = {k: [] for k in ("train_loss", "train_mse", "train_cluster", "val_mse", "val_pcc_gene")}
-    state = {"epoch": 0, "best_score": None, "best_epoch": 0, "bad_epochs": 0, "stopped": False, "history": history}
+    state = {
+        "epoch": 0,
+        "best_score": None,
+        "best_epoch": 0,
+        "bad_epochs": 0,
+        "stopped": False,
+        "start_loss": None,
+        "history": history,
+    }
     best_state = None
     if folder is not None:
-        restored = load_checkpoint(folder, net=net, optimizer=opt, fingerprint=fingerprint)
+        restored = load_checkpoint(folder, net=net, optimizer=opt, fingerprint=fingerprint, epochs=epochs)
         if restored is not None:
             state, best_state = restored
             history = state["history"]
@@ -206,6 +263,10 @@ def _train(
             mse = F.mse_loss(y, target[idx].to(device))
             cl = cluster_loss(att, y, batch.pooled_bag, batch.phenotype[batch.pool]) if cw > 0 else y.new_zeros(())
             loss = mse + cw * cl
+            if not torch.isfinite(loss):
+                _diverged(f"the training loss became {loss.item()} in epoch {epoch + 1}", hp["lr"])
+            if state.get("start_loss") is None:
+                state["start_loss"] = float(loss.item())  # the untrained network's loss, the watchdog's yardstick
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -213,9 +274,17 @@ def _train(
             sums += np.array([loss.item(), mse.item(), cl.item()]) * len(idx)
         for k, v in zip(("train_loss", "train_mse", "train_cluster"), sums / len(order), strict=True):
             history[k].append(float(v))
+        if history["train_loss"][-1] > DIVERGENCE_FACTOR * max(state["start_loss"], DIVERGENCE_FLOOR):
+            _diverged(
+                f"the training loss rose to {history['train_loss'][-1]:.3g} in epoch {epoch + 1}, more than "
+                f"{DIVERGENCE_FACTOR:g} times its start ({state['start_loss']:.3g})",
+                hp["lr"],
+            )
         post = {"loss": f"{history['train_loss'][-1]:.3f}"}
         if len(val_idx):
             pv, _, _ = predict_bags([net], [bags[j] for j in val_idx], cells)
+            if not np.isfinite(pv).all():
+                _diverged(f"the validation predictions are not finite after epoch {epoch + 1}", hp["lr"])
             v_mse, v_pcc = float(np.mean((pv - yz[val_idx]) ** 2)), pcc_gene(pv, yz[val_idx])
             history["val_mse"].append(v_mse)
             history["val_pcc_gene"].append(v_pcc)
@@ -386,19 +455,32 @@ def fit(
     >>> bt.tl.predict(model, new_sdata)  # doctest: +SKIP
     """
     params = {k: v for k, v in locals().items() if k not in ("adata", "cells", "genes")}
-    from bitro.tl._bags import bulk_bags, cell_data, log_cell_count, pooled_radius, size_stats, spot_bags
+    from bitro._checks import check_names
+    from bitro.tl._bags import (
+        bulk_bags,
+        cell_data,
+        check_cells_match_spots,
+        log_cell_count,
+        pooled_radius,
+        size_stats,
+        spot_bags,
+    )
     from bitro.tl._model import Architecture
     from bitro.tl._persist import FORMAT_VERSION, BitroModel, cell_reference
     from bitro.tl._predict import feature_config
 
     params["checkpoint_dir"] = None if checkpoint_dir is None else str(checkpoint_dir)
     _check_params(**params)
+    if genes is not None:
+        genes = check_names("genes", genes)
     table, cells = resolve_tables(target, adata, cells)
+    check_table(table, target)
     counts = dense(table.X)
     check_counts(counts, f"The {target} expression (.X)")
     data = cell_data(cells, feature_key=feature_key, need_phenotype=cluster_weight > 0)
     features = feature_config(cells, feature_key)
     if target == "spot":
+        check_cells_match_spots(table, data)
         all_bags = spot_bags(table, data, context_radius=context_radius, max_context=max_context)
     else:
         all_bags = bulk_bags(table, data, chunk_size=chunk_size)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from bitro._constants import Key
-from bitro._features import plain
+from bitro._features import file_digest, plain
 from bitro._logging import logger
 from bitro.tl._targets import ZScore
 
@@ -22,6 +24,11 @@ WEIGHTS_FILE = "weights.safetensors"
 #: The arrays of the model's cell reference (scaler + PCA, phenotype centroids), ``"{record}.{array}"`` keys.
 REFERENCE_FILE = "reference.safetensors"
 FORMAT_VERSION = 2
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, REFERENCE_FILE)
+#: Config entry with the checksums of the weights, of the reference arrays and of the fields giving them meaning.
+CHECKSUMS = "checksums"
+#: The config fields that give the weights their meaning; their digest is stored in the config and in the weights.
+MEANING_FIELDS = ("target", "scale", "genes", "zscore_mean", "zscore_std", "architecture", "n_members", "feature_key")
 _REQUIRED = (
     "format_version",
     "target",
@@ -38,8 +45,10 @@ _REFERENCE_ARRAYS = {Key.EXTRACT_CELLS: "reducer", Key.PHENOTYPES: "centroids"}
 
 
 def cell_reference(cells: Any) -> dict[str, Any]:
-    """What a model keeps of its training cell table: the extraction record (with the fitted scaler + PCA) and
-    the phenotype record (with the centroids), so new slides can be prepared with ``reference=model``."""
+    """What a model keeps of its training cell table, so new slides can be prepared with ``reference=model``.
+
+    The extraction record (with the fitted scaler + PCA) and the phenotype record (with the centroids).
+    """
     records = cells.uns.get(Key.UNS, {})
     out = {}
     for name in _REFERENCE_ARRAYS:
@@ -131,23 +140,59 @@ class BitroModel:
         import torch
         from safetensors.torch import save_file
 
+        from bitro._atomic import recover, sibling, staged
+
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not path.is_dir():
+            msg = f"Cannot save the model to {str(path)!r}: it is a file; give a folder."
+            raise FileExistsError(msg)
         tensors = {
             f"{k}.{name}": t.detach().cpu().contiguous()
             for k, net in enumerate(self.nets)
             for name, t in net.state_dict().items()
         }
-        save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "bitro", "n_members": str(len(self.nets))})
         arrays, records = {}, {}
         for name, record in self.cell_reference.items():
             field = _REFERENCE_ARRAYS[name]
             records[name] = plain({k: v for k, v in record.items() if k != field})
-            for k, v in (record[field].items() if isinstance(record[field], dict) else [("", record[field])]):
-                arrays[f"{name}.{field}.{k}".rstrip(".")] = torch.as_tensor(np.asarray(v, dtype=np.float64)).contiguous()
-        save_file(arrays, str(path / REFERENCE_FILE), metadata={"format": "bitro-reference"})
+            for k, v in record[field].items() if isinstance(record[field], dict) else [("", record[field])]:
+                arrays[f"{name}.{field}.{k}".rstrip(".")] = torch.as_tensor(
+                    np.asarray(v, dtype=np.float64)
+                ).contiguous()
         config = dict(self.config, n_members=len(self.nets), history=self.history, cell_reference=records)
-        (path / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+        config.pop(CHECKSUMS, None)
+        meaning = meaning_digest(config)
+
+        def write(folder: Path) -> None:
+            save_file(
+                tensors,
+                str(folder / WEIGHTS_FILE),
+                metadata={"format": "bitro", "n_members": str(len(self.nets)), "meaning_sha256": meaning},
+            )
+            save_file(arrays, str(folder / REFERENCE_FILE), metadata={"format": "bitro-reference"})
+            config[CHECKSUMS] = {
+                "weights_sha256": file_digest(folder / WEIGHTS_FILE),
+                "reference_sha256": file_digest(folder / REFERENCE_FILE),
+                "meaning_sha256": meaning,
+            }
+            (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+
+        others = [p for p in path.iterdir() if p.name not in MODEL_FILES] if path.is_dir() else []
+        if path.exists() and path.resolve() == Path.cwd().resolve():
+            others.append(path)  # never swap the working directory away
+        if not others:  # the whole folder is the model: write it aside and swap it in
+            with staged(path) as tmp:
+                write(tmp)
+        else:  # a folder with other files: the files one by one, the config (which vouches for the others) last
+            recover(path / ".bitro-save")
+            tmp = sibling((path / ".bitro-save").absolute(), "tmp")
+            tmp.mkdir()
+            try:
+                write(tmp)
+                for name in (WEIGHTS_FILE, REFERENCE_FILE, CONFIG_FILE):
+                    (tmp / name).replace(path / name)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         logger.info(f"Saved {self!r} to {path}.")
         return path
 
@@ -217,10 +262,13 @@ def load_model(path: str | Path, *, device: str | None = None) -> BitroModel:
         msg = f"{str(path)!r} is a file, not a model folder; give the folder that holds {CONFIG_FILE}."
         raise FileNotFoundError(msg)
     config = read_config(path)
+    check_config(config, path / CONFIG_FILE)
     states = read_weights(path / WEIGHTS_FILE)
+    verify_checksums(path, config)
+    check_members(states, config, path / WEIGHTS_FILE)
     nets = build_nets(config, states, device=device)
     reference = read_reference(path, config.get("cell_reference", {}))
-    kept = {k: v for k, v in config.items() if k not in ("history", "n_members", "cell_reference")}
+    kept = {k: v for k, v in config.items() if k not in ("history", "n_members", "cell_reference", CHECKSUMS)}
     return BitroModel(nets, kept, config.get("history", []), reference)
 
 
@@ -259,9 +307,8 @@ def read_config(path: Path) -> dict[str, Any]:
         raise ValueError(msg) from e
     if isinstance(config, dict) and "format_version" in config and config["format_version"] != FORMAT_VERSION:
         newer = config["format_version"] > FORMAT_VERSION
-        msg = (
-            f"{file} has format version {config['format_version']}; this bitro reads version {FORMAT_VERSION}. "
-            + ("Update bitro." if newer else "The model was saved by an older bitro: train it again.")
+        msg = f"{file} has format version {config['format_version']}; this bitro reads version {FORMAT_VERSION}. " + (
+            "Update bitro." if newer else "The model was saved by an older bitro: train it again."
         )
         raise ValueError(msg)
     missing = [k for k in _REQUIRED if k not in config] if isinstance(config, dict) else list(_REQUIRED)
@@ -269,6 +316,152 @@ def read_config(path: Path) -> dict[str, Any]:
         msg = f"The model config {file} lacks {missing}; it was not written by `BitroModel.save`."
         raise ValueError(msg)
     return config
+
+
+def meaning_digest(config: dict[str, Any]) -> str:
+    """SHA-256 of the config fields that give the weights their meaning (:data:`MEANING_FIELDS`, feature fingerprint)."""
+    parts = {k: plain(config.get(k)) for k in MEANING_FIELDS}
+    parts["features"] = (
+        (config.get("features") or {}).get("fingerprint") if isinstance(config.get("features"), dict) else None
+    )
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _metadata(file: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - any unreadable header is a corrupted file
+        msg = f"The model weights {file} are corrupted or truncated ({e}); save the model again."
+        raise ValueError(msg) from e
+
+
+def verify_checksums(path: Path, config: dict[str, Any]) -> None:
+    """Raise when the weights, the reference arrays or the genes / scaling / architecture were changed since saving.
+
+    A model saved without checksums (by an older bitro) loads with a warning.
+    """
+    sums = config.get(CHECKSUMS)
+    if sums is None:
+        logger.warning(
+            f"The model {path} was saved without checksums, so bitro cannot check that it is intact; save it again "
+            "with `model.save(path)`."
+        )
+        return
+    if not isinstance(sums, dict) or not all(
+        isinstance(sums.get(k), str) for k in ("weights_sha256", "meaning_sha256")
+    ):
+        msg = f"The model config {path / CONFIG_FILE} has malformed checksums {sums!r}; save the model again."
+        raise ValueError(msg)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        msg = f"Model weights {weights} are missing."
+        raise FileNotFoundError(msg)
+    if file_digest(weights) != sums["weights_sha256"]:
+        msg = (
+            f"The model weights {weights} do not match the checksum in {CONFIG_FILE}: they were corrupted or changed "
+            "(or the folder mixes files of two saves); save the model again from its source."
+        )
+        raise ValueError(msg)
+    reference = path / REFERENCE_FILE
+    if sums.get("reference_sha256") and reference.is_file() and file_digest(reference) != sums["reference_sha256"]:
+        msg = (
+            f"The model's cell reference {reference} does not match the checksum in {CONFIG_FILE}: it was corrupted "
+            "or changed; save the model again from its source."
+        )
+        raise ValueError(msg)
+    meaning = meaning_digest(config)
+    if meaning != sums["meaning_sha256"] or meaning != _metadata(weights).get("meaning_sha256"):
+        msg = (
+            f"The genes, z-score statistics or architecture in {path / CONFIG_FILE} were changed after the model was "
+            "saved, so its predictions would be labelled or scaled wrongly; use the config.json saved with the weights."
+        )
+        raise ValueError(msg)
+
+
+def _fail(file: Path, what: str) -> None:
+    msg = f"The model config {file} is invalid: {what}; it was not written by `BitroModel.save` or was edited. Save the model again."
+    raise ValueError(msg)
+
+
+def check_config(config: dict[str, Any], file: Path) -> None:
+    """Validate a model config against its schema: types, allowed values and lengths that agree with each other."""
+    from bitro._checks import duplicates, is_int, is_number
+    from bitro.tl._fit import TARGETS
+    from bitro.tl._model import READOUTS, Architecture
+    from bitro.tl._targets import SCALES
+
+    if config["target"] not in TARGETS:
+        _fail(file, f"target {config['target']!r} is not one of {TARGETS}")
+    if config["scale"] not in SCALES:
+        _fail(file, f"scale {config['scale']!r} is not one of {SCALES}")
+    genes = config["genes"]
+    if not isinstance(genes, list) or not genes or not all(isinstance(g, str) and g for g in genes):
+        _fail(file, "genes must be a non-empty list of gene names")
+    if duplicates(genes):
+        _fail(file, f"genes {duplicates(genes)[:3]} occur more than once")
+    for key in ("zscore_mean", "zscore_std"):
+        v = config[key]
+        if not isinstance(v, list) or len(v) != len(genes) or not all(is_number(x) and np.isfinite(x) for x in v):
+            _fail(file, f"{key} must be {len(genes)} finite numbers, one per gene")
+    if not all(x > 0 for x in config["zscore_std"]):
+        _fail(file, "zscore_std must be positive")
+    arch = config["architecture"]
+    fields = set(Architecture.__dataclass_fields__)
+    if not isinstance(arch, dict) or set(arch) - fields or {"n_features", "n_genes"} - set(arch):
+        _fail(file, f"architecture must be a dict of {sorted(fields)}")
+    for key in ("n_features", "n_genes", "dim", "gat_heads", "transformer_heads", "ff_dim", "readout_hidden"):
+        if key in arch and not (is_int(arch[key]) and arch[key] >= 1):
+            _fail(file, f"architecture {key} must be a positive integer, got {arch[key]!r}")
+    for key in ("gat_layers", "transformer_layers"):
+        if key in arch and not (is_int(arch[key]) and arch[key] >= 0):
+            _fail(file, f"architecture {key} must be an integer >= 0, got {arch[key]!r}")
+    if arch["n_genes"] != len(genes):
+        _fail(file, f"architecture n_genes is {arch['n_genes']} but {len(genes)} genes are listed")
+    if arch.get("readout", "gene") not in READOUTS:
+        _fail(file, f"architecture readout {arch.get('readout')!r} is not one of {READOUTS}")
+    n = config.get("n_members", 1)
+    if not (is_int(n) and n >= 1):
+        _fail(file, f"n_members must be a positive integer, got {n!r}")
+    bags = config["bags"]
+    if not isinstance(bags, dict):
+        _fail(file, "bags must be a dict")
+    for key in ("context_radius", "spot_radius"):
+        v = bags.get(key)
+        if v is not None and not (is_number(v) and np.isfinite(v) and v >= 0):
+            _fail(file, f"bags {key} must be a number >= 0, got {v!r}")
+    for key, low in (("max_context", 0), ("chunk_size", 1)):
+        if key in bags and not (is_int(bags[key]) and bags[key] >= low):
+            _fail(file, f"bags {key} must be an integer >= {low}, got {bags[key]!r}")
+    features = config["features"]
+    if not isinstance(features, dict) or not isinstance(features.get("fingerprint"), str):
+        _fail(file, "features must be a dict with the features' fingerprint")
+    if features.get("n_features", arch["n_features"]) != arch["n_features"]:
+        _fail(
+            file,
+            f"features n_features {features.get('n_features')} differs from the architecture's {arch['n_features']}",
+        )
+    if not isinstance(config.get("feature_key", ""), str):
+        _fail(file, "feature_key must be a string")
+    scores = config.get("gene_scores")
+    if scores is not None and (
+        not isinstance(scores, dict) or not all(isinstance(v, list) and len(v) == len(genes) for v in scores.values())
+    ):
+        _fail(file, f"gene_scores must map each score name to {len(genes)} values, one per gene")
+
+
+def check_members(states: dict[str, Any], config: dict[str, Any], file: Path) -> None:
+    """Raise when the weights hold another number of ensemble members than the config says."""
+    found = sorted({int(k.split(".", 1)[0]) for k in states if k.split(".", 1)[0].isdigit()})
+    n = int(config.get("n_members", 1))
+    if found != list(range(n)):
+        msg = (
+            f"The model weights {file} hold {len(found)} ensemble members but {CONFIG_FILE} says n_members={n}; "
+            "use the config.json saved with these weights."
+        )
+        raise ValueError(msg)
 
 
 def read_weights(file: Path) -> dict[str, Any]:
@@ -309,15 +502,30 @@ def build_nets(config: dict[str, Any], states: dict[str, Any] | None, *, device:
 
 
 # -- checkpoints of an interrupted fit --------------------------------------------------------------------
-CHECKPOINT_STATE = "checkpoint.json"
-CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
+#: One file per checkpoint: the tensors, with the training state (JSON) and their checksum in its metadata.
+CHECKPOINT_FILE = "checkpoint.safetensors"
+#: Files of the checkpoints of bitro < 0.3 (state and weights apart, which a stop between them could mix).
+LEGACY_CHECKPOINT_FILES = ("checkpoint.json",)
+
+
+def _tensor_digest(tensors: dict[str, Any]) -> str:
+    """SHA-256 of named tensors: names, dtypes, shapes and bytes."""
+    import torch
+
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def save_checkpoint(folder: Path, *, net, optimizer, best_state: dict | None, state: dict[str, Any]) -> None:
     """Write the training state after an epoch: weights, best weights, Adam moments, counters and history.
 
-    The JSON is written last (after the weights, via a temporary file), so a fit killed while writing
-    resumes from the previous complete checkpoint.
+    Everything goes into one file (the state as JSON in its metadata, with a checksum of the tensors), written
+    to a temporary file and renamed over the previous checkpoint: a fit stopped at any moment leaves either the
+    previous complete checkpoint or the new one, never a mix.
     """
     from safetensors.torch import save_file
 
@@ -327,34 +535,57 @@ def save_checkpoint(folder: Path, *, net, optimizer, best_state: dict | None, st
         tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best_state.items()})
     for i, moments in optimizer.state_dict()["state"].items():
         tensors.update({f"opt.{i}.{k}": v.detach().cpu().contiguous() for k, v in moments.items()})
-    tmp = folder / (CHECKPOINT_WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(folder / CHECKPOINT_WEIGHTS)
-    tmp = folder / (CHECKPOINT_STATE + ".tmp")
-    tmp.write_text(json.dumps(state))
-    tmp.replace(folder / CHECKPOINT_STATE)
+    metadata = {"format": "bitro-checkpoint", "state": json.dumps(state), "sha256": _tensor_digest(tensors)}
+    tmp = folder / (CHECKPOINT_FILE + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(folder / CHECKPOINT_FILE)
+    for name in LEGACY_CHECKPOINT_FILES:
+        (folder / name).unlink(missing_ok=True)
 
 
-def load_checkpoint(folder: Path, *, net, optimizer, fingerprint: str) -> tuple[dict[str, Any], dict | None] | None:
+def load_checkpoint(
+    folder: Path, *, net, optimizer, fingerprint: str, epochs: int | None = None
+) -> tuple[dict[str, Any], dict | None] | None:
     """Restore ``net`` and ``optimizer`` from ``folder``.
 
-    Returns ``(state, best_state)``, or ``None`` when ``folder`` holds no checkpoint.
+    Returns ``(state, best_state)``, or ``None`` when ``folder`` holds no checkpoint. Raises when the checkpoint
+    is corrupted, belongs to another fit, or is further along than ``epochs`` (a longer run's).
     """
-    file = folder / CHECKPOINT_STATE
+    from safetensors.torch import load_file
+
+    file = folder / CHECKPOINT_FILE
     if not file.is_file():
+        if any((folder / name).exists() for name in LEGACY_CHECKPOINT_FILES):
+            msg = f"The checkpoint in {folder} was written by an older bitro and cannot be resumed; delete {folder} to start afresh."
+            raise ValueError(msg)
         return None
+    fix = f"delete {folder} to start afresh"
+    meta = _metadata(file)
+    if meta.get("format") != "bitro-checkpoint":
+        msg = f"{file} is not a checkpoint of this bitro (written by an older one?); {fix}."
+        raise ValueError(msg)
     try:
-        state = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        msg = f"The checkpoint {file} is corrupted ({e}); delete {folder} to start afresh."
+        tensors = load_file(str(file))
+        state = json.loads(meta["state"])
+    except (ValueError, KeyError, OSError) as e:
+        msg = f"The checkpoint {file} is corrupted or truncated ({e}); {fix}."
         raise ValueError(msg) from e
+    if meta.get("sha256") != _tensor_digest(tensors):
+        msg = f"The checkpoint {file} does not match its checksum (corrupted on disk); {fix}."
+        raise ValueError(msg)
     if state.get("fingerprint") != fingerprint:
         msg = (
             f"The checkpoint in {folder} belongs to a different fit (other data or parameters). "
             "Give a new `checkpoint_dir`, or delete this one to start afresh."
         )
         raise ValueError(msg)
-    tensors = read_weights(folder / CHECKPOINT_WEIGHTS)
+    if epochs is not None and state["epoch"] > epochs:
+        msg = (
+            f"The checkpoint in {folder} is from a longer run (epoch {state['epoch']}) than epochs={epochs} asks for, "
+            f"and its state at epoch {epochs} is gone; give a new `checkpoint_dir`, delete this one, or pass "
+            f"epochs>={state['epoch']}."
+        )
+        raise ValueError(msg)
     net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
     best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
     opt_state: dict[int, dict[str, Any]] = {}

@@ -63,7 +63,9 @@ def select_genes(
     """
     names = [str(g) for g in var_names]
     if genes is not None:
-        genes = [str(g) for g in genes]
+        from bitro._checks import check_names
+
+        genes = check_names("genes", genes)
         known = set(names)
         missing = [g for g in genes if g not in known]
         if missing:
@@ -72,9 +74,6 @@ def select_genes(
                 f"{' ...' if len(missing) > 20 else ''}. Drop them from `genes` or add them to the data."
             )
             raise KeyError(msg)
-        if len(set(genes)) != len(genes):
-            msg = "`genes` contains duplicates; give each gene once."
-            raise ValueError(msg)
         return genes
     if n_top_genes < 1:
         msg = f"n_top_genes must be positive, got {n_top_genes}."
