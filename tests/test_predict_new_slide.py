@@ -188,3 +188,25 @@ def test_scanpy_and_squidpy_on_the_predictions(trained):
         assert np.isfinite(table.uns["moranI"]["I"].to_numpy()).all()
         sq.pl.spatial_scatter(table, shape=None, color=genes[0], library_key="sample", size=2)
         plt.close("all")
+
+
+def test_a_model_whose_encoder_needs_weights(trained, monkeypatch):
+    """A reference made with weights that are not given: refused before any crop is read."""
+    import copy
+
+    import bitro.pp._cells as cells_module
+
+    _, model, _ = trained
+    other = copy.copy(model)
+    other.cell_reference = copy.deepcopy(model.cell_reference)
+    other.cell_reference["extract_cells"].update(encoder="timm:resnet18", weights_sha256="ab" * 32)
+    new = _without_spots(bt.datasets.synthetic(1, size=512, seed=3))
+    bt.pp.segment_nuclei(new)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("crops were read before the check")
+
+    monkeypatch.setattr(cells_module, "_extract_section", no_work)
+    with pytest.raises(ValueError, match=r"timm:resnet18.*needs `weights=`"):
+        bt.pp.extract_cells(new, reference=other)
+    assert "cells" not in new.tables
