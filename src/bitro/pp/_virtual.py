@@ -114,8 +114,8 @@ def virtual_spots(
     if lacking:
         msg = f"The cell table has no pixel size for samples {lacking} (`.uns['bitro']['pixel_size']`); build it with `bt.pp.extract_cells`."
         raise KeyError(msg)
-    sections = {}
-    if sdata is not None:
+    sections = {}  # the pixel coordinate system of each section (named after the sample when there is no image)
+    if sdata is not None and sdata.images:
         from bitro.io import get_sections
 
         sections = {s.sample: s for s in get_sections(sdata)}
