@@ -9,10 +9,15 @@ from bitro._cli import main
 from bitro._pipeline import check_output_dir
 
 
-def test_help_lists_the_steps():
+def test_help_lists_the_steps(capsys):
     out = subprocess.run([sys.executable, "-m", "bitro", "--help"], capture_output=True, text=True, check=True).stdout
+    # the usage line lists the sub-commands argparse knows; the description's prose mentions them too, so
+    # looking for the bare names could not fail
+    assert "{demo,read,cells,fit,predict}" in out.splitlines()[0] + out.splitlines()[1]
     for step in ("demo", "read", "cells", "fit", "predict"):
-        assert step in out
+        with pytest.raises(SystemExit) as e:
+            main([step, "--help"])
+        assert e.value.code == 0 and f"usage: bitro {step}" in capsys.readouterr().out
 
 
 def test_demo_refuses_an_existing_folder(tmp_path, capsys):

@@ -107,3 +107,12 @@ def check_finite_array(x: Any, what: str, fix: str) -> np.ndarray:
         msg = f"{what} holds NaN or infinite values ({rows} rows); {fix}."
         raise ValueError(msg)
     return a
+
+
+def check_anndata(value: Any, what: str, fix: str) -> None:
+    """Raise a :class:`TypeError` unless ``value`` is an AnnData."""
+    from anndata import AnnData
+
+    if not isinstance(value, AnnData):
+        msg = f"{what} must be an AnnData, got {type(value).__name__}; {fix}."
+        raise TypeError(msg)

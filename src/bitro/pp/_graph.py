@@ -55,11 +55,16 @@ def spatial_graph(
     """
     import squidpy as sq
 
+    from bitro._checks import check_anndata, check_finite_array, check_int, check_unique_index
+
+    check_anndata(cells, "`cells`", "pass the cell table from `bt.pp.extract_cells` (e.g. `sdata['cells']`)")
     check_key(cells.obs, library_key, "`.obs` column")
     check_key(cells.obsm, spatial_key, "`.obsm` key")
-    if not (int(n_neighs) == n_neighs and n_neighs >= 1):
-        msg = f"`n_neighs` must be a positive integer, got {n_neighs!r}."
-        raise ValueError(msg)
+    check_int("n_neighs", n_neighs, minimum=1)
+    check_unique_index(cells.obs_names, "The cell table (.obs_names)", "give every cell its own id")
+    check_finite_array(
+        cells.obsm[spatial_key], f"The cell centroids .obsm[{spatial_key!r}]", "drop those cells or segment again"
+    )
     counts = cells.obs[library_key].astype(str).value_counts()
     small = counts[(counts > 0) & (counts <= n_neighs)]
     if len(small):

@@ -87,10 +87,17 @@ def phenotypes(
     >>> bt.pp.phenotypes(new_cells, reference=cells)  # doctest: +SKIP
     >>> bt.pp.phenotypes(new_cells, reference=model)  # doctest: +SKIP
     """
+    from bitro._checks import check_anndata, check_finite_array, check_int
     from bitro._utils import check_key
 
+    check_anndata(cells, "`cells`", "pass the cell table from `bt.pp.extract_cells` (e.g. `sdata['cells']`)")
     check_key(cells.obsm, use_rep, "`.obsm` key")
-    x = np.asarray(cells.obsm[use_rep], dtype=np.float64)
+    check_int("random_state", random_state, minimum=0)
+    if reference is None:
+        check_int("n_clusters", n_clusters, minimum=1)
+    x = check_finite_array(
+        cells.obsm[use_rep], f"The cell features .obsm[{use_rep!r}]", "drop those cells or extract the features again"
+    )
     if reference is not None:
         centroids, ref_cells = _reference_centroids(reference)
         if centroids.shape[1] != x.shape[1]:

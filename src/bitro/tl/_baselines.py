@@ -67,6 +67,16 @@ def colour_statistics(
     if missing:
         msg = f"No image with spots for samples {missing} of table {table_key!r}; sections found: {sorted(sections)}."
         raise ValueError(msg)
+    for sample in dict.fromkeys(samples):
+        level = scale0(sdata.images[sections[sample].image_key])
+        if level.sizes.get("c") != 3 or level.dtype != np.uint8:
+            msg = (
+                f"Image {sections[sample].image_key!r} has {level.sizes.get('c')} channels of {level.dtype}; the colour "
+                "statistics need an 8-bit RGB H&E image (3 channels of uint8): convert it, e.g. drop an alpha channel "
+                "or rescale 16-bit / float pixels to 0-255."
+            )
+            raise ValueError(msg)
+    check_key(table.obs.columns, Key.SPOT_ID, f"Spot ids of table {table_key!r}: column .obs")
     stats = np.zeros((table.n_obs, 45))
     spot_ids = table.obs[Key.SPOT_ID].astype(str).to_numpy()
     for sample in tqdm(list(dict.fromkeys(samples)), desc="colour statistics", disable=not settings.progress):

@@ -453,7 +453,16 @@ def check_config(config: dict[str, Any], file: Path) -> None:
 
 
 def check_members(states: dict[str, Any], config: dict[str, Any], file: Path) -> None:
-    """Raise when the weights hold another number of ensemble members than the config says."""
+    """Raise when the weights are not finite or hold another number of ensemble members than the config says."""
+    import torch
+
+    bad = [k for k, t in states.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        msg = (
+            f"The model weights {file} hold NaN or infinite values ({len(bad)} tensors, e.g. {bad[0]!r}), so every "
+            "prediction would be NaN; train the model again (with a smaller learning rate if training diverged)."
+        )
+        raise ValueError(msg)
     found = sorted({int(k.split(".", 1)[0]) for k in states if k.split(".", 1)[0].isdigit()})
     n = int(config.get("n_members", 1))
     if found != list(range(n)):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from anndata import AnnData
 
+from bitro._checks import check_int, check_number
 from bitro._constants import Key
 from bitro._logging import logger
 from bitro.tl._fit import TARGETS, check_validation, resolve_device, resolve_tables
@@ -331,24 +332,17 @@ def _check_params(p: dict[str, Any]) -> None:
         )
         raise ValueError(msg)
     for name in ("rank", "epochs", "batch_size"):
-        if int(p[name]) < 1:
-            msg = f"{name} must be a positive integer, got {p[name]!r}."
-            raise ValueError(msg)
-    if int(p["patience"]) < 0:
-        msg = f"patience must be >= 0, got {p['patience']!r}."
-        raise ValueError(msg)
-    for name in ("alpha", "lr"):
-        if not p[name] > 0:
-            msg = f"{name} must be positive, got {p[name]!r}."
-            raise ValueError(msg)
+        check_int(name, p[name], minimum=1)
+    check_int("patience", p["patience"], minimum=0)
+    if "seed" in p:
+        check_int("seed", p["seed"], minimum=0)
+    check_number("alpha", p["alpha"], low=0, low_open=True)
+    check_number("lr", p["lr"], low=0, low_open=True, hint="Adam learning rates are about 1e-4 to 1e-2.")
     for name in ("weight_decay", "cluster_weight"):
-        if p[name] is not None and not p[name] >= 0:
-            msg = f"{name} must be >= 0, got {p[name]!r}."
-            raise ValueError(msg)
+        if p[name] is not None:
+            check_number(name, p[name], low=0)
     for name in ("dropout", "cell_dropout"):
-        if not 0 <= p[name] < 1:
-            msg = f"{name} must be in [0, 1), got {p[name]!r}."
-            raise ValueError(msg)
+        check_number(name, p[name], low=0, high=1, high_open=True)
     check_validation(p["validation"])
 
 

@@ -1,0 +1,630 @@
+"""Bad input and interrupted work (issue #12): every case fails early with one sentence, changes nothing, loses nothing.
+
+``CASES`` lists every bad input tried: the call, the exception it must raise and the words its message must hold.
+Each is run by :func:`test_bad_input`, which also checks that the tables passed in were not modified.
+``python tests/test_bad_input.py`` prints the table of docs/reliability.md from the real messages.
+
+The fault tests below kill a write at each of its stages (a subprocess ended with ``os._exit`` or a
+monkeypatched rename that raises) and check that the previous output is whole and that the next run works.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import bitro as bt
+
+pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"dim": 16, "heads": 2, "ff_dim": 32, "max_context": 16, "context_radius": 60.0, "batch_size": 8, "n_seeds": 1}
+
+
+@dataclass
+class Ctx:
+    """What a case may use: fresh copies of the toy tables, a trained model, its saved folder, a scratch folder."""
+
+    spots: object
+    cells: object
+    model: object
+    model_dir: Path
+    tmp: Path
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Case:
+    id: str
+    area: str
+    what: str
+    call: Callable[[Ctx], object]
+    exc: type[BaseException]
+    words: tuple[str, ...]
+
+
+CASES: list[Case] = []
+
+
+def case(id: str, area: str, what: str, exc: type[BaseException], *words: str):
+    def register(fn):
+        CASES.append(Case(id, area, what, fn, exc, words))
+        return fn
+
+    return register
+
+
+def fit(ctx: Ctx, **kw):
+    return bt.tl.fit(ctx.spots, cells=ctx.cells, **{**TINY, "epochs": 2, **kw})
+
+
+# -- bt.tl.fit: arguments ---------------------------------------------------------------------------------
+for _id, _kw, _exc, _words in [
+    ("fit_genes_empty", {"genes": []}, ValueError, ("`genes`", "empty")),
+    ("fit_genes_string", {"genes": "G1"}, TypeError, ("`genes`", "list", "['G1']")),
+    ("fit_genes_duplicated", {"genes": ["G1", "G1"]}, ValueError, ("`genes`", "more than once")),
+    ("fit_genes_unknown", {"genes": ["NOPE"]}, KeyError, ("not in the expression table",)),
+    ("fit_heads_zero", {"heads": 0}, ValueError, ("`heads`", "positive integer")),
+    ("fit_heads_not_dividing_dim", {"heads": 3}, ValueError, ("divisible by `heads`",)),
+    ("fit_epochs_float", {"epochs": 2.7}, TypeError, ("`epochs`", "integer")),
+    ("fit_epochs_zero", {"epochs": 0}, ValueError, ("`epochs`", "positive integer")),
+    ("fit_seed_negative", {"seed": -1}, ValueError, ("`seed`", ">= 0")),
+    ("fit_seed_string", {"seed": "0"}, TypeError, ("`seed`", "integer")),
+    ("fit_lr_inf", {"lr": float("inf")}, ValueError, ("`lr`", "finite")),
+    ("fit_lr_nan", {"lr": float("nan")}, ValueError, ("`lr`", "finite")),
+    ("fit_lr_zero", {"lr": 0.0}, ValueError, ("`lr`",)),
+    ("fit_dropout_one", {"dropout": 1.0}, ValueError, ("`dropout`", "[0, 1)")),
+    ("fit_weight_decay_negative", {"weight_decay": -1e-4}, ValueError, ("`weight_decay`",)),
+    ("fit_batch_size_bool", {"batch_size": True}, TypeError, ("`batch_size`", "integer")),
+    ("fit_refit_string", {"refit": "yes"}, TypeError, ("`refit`", "True or False")),
+    ("fit_target_cell", {"target": "cell"}, ValueError, ("target='cell'", "not supported")),
+    ("fit_scale_unknown", {"scale": "log2"}, ValueError, ("scale='log2'",)),
+    ("fit_validation_out_of_range", {"validation": 1.5}, ValueError, ("validation=1.5",)),
+]:
+    case(_id, "fit", f"`fit({', '.join(f'{k}={v!r}' for k, v in _kw.items())})`", _exc, *_words)(
+        lambda ctx, kw=_kw: fit(ctx, **kw)
+    )
+
+
+# -- bt.tl.fit: tables --------------------------------------------------------------------------------------
+@case("fit_spot_id_duplicated", "fit", "a spot id twice in a section of the spot table", ValueError, "more than once")
+def _(ctx):
+    ids = ctx.spots.obs["spot_id"].astype(str).to_numpy()
+    ids[1] = ids[0]
+    ctx.spots.obs["spot_id"] = ids
+    return fit(ctx)
+
+
+@case(
+    "fit_gene_names_duplicated",
+    "fit",
+    "duplicated gene names in the spot table",
+    ValueError,
+    "duplicated names",
+    "var_names",
+)
+def _(ctx):
+    names = list(ctx.spots.var_names)
+    names[1] = names[0]
+    ctx.spots.var_names = names
+    return fit(ctx)
+
+
+@case(
+    "fit_cell_ids_duplicated",
+    "fit",
+    "duplicated cell ids in the cell table",
+    ValueError,
+    "cell table",
+    "duplicated names",
+)
+def _(ctx):
+    names = list(ctx.cells.obs_names)
+    names[1] = names[0]
+    ctx.cells.obs_names = names
+    return fit(ctx)
+
+
+@case("fit_nan_centroids", "fit", "NaN cell centroids", ValueError, "centroids", "NaN or infinite")
+def _(ctx):
+    xy = np.array(ctx.cells.obsm["spatial"], dtype=float)
+    xy[3] = np.nan
+    ctx.cells.obsm["spatial"] = xy
+    return fit(ctx)
+
+
+@case("fit_nan_features", "fit", "NaN cell features", ValueError, "features", "finite")
+def _(ctx):
+    x = np.array(ctx.cells.obsm["X_bitro"])
+    x[0, 0] = np.nan
+    ctx.cells.obsm["X_bitro"] = x
+    return fit(ctx)
+
+
+def _other_cells(ctx, *, shift: float = 0.0, prefix: str = ""):
+    """The cell table of another SpatialData with the same section names (another toy data set)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bitro_conftest", Path(__file__).with_name("conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _, other = module._toy_tl_tables(seed=1)
+    other.obsm["spatial"] = np.asarray(other.obsm["spatial"]) + shift
+    if prefix:
+        ids = other.obs["spot_id"]
+        other.obs["spot_id"] = np.where(ids.isna(), None, prefix + ids.astype(str))
+    ctx.cells = other
+    return fit(ctx)
+
+
+@case(
+    "fit_cells_of_other_sdata_moved",
+    "fit",
+    "a cell table of another SpatialData (same section names, other image frame)",
+    ValueError,
+    "nearer another spot",
+    "same SpatialData",
+)
+def _(ctx):
+    return _other_cells(ctx, shift=100.0)
+
+
+@case(
+    "fit_cells_of_other_sdata_spots",
+    "fit",
+    "a cell table of another SpatialData (same section names, other spots)",
+    ValueError,
+    "not in the spot table",
+    "same SpatialData",
+)
+def _(ctx):
+    return _other_cells(ctx, prefix="B-")
+
+
+@case("fit_negative_counts", "fit", "negative (log-transformed) counts", ValueError, "negative values")
+def _(ctx):
+    x = np.log1p(np.asarray(ctx.spots.X))
+    ctx.spots.X = x - x.mean(axis=0)  # log-transformed and centred, not counts
+    return fit(ctx)
+
+
+@case("fit_nan_counts", "fit", "NaN counts", ValueError, "NaN or infinite")
+def _(ctx):
+    x = np.array(ctx.spots.X)
+    x[0, 0] = np.nan
+    ctx.spots.X = x
+    return fit(ctx)
+
+
+@case("fit_empty_table", "fit", "a spot table without rows", ValueError, "empty")
+def _(ctx):
+    ctx.spots = ctx.spots[:0].copy()
+    return fit(ctx)
+
+
+@case(
+    "fit_no_extraction_record", "fit", "a cell table without its extraction record", ValueError, "no extraction record"
+)
+def _(ctx):
+    del ctx.cells.uns["bitro"]["extract_cells"]
+    return fit(ctx)
+
+
+@case("fit_adata_string", "fit", "a path instead of the spot table", TypeError, "AnnData or a SpatialData")
+def _(ctx):
+    return bt.tl.fit("spots.h5ad", cells=ctx.cells)
+
+
+@case("fit_cells_string", "fit", "a path instead of the cell table", TypeError, "cell table", "AnnData")
+def _(ctx):
+    return bt.tl.fit(ctx.spots, cells="cells.h5ad", **TINY)
+
+
+# -- training that diverges -----------------------------------------------------------------------------------
+@case("fit_lr_10_diverges", "fit", "`fit(lr=10)`: the loss explodes", RuntimeError, "diverged", "smaller learning rate")
+def _(ctx):
+    return fit(ctx, lr=10.0, epochs=6, validation=None)
+
+
+# -- bt.tl.predict --------------------------------------------------------------------------------------------
+@case(
+    "predict_model_path", "predict", "a model folder's path instead of the model", TypeError, "`model`", "trained model"
+)
+def _(ctx):
+    return bt.tl.predict(str(ctx.model_dir), ctx.spots, cells=ctx.cells)
+
+
+@case("predict_data_string", "predict", "a path instead of the data", TypeError, "`data`")
+def _(ctx):
+    return bt.tl.predict(ctx.model, "sdata.zarr")
+
+
+@case(
+    "predict_no_extraction_record", "predict", "cells without an extraction record", ValueError, "no extraction record"
+)
+def _(ctx):
+    del ctx.cells.uns["bitro"]["extract_cells"]
+    return bt.tl.predict(ctx.model, ctx.spots, cells=ctx.cells)
+
+
+@case(
+    "predict_other_features",
+    "predict",
+    "cells whose features were made otherwise",
+    ValueError,
+    "crop_um",
+    "reference=model",
+)
+def _(ctx):
+    ctx.cells.uns["bitro"]["extract_cells"] = dict(ctx.cells.uns["bitro"]["extract_cells"], crop_um=12.0)
+    return bt.tl.predict(ctx.model, ctx.spots, cells=ctx.cells)
+
+
+@case("predict_spot_id_duplicated", "predict", "a spot id twice in the spot table", ValueError, "more than once")
+def _(ctx):
+    ids = ctx.spots.obs["spot_id"].astype(str).to_numpy()
+    ids[1] = ids[0]
+    ctx.spots.obs["spot_id"] = ids
+    return bt.tl.predict(ctx.model, ctx.spots, cells=ctx.cells)
+
+
+@case("predict_tokens_zero", "predict", "`tokens_per_batch=0`", ValueError, "tokens_per_batch")
+def _(ctx):
+    return bt.tl.predict(ctx.model, ctx.spots, cells=ctx.cells, tokens_per_batch=0)
+
+
+# -- saved models ---------------------------------------------------------------------------------------------
+def _edit_config(ctx, edit):
+    file = ctx.model_dir / "config.json"
+    config = json.loads(file.read_text())
+    edit(config)
+    file.write_text(json.dumps(config))
+    return bt.tl.load_model(ctx.model_dir)
+
+
+def _swap_genes(c):
+    c["genes"][0], c["genes"][1] = c["genes"][1], c["genes"][0]
+
+
+@case("model_genes_swapped", "model", "`config.json` with two gene names swapped", ValueError, "changed after", "genes")
+def _(ctx):
+    return _edit_config(ctx, _swap_genes)
+
+
+@case("model_zscore_edited", "model", "`config.json` with a z-score mean edited", ValueError, "changed after")
+def _(ctx):
+    return _edit_config(ctx, lambda c: c["zscore_mean"].__setitem__(0, c["zscore_mean"][0] + 1))
+
+
+@case("model_n_members_lowered", "model", "`config.json` with `n_members` lowered", ValueError, "changed after")
+def _(ctx):
+    return _edit_config(ctx, lambda c: c.update(n_members=1))
+
+
+@case(
+    "model_n_members_lowered_no_checksums",
+    "model",
+    "`n_members` lowered in a model saved without checksums",
+    ValueError,
+    "2 ensemble members",
+    "n_members=1",
+)
+def _(ctx):
+    return _edit_config(ctx, lambda c: (c.update(n_members=1), c.pop("checksums")))
+
+
+@case("model_target_cell", "model", '`config.json` with `target: "cell"`', ValueError, "target 'cell'", "not one of")
+def _(ctx):
+    return _edit_config(ctx, lambda c: c.update(target="cell"))
+
+
+@case(
+    "model_zscore_length",
+    "model",
+    "`config.json` with a z-score list too short",
+    ValueError,
+    "zscore_std",
+    "finite numbers",
+)
+def _(ctx):
+    return _edit_config(ctx, lambda c: c["zscore_std"].pop())
+
+
+@case("model_genes_duplicated", "model", "`config.json` naming a gene twice", ValueError, "more than once")
+def _(ctx):
+    return _edit_config(ctx, lambda c: c["genes"].__setitem__(1, c["genes"][0]))
+
+
+@case(
+    "model_n_genes_disagree", "model", "`config.json` whose architecture has another gene count", ValueError, "n_genes"
+)
+def _(ctx):
+    return _edit_config(ctx, lambda c: c["architecture"].update(n_genes=c["architecture"]["n_genes"] + 1))
+
+
+def _flip_bytes(file: Path, offset_from_end: int = 64) -> None:
+    data = bytearray(file.read_bytes())
+    for i in range(len(data) - offset_from_end, len(data) - offset_from_end + 8):
+        data[i] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+@case("model_weights_flipped", "model", "weights with flipped bytes", ValueError, "checksum", "corrupted")
+def _(ctx):
+    _flip_bytes(ctx.model_dir / "weights.safetensors")
+    return bt.tl.load_model(ctx.model_dir)
+
+
+@case("model_reference_flipped", "model", "cell reference arrays with flipped bytes", ValueError, "checksum")
+def _(ctx):
+    _flip_bytes(ctx.model_dir / "reference.safetensors", 16)
+    return bt.tl.load_model(ctx.model_dir)
+
+
+@case(
+    "model_weights_nan_no_checksums",
+    "model",
+    "NaN weights in a model saved without checksums",
+    ValueError,
+    "NaN or infinite",
+    "train the model again",
+)
+def _(ctx):
+    from safetensors.torch import load_file, save_file
+
+    file = ctx.model_dir / "weights.safetensors"
+    tensors = load_file(str(file))
+    first = next(k for k, t in tensors.items() if t.is_floating_point())
+    tensors[first] = tensors[first] * float("nan")
+    save_file(tensors, str(file), metadata={"format": "bitro", "n_members": "2"})
+    config = json.loads((ctx.model_dir / "config.json").read_text())
+    config.pop("checksums")
+    (ctx.model_dir / "config.json").write_text(json.dumps(config))
+    return bt.tl.load_model(ctx.model_dir)
+
+
+@case("model_weights_truncated", "model", "truncated weights", ValueError, "corrupted or truncated")
+def _(ctx):
+    file = ctx.model_dir / "weights.safetensors"
+    file.write_bytes(file.read_bytes()[:100])
+    return bt.tl.load_model(ctx.model_dir)
+
+
+@case("model_config_truncated", "model", "a truncated `config.json`", ValueError, "corrupted or truncated")
+def _(ctx):
+    file = ctx.model_dir / "config.json"
+    file.write_text(file.read_text()[:50])
+    return bt.tl.load_model(ctx.model_dir)
+
+
+@case("model_missing", "model", "a folder that does not exist", FileNotFoundError, "no folder")
+def _(ctx):
+    return bt.tl.load_model(ctx.tmp / "nothing")
+
+
+@case("model_save_onto_file", "model", "`model.save()` onto a file", FileExistsError, "is a file")
+def _(ctx):
+    (ctx.tmp / "file").write_text("user data")
+    return ctx.model.save(ctx.tmp / "file")
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------------
+@case(
+    "checkpoint_longer_run",
+    "checkpoint",
+    "the checkpoint of a 4-epoch run for `fit(epochs=2)`",
+    ValueError,
+    "longer run",
+    "epochs=2",
+)
+def _(ctx):
+    fit(ctx, epochs=4, checkpoint_dir=ctx.tmp / "ck", validation=None)
+    return fit(ctx, epochs=2, checkpoint_dir=ctx.tmp / "ck", validation=None)
+
+
+@case("checkpoint_other_fit", "checkpoint", "the checkpoint of another fit", ValueError, "different fit")
+def _(ctx):
+    fit(ctx, epochs=1, checkpoint_dir=ctx.tmp / "ck", validation=None)
+    return fit(ctx, epochs=2, checkpoint_dir=ctx.tmp / "ck", validation=None, lr=1e-2)
+
+
+@case("checkpoint_flipped", "checkpoint", "a checkpoint with flipped bytes", ValueError, "checksum")
+def _(ctx):
+    fit(ctx, epochs=1, checkpoint_dir=ctx.tmp / "ck", validation=None)
+    _flip_bytes(ctx.tmp / "ck" / "member0" / "checkpoint.safetensors")
+    return fit(ctx, epochs=2, checkpoint_dir=ctx.tmp / "ck", validation=None)
+
+
+@case(
+    "checkpoint_legacy",
+    "checkpoint",
+    "a checkpoint of an older bitro (state and weights apart)",
+    ValueError,
+    "older bitro",
+)
+def _(ctx):
+    folder = ctx.tmp / "ck" / "member0"
+    folder.mkdir(parents=True)
+    (folder / "checkpoint.json").write_text("{}")
+    return fit(ctx, epochs=2, checkpoint_dir=ctx.tmp / "ck", validation=None)
+
+
+# -- bt.pp.phenotypes, bt.pp.spatial_graph ------------------------------------------------------------------------
+@case("phenotypes_n_clusters_zero", "pp", "`phenotypes(n_clusters=0)`", ValueError, "`n_clusters`", "positive integer")
+def _(ctx):
+    return bt.pp.phenotypes(ctx.cells, n_clusters=0)
+
+
+@case("phenotypes_n_clusters_float", "pp", "`phenotypes(n_clusters=2.5)`", TypeError, "`n_clusters`", "integer")
+def _(ctx):
+    return bt.pp.phenotypes(ctx.cells, n_clusters=2.5)
+
+
+@case("phenotypes_nan_features", "pp", "`phenotypes` on NaN features", ValueError, "NaN or infinite")
+def _(ctx):
+    x = np.array(ctx.cells.obsm["X_bitro"])
+    x[0] = np.nan
+    ctx.cells.obsm["X_bitro"] = x
+    return bt.pp.phenotypes(ctx.cells)
+
+
+@case("phenotypes_not_anndata", "pp", "`phenotypes` on a SpatialData's name", TypeError, "`cells`", "AnnData")
+def _(ctx):
+    return bt.pp.phenotypes("cells")
+
+
+@case("graph_n_neighs_zero", "pp", "`spatial_graph(n_neighs=0)`", ValueError, "`n_neighs`", "positive integer")
+def _(ctx):
+    return bt.pp.spatial_graph(ctx.cells, n_neighs=0)
+
+
+@case("graph_nan_centroids", "pp", "`spatial_graph` on NaN centroids", ValueError, "centroids", "NaN or infinite")
+def _(ctx):
+    xy = np.array(ctx.cells.obsm["spatial"], dtype=float)
+    xy[0] = np.nan
+    ctx.cells.obsm["spatial"] = xy
+    return bt.pp.spatial_graph(ctx.cells)
+
+
+@case("graph_duplicated_cells", "pp", "`spatial_graph` on duplicated cell ids", ValueError, "duplicated names")
+def _(ctx):
+    names = list(ctx.cells.obs_names)
+    names[1] = names[0]
+    ctx.cells.obs_names = names
+    return bt.pp.spatial_graph(ctx.cells)
+
+
+# -- images: bt.tl.colour_statistics --------------------------------------------------------------------------------
+def _image_sdata(kind: str):
+    """A one-section synthetic SpatialData whose H&E image is made grayscale, RGBA, uint16 or float."""
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import get_transformation
+
+    sdata = bt.datasets.synthetic(1, size=256, n_genes=8, n_markers=2)
+    key = "synth0_image"
+    rgb = np.asarray(sdata.images[key].values)
+    arr = {
+        "grayscale": rgb[:1],
+        "rgba": np.concatenate([rgb, np.full_like(rgb[:1], 255)]),
+        "uint16": rgb.astype(np.uint16) * 257,
+        "float": rgb.astype(np.float32) / 255,
+    }[kind]
+    image = Image2DModel.parse(
+        arr, dims=("c", "y", "x"), transformations=get_transformation(sdata.images[key], get_all=True)
+    )
+    sdata.images[key] = image
+    return sdata
+
+
+for _kind in ("grayscale", "rgba", "uint16", "float"):
+    case(f"colour_statistics_{_kind}", "images", f"`colour_statistics` on a {_kind} image", ValueError, "8-bit RGB")(
+        lambda ctx, kind=_kind: bt.tl.colour_statistics(_image_sdata(kind))
+    )
+
+
+# -- the runner --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(_toy_tl_cache, tmp_path_factory):
+    import torch
+
+    torch.set_num_threads(1)
+    spots, cells = _toy_tl_cache
+    model = bt.tl.fit(spots.copy(), cells=cells.copy(), **{**TINY, "n_seeds": 2, "epochs": 2})
+    folder = model.save(tmp_path_factory.mktemp("model") / "m")
+    return model, folder
+
+
+def _snapshot(adata) -> tuple:
+    x = adata.X if adata.X is None else np.asarray(adata.X).copy()
+    return (
+        list(adata.obs_names),
+        list(adata.var_names),
+        {k: v.tolist() for k, v in adata.obs.items()},
+        {k: np.asarray(v).copy() for k, v in adata.obsm.items()},
+        sorted(adata.uns),
+        json.dumps(adata.uns.get("bitro", {}).get("extract_cells", {}).get("fingerprint")),
+        x,
+    )
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    if a[:3] != b[:3] or a[4:6] != b[4:6] or set(a[3]) != set(b[3]):
+        return False
+    if not all(np.array_equal(a[3][k], b[3][k], equal_nan=True) for k in a[3]):
+        return False
+    return (a[6] is None and b[6] is None) or np.array_equal(a[6], b[6], equal_nan=True)
+
+
+def run_case(c: Case, toy, trained, tmp: Path) -> BaseException:
+    """Run one case; returns the exception it raised (fails when it raised none or another type)."""
+    spots, cells = toy
+    model, folder = trained
+    model_dir = tmp / "model"
+    shutil.copytree(folder, model_dir)
+    ctx = Ctx(spots, cells, model, model_dir, tmp)
+    with pytest.raises(c.exc) as err:
+        c.call(ctx)
+    return err.value
+
+
+@pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
+def test_bad_input(c: Case, toy_tl, trained, tmp_path):
+    spots, cells = toy_tl
+    before = (_snapshot(spots), _snapshot(cells))
+    model_before = json.dumps(trained[0].config, sort_keys=True, default=str)
+    err = run_case(c, (spots, cells), trained, tmp_path)
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    for word in c.words:
+        assert word.lower() in text.lower(), f"{word!r} not in: {text}"
+    assert "\n" not in text.strip(), "one sentence, one line"
+    assert type(err).__module__ == "builtins", "a plain Python exception, not one from deep inside a library"
+    # the tables the case started from (and the model) were not modified: cases that change tables do so on copies
+    if c.id not in _MUTATING:
+        assert _same(_snapshot(spots), before[0]) and _same(_snapshot(cells), before[1])
+    assert json.dumps(trained[0].config, sort_keys=True, default=str) == model_before
+
+
+#: Cases that edit the tables themselves to make them bad (what is checked is that the call changes nothing more).
+_MUTATING = {
+    "fit_spot_id_duplicated",
+    "fit_gene_names_duplicated",
+    "fit_cell_ids_duplicated",
+    "fit_nan_centroids",
+    "fit_nan_features",
+    "fit_negative_counts",
+    "fit_nan_counts",
+    "fit_no_extraction_record",
+    "predict_no_extraction_record",
+    "predict_other_features",
+    "predict_spot_id_duplicated",
+    "phenotypes_nan_features",
+    "graph_nan_centroids",
+    "graph_duplicated_cells",
+}
+
+
+def test_bad_calls_leave_mutated_tables_as_they_were(toy_tl, trained, tmp_path):
+    """A bad call changes nothing more than the case did itself: no prediction slot, no phenotype, no graph."""
+    spots, cells = toy_tl
+    ids = spots.obs["spot_id"].astype(str).to_numpy()
+    ids[1] = ids[0]
+    spots.obs["spot_id"] = ids
+    before = (_snapshot(spots), _snapshot(cells))
+    with pytest.raises(ValueError, match="more than once"):
+        bt.tl.predict(trained[0], spots, cells=cells)
+    assert _same(_snapshot(spots), before[0]) and _same(_snapshot(cells), before[1])
+    assert "bitro_predicted" not in spots.obsm
+    x = np.array(cells.obsm["X_bitro"])
+    x[0] = np.nan
+    cells.obsm["X_bitro"] = x
+    before = _snapshot(cells)
+    with pytest.raises(ValueError):
+        bt.pp.phenotypes(cells)
+    assert _same(_snapshot(cells), before) and "phenotypes" not in cells.uns["bitro"]
