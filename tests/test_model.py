@@ -30,8 +30,8 @@ def test_prediction_does_not_depend_on_batch_mates(bags_cells):
     net = _net()
     with torch.no_grad():
         alone = [net(collate([bags[i]], data))[0][0] for i in (0, 5)]
-        together, att = net(collate(bags[:12], data))
-        swapped, _ = net(collate([bags[5], *bags[6:12], bags[0]], data))
+        together, att, _ = net(collate(bags[:12], data))
+        swapped, _, _ = net(collate([bags[5], *bags[6:12], bags[0]], data))
     torch.testing.assert_close(together[0], alone[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(together[5], alone[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(swapped[-1], alone[0], rtol=1e-5, atol=1e-5)
@@ -52,7 +52,7 @@ def test_predict_bags_independent_of_packing(bags_cells):
     # each pooled cell gets n_pool x its attention x its bag's prediction, as the network's own forward pass gives
     with torch.no_grad():
         for bag in bags[:5]:
-            y, att = net(collate([bag], data))
+            y, att, _ = net(collate([bag], data))
             rows = bag[0].cells[: bag[0].n_pool]
             expected = bag[0].n_pool * att.numpy() * y.numpy()[0]
             np.testing.assert_allclose(cells_big[rows], expected, rtol=1e-4, atol=1e-5)
@@ -87,8 +87,8 @@ def test_gradients_reach_every_parameter(bags_cells, readout, gat_layers, transf
     bags, data = bags_cells
     net = _net(readout=readout, gat_layers=gat_layers, transformer_layers=transformer_layers).train()
     batch = collate(bags[:6], data)
-    y, att = net(batch)
-    loss = (y**2).mean() + cluster_loss(att, y, batch.pooled_bag, batch.phenotype[batch.pool])
+    y, _, cell_expr = net(batch)
+    loss = (y**2).mean() + cluster_loss(cell_expr, batch.phenotype[batch.pool])
     loss.backward()
     missing = [n for n, p in net.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
     assert not missing
@@ -104,11 +104,30 @@ def test_linear_layers_are_explicit_for_lora():
 
 
 def test_cluster_loss():
-    y = torch.tensor([[1.0, 2.0]])
-    bag = torch.zeros(4, dtype=torch.long)
-    same = torch.full((4, 2), 0.25)
-    assert cluster_loss(same, y, bag, torch.tensor([0, 0, 1, 1])).item() == pytest.approx(0.0)
-    spread = torch.tensor([[0.1, 0.1], [0.4, 0.4], [0.25, 0.25], [0.25, 0.25]])
-    assert cluster_loss(spread, y, bag, torch.tensor([0, 0, 1, 1])).item() > 0
+    same = torch.full((4, 2), 1.0)
+    assert cluster_loss(same, torch.tensor([0, 0, 1, 1])).item() == pytest.approx(0.0)
+    spread = torch.tensor([[0.4, 0.4], [1.6, 1.6], [1.0, 1.0], [1.0, 1.0]])
+    # cluster 0: each cell 0.6 from its cluster mean; cluster 1: on it; mean over cells and genes
+    assert cluster_loss(spread, torch.tensor([0, 0, 1, 1])).item() == pytest.approx(0.36 / 2)
     # unknown phenotypes are left out
-    assert cluster_loss(spread, y, bag, torch.tensor([-1, -1, 1, 1])).item() == pytest.approx(0.0)
+    assert cluster_loss(spread, torch.tensor([-1, -1, 1, 1])).item() == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("readout", ["gene", "shared", "cell"])
+def test_cells_average_to_their_bag(bags_cells, readout):
+    """The cells' expression averages to the bag's prediction: plainly (pseudo-cells) or by attention ("cell")."""
+    bags, data = bags_cells
+    net = _net(readout=readout)
+    batch = collate(bags[:6], data)
+    with torch.no_grad():
+        y, att, cell = net(batch)
+    bag = batch.pooled_bag
+    if readout == "cell":
+        mean = torch.zeros_like(y).index_add(0, bag, att * cell)
+        # each cell's value is its own: the readout of its embedding, not a share of the bag
+        h = net.encode(batch)[batch.pool]
+        torch.testing.assert_close(cell - net.size_term(batch.size)[bag], net.cell_readout(h))
+    else:
+        n = torch.bincount(bag, minlength=len(y)).to(y.dtype)
+        mean = torch.zeros_like(y).index_add(0, bag, cell) / n[:, None]
+    torch.testing.assert_close(mean, y, rtol=1e-4, atol=1e-5)

@@ -259,9 +259,9 @@ def _train(
             batch = collate(
                 [bags[j] for j in idx], cells, rng=rng, cell_dropout=hp["cell_dropout"], max_cells=hp["max_cells"]
             ).to(device)
-            y, att = net(batch)
+            y, _, cell_expr = net(batch)
             mse = F.mse_loss(y, target[idx].to(device))
-            cl = cluster_loss(att, y, batch.pooled_bag, batch.phenotype[batch.pool]) if cw > 0 else y.new_zeros(())
+            cl = cluster_loss(cell_expr, batch.phenotype[batch.pool]) if cw > 0 else y.new_zeros(())
             loss = mse + cw * cl
             if not torch.isfinite(loss):
                 _diverged(f"the training loss became {loss.item()} in epoch {epoch + 1}", hp["lr"])
@@ -332,7 +332,7 @@ def fit(
     transformer_layers: int = 1,
     heads: int = 4,
     ff_dim: int = 128,
-    readout: Literal["gene", "shared"] = "gene",
+    readout: Literal["gene", "shared", "cell"] = "gene",
     bag_size: bool = True,
     dropout: float = 0.1,
     cell_dropout: float = 0.1,
@@ -410,7 +410,10 @@ def fit(
     ff_dim
         Width of the Transformer feed-forward layer.
     readout
-        ``"gene"``: a linear output per gene; ``"shared"``: the paper's MLP shared by all genes.
+        ``"gene"``: a linear output per gene; ``"shared"``: the paper's MLP shared by all genes; ``"cell"``: the
+        per-gene linear output applied to each cell's own embedding, the bag's prediction being the
+        attention-weighted mean of its cells' (cell values carry each cell's own information; see
+        :func:`bitro.tl.predict`).
     bag_size
         Give the readout each bag's cell count (standardised log): attention pooling is a weighted mean
         and cannot see how many cells a spot holds, which drives its library size and composition.

@@ -49,7 +49,11 @@ class Architecture:
         return asdict(self)
 
 
-READOUTS: tuple[str, ...] = ("gene", "shared")
+#: ``"gene"``: a linear output per gene on the attention-pooled embedding (LayerNorm first); ``"shared"``: the
+#: paper's MLP shared by all genes; ``"cell"``: the same per-gene linear output applied to every cell's own
+#: embedding, the bag's prediction being the attention-weighted mean of its cells' (so each cell has a value of
+#: its own, on the bag's scale, independent of how many cells share the bag).
+READOUTS: tuple[str, ...] = ("gene", "shared", "cell")
 #: Parameters with one row per gene (carried over by gene symbol in :func:`bitro.tl.transfer`).
 GENE_PARAMS: tuple[str, ...] = ("gene_queries", "gene_weight", "gene_bias", "gene_size")
 
@@ -190,8 +194,9 @@ class BitroNet(nn.Module):
         )
         self.out_norm = nn.LayerNorm(d)
         self.gene_queries = nn.Parameter(torch.randn(g, d) / math.sqrt(d))
-        self.pool_norm = nn.LayerNorm(d)
-        if arch.readout == "gene":
+        if arch.readout != "cell":
+            self.pool_norm = nn.LayerNorm(d)
+        if arch.readout in ("gene", "cell"):
             self.gene_weight = nn.Parameter(torch.randn(g, d) / math.sqrt(d))
             self.gene_bias = nn.Parameter(torch.zeros(g))
         else:
@@ -231,26 +236,54 @@ class BitroNet(nn.Module):
         z = att.transpose(1, 2) @ hd  # (B, G, d)
         return logits[mask], lse, z
 
+    def size_term(self, size: torch.Tensor) -> torch.Tensor | float:
+        """Each gene's term in the bags' standardised log cell counts ``(n_bags, n_genes)`` (0 without ``bag_size``)."""
+        if not self.arch.bag_size:
+            return 0.0
+        return self.gene_size * ((size.to(self.gene_size.dtype) - self.arch.size_mean) / self.arch.size_std)[:, None]
+
     def readout(self, z: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
         """Predictions ``(n_bags, n_genes)`` (z-scores) from the pooled embeddings and the bag sizes.
 
-        ``z``: ``(n_bags, n_genes, dim)``; ``size``: ``(n_bags,)``, as :attr:`Batch.size`.
+        ``z``: ``(n_bags, n_genes, dim)``; ``size``: ``(n_bags,)``, as :attr:`Batch.size`. With the ``"cell"``
+        readout this equals the attention-weighted mean of the cells' own readouts (:meth:`cell_readout`): the
+        readout is linear, so it commutes with the pooling.
         """
-        z = self.pool_norm(z)
-        if self.arch.readout == "gene":
+        if self.arch.readout == "cell":
             y = (z * self.gene_weight).sum(-1) + self.gene_bias
+        elif self.arch.readout == "gene":
+            y = (self.pool_norm(z) * self.gene_weight).sum(-1) + self.gene_bias
         else:
-            y = self.readout_mlp(z).squeeze(-1)
-        if self.arch.bag_size:
-            y = y + self.gene_size * ((size.to(y.dtype) - self.arch.size_mean) / self.arch.size_std)[:, None]
-        return y
+            y = self.readout_mlp(self.pool_norm(z)).squeeze(-1)
+        return y + self.size_term(size)
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predictions ``(n_bags, n_genes)`` and the attention ``(n_pooled, n_genes)`` of every pooled token."""
+    def cell_readout(self, h_pooled: torch.Tensor) -> torch.Tensor:
+        """The ``"cell"`` readout of each pooled cell's own embedding ``(n_pooled, n_genes)``, before the bag-size term."""
+        return h_pooled @ self.gene_weight.T + self.gene_bias
+
+    def cell_expression(self, h_pooled: torch.Tensor, att: torch.Tensor, y: torch.Tensor, bag: torch.Tensor, size):
+        """Each pooled cell's expression ``(n_pooled, n_genes)`` on the z-scored target scale.
+
+        ``"cell"`` readout: the cell's own readout plus its bag's size term. Otherwise the paper's pseudo-cells
+        scaled to the bag: ``n_b * A[g, i] * y[b, g]`` (attention relative to an equal share, times the bag's
+        prediction). Either way the attention-weighted (``"cell"``) or plain mean over a bag's cells is its
+        prediction.
+        """
+        if self.arch.readout == "cell":
+            term = self.size_term(size)
+            return self.cell_readout(h_pooled) + (term[bag] if torch.is_tensor(term) else term)
+        n_per_bag = torch.bincount(bag, minlength=y.shape[0]).to(y.dtype)
+        return att * y[bag] * n_per_bag[bag][:, None]
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Predictions ``(n_bags, n_genes)``, the attention and the expression (:meth:`cell_expression`) of every
+        pooled token ``(n_pooled, n_genes)``."""
         h = self.encode(batch)
         bag = batch.pooled_bag
-        logits, lse, z = self.attend(h[batch.pool], bag, batch.n_bags)
-        return self.readout(z, batch.size), torch.exp(logits - lse[bag])
+        h_pooled = h[batch.pool]
+        logits, lse, z = self.attend(h_pooled, bag, batch.n_bags)
+        y, att = self.readout(z, batch.size), torch.exp(logits - lse[bag])
+        return y, att, self.cell_expression(h_pooled, att, y, bag, batch.size)
 
 
 def combine_parts(lse: torch.Tensor, z: torch.Tensor, part_bag: torch.Tensor, n_bags: int):
@@ -270,22 +303,20 @@ def combine_parts(lse: torch.Tensor, z: torch.Tensor, part_bag: torch.Tensor, n_
     return m + torch.log(total), zb / total[:, :, None]
 
 
-def cluster_loss(att: torch.Tensor, y: torch.Tensor, bag: torch.Tensor, phenotype: torch.Tensor) -> torch.Tensor:
+def cluster_loss(cell_expr: torch.Tensor, phenotype: torch.Tensor) -> torch.Tensor:
     """The paper's cluster loss (Eq. 12), normalised to the scale of the MSE.
 
-    Pseudo-cell expression ``A[g, i] * y[g]`` is multiplied by the number of pooled cells of the bag, which
-    puts it on the scale of the (z-scored) bag targets; the loss is the mean squared distance of each
-    cell's scaled pseudo-cell expression to the mean of its phenotype cluster in the batch. Cells with an
-    unknown phenotype (-1) are left out.
+    ``cell_expr`` ``(n_pooled, G)``: each pooled cell's expression on the scale of the (z-scored) bag targets
+    (:meth:`BitroNet.cell_expression`: the paper's pseudo-cells ``A[g, i] * y[g]`` times the bag's number of pooled
+    cells, or the ``"cell"`` readout). The loss is the mean squared distance of each cell's expression to the mean of
+    its phenotype cluster in the batch. Cells with an unknown phenotype (-1) are left out.
     """
-    n_per_bag = torch.bincount(bag, minlength=y.shape[0]).to(y.dtype)
-    cell_expr = att * y[bag] * n_per_bag[bag][:, None]  # (n_pooled, G)
     keep = phenotype >= 0
     if not keep.any():
-        return y.new_zeros(())
+        return cell_expr.new_zeros(())
     cell_expr, ph = cell_expr[keep], phenotype[keep]
     k = int(ph.max()) + 1
-    counts = torch.bincount(ph, minlength=k).to(y.dtype)
-    means = torch.zeros((k, y.shape[1]), dtype=y.dtype, device=y.device).index_add(0, ph, cell_expr)
+    counts = torch.bincount(ph, minlength=k).to(cell_expr.dtype)
+    means = torch.zeros((k, cell_expr.shape[1]), dtype=cell_expr.dtype, device=cell_expr.device).index_add(0, ph, cell_expr)
     means = means / counts.clamp(min=1)[:, None]
     return ((cell_expr - means[ph]) ** 2).mean()

@@ -52,9 +52,11 @@ def predict_bags(
     whatever the bag size, and a bag's result does not depend on how sequences are packed.
 
     With ``cell_scale`` (a map from z-scores ``(n, n_genes)`` to the target scale), each pooled cell ``i`` of
-    a bag ``b`` gets ``n_b * A[g, i] * y[b, g]``: its attention relative to an equal share of the bag's
-    ``n_b`` pooled cells, times the bag's prediction on the target scale (the mean over a bag's cells is the
-    bag's prediction). These are summed over the bags that pool the cell and averaged over the ensemble.
+    a bag ``b`` gets a value on the target scale: with the ``"cell"`` readout its own readout (plus the bag's
+    size term), whose attention-weighted mean is the bag's prediction; otherwise ``n_b * A[g, i] * y[b, g]``,
+    its attention relative to an equal share of the bag's ``n_b`` pooled cells times the bag's prediction,
+    whose plain mean is the bag's prediction. These are summed over the bags that pool the cell and averaged
+    over the ensemble.
 
     Returns
     -------
@@ -95,6 +97,7 @@ def predict_bags(
                 if cell_sum is not None:
                     token_bag = torch.as_tensor(local, device=device)[batch.pooled_bag]
                     rows = batch.cell[batch.pool]
+                    own = net.cell_readout(h[batch.pool]) if net.arch.readout == "cell" else logits
                 for j, b in enumerate(uniq):
                     cur = (lse_b[j : j + 1], z_b[j : j + 1])
                     if b in pending:
@@ -103,7 +106,7 @@ def predict_bags(
                         cur = combine_parts(torch.cat([prev[0], cur[0]]), torch.cat([prev[1], cur[1]]), both, 1)
                     if cell_sum is not None:
                         mine = token_bag == j
-                        tokens.setdefault(b, []).append((rows[mine].cpu(), logits[mine].cpu()))
+                        tokens.setdefault(b, []).append((rows[mine].cpu(), own[mine].cpu()))
                     if last_group[b] != gi:
                         pending[b] = cur
                         continue
@@ -111,8 +114,14 @@ def predict_bags(
                     y_sum[b] += yz
                     if cell_sum is not None:
                         r = torch.cat([t[0] for t in tokens[b]]).numpy()
-                        att = torch.exp(torch.cat([t[1] for t in tokens.pop(b)]) - cur[0][0].cpu()).numpy()
-                        cell_sum[r] += n_pool[b] * att * cell_scale(yz[None])[0].astype(np.float32)
+                        own_b = torch.cat([t[1] for t in tokens.pop(b)])
+                        if net.arch.readout == "cell":  # the cells' own readout and their bag's size term
+                            term = net.size_term(sizes[b : b + 1])
+                            z_cells = (own_b + (term.cpu() if torch.is_tensor(term) else term)).numpy()
+                            cell_sum[r] += cell_scale(z_cells).astype(np.float32)
+                        else:  # attention relative to an equal share, times the bag's prediction
+                            att = torch.exp(own_b - cur[0][0].cpu()).numpy()
+                            cell_sum[r] += n_pool[b] * att * cell_scale(yz[None])[0].astype(np.float32)
                 bar.update()
     bar.close()
     y = y_sum / len(nets)
