@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -628,3 +631,169 @@ def test_bad_calls_leave_mutated_tables_as_they_were(toy_tl, trained, tmp_path):
     with pytest.raises(ValueError):
         bt.pp.phenotypes(cells)
     assert _same(_snapshot(cells), before) and "phenotypes" not in cells.uns["bitro"]
+
+
+# == fault tests: a write killed at each of its stages loses nothing, and the next run works ======================
+class Killed(BaseException):
+    """Stands for the process being stopped at that instant (nothing after it runs in that frame)."""
+
+
+def _nets_equal(a, b) -> bool:
+    import torch
+
+    return all(
+        all(torch.equal(x, y) for x, y in zip(na.state_dict().values(), nb.state_dict().values(), strict=True))
+        for na, nb in zip(a.nets, b.nets, strict=True)
+    )
+
+
+CKPT = {**TINY, "epochs": 4, "patience": 4, "validation": "sample"}
+
+
+@pytest.mark.parametrize("stage", ["writing", "before_rename", "after_rename"])
+def test_checkpoint_killed_at_each_stage_resumes_to_the_same_model(stage, toy_tl, tmp_path, monkeypatch):
+    """A fit stopped while writing its 3rd checkpoint resumes to exactly the model of an uninterrupted fit."""
+    import safetensors.torch
+
+    import bitro.tl._persist as persist
+
+    spots, cells = toy_tl
+    full = bt.tl.fit(spots, cells=cells, checkpoint_dir=tmp_path / "full", **CKPT)
+    calls = {"n": 0}
+    save_file, replace, save_checkpoint = safetensors.torch.save_file, Path.replace, persist.save_checkpoint
+
+    def counting_save_checkpoint(*a, **kw):
+        calls["n"] += 1
+        save_checkpoint(*a, **kw)
+        if stage == "after_rename" and calls["n"] == 3:
+            raise Killed
+
+    def partial_save_file(tensors, filename, metadata=None):
+        if stage == "writing" and calls["n"] == 3:
+            Path(filename).write_bytes(b"\x00" * 100)  # half-written temporary file
+            raise Killed
+        save_file(tensors, filename, metadata=metadata)
+
+    def failing_replace(self, target):
+        if stage == "before_rename" and calls["n"] == 3 and Path(target).name == "checkpoint.safetensors":
+            raise Killed
+        return replace(self, target)
+
+    monkeypatch.setattr(persist, "save_checkpoint", counting_save_checkpoint)
+    monkeypatch.setattr(safetensors.torch, "save_file", partial_save_file)
+    monkeypatch.setattr(Path, "replace", failing_replace)
+    with pytest.raises(Killed):
+        bt.tl.fit(spots, cells=cells, checkpoint_dir=tmp_path / "cut", **CKPT)
+    monkeypatch.undo()
+    resumed = bt.tl.fit(spots, cells=cells, checkpoint_dir=tmp_path / "cut", **CKPT)
+    assert _nets_equal(resumed, full)
+    assert resumed.history == full.history
+
+
+def _toy_store_script() -> str:
+    return textwrap.dedent(
+        f"""
+        import importlib.util, sys
+        spec = importlib.util.spec_from_file_location("_bitro_conftest", {str(REPO / "tests" / "conftest.py")!r})
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        spots, cells = module._toy_tl_tables()
+        """
+    )
+
+
+def test_fit_killed_by_sigkill_resumes_to_the_same_model(toy_tl, tmp_path):
+    """A real process killed (SIGKILL) at an arbitrary moment of training, then resumed: the same model."""
+    import signal
+    import time
+
+    spots, cells = toy_tl
+    kw = {**CKPT, "epochs": 8, "patience": 8}
+    code = _toy_store_script() + textwrap.dedent(
+        f"""
+        import torch, bitro as bt
+        torch.set_num_threads(1)
+        bt.settings.progress = False
+        bt.tl.fit(spots, cells=cells, checkpoint_dir={str(tmp_path / "cut")!r}, **{kw!r})
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = tmp_path / "cut" / "member0" / "checkpoint.safetensors"
+    deadline = time.monotonic() + 120
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere in the next epochs, possibly while a checkpoint is written
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert state.exists(), proc.stderr.read().decode()[-2000:]
+    full = bt.tl.fit(spots, cells=cells, checkpoint_dir=tmp_path / "full", **kw)
+    resumed = bt.tl.fit(spots, cells=cells, checkpoint_dir=tmp_path / "cut", **kw)
+    assert _nets_equal(resumed, full)
+
+
+#: Code run in a subprocess before a write: ``os._exit`` (no clean-up runs) at the given stage of bitro's
+#: write-aside-and-swap (bitro._atomic), or in the middle of writing the new output.
+KILL_AT = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    import bitro._atomic as A
+
+    STAGE = sys.argv[1]
+    _swap, _remove = A.swap_in, A._remove
+
+    def swap_in(tmp, path):
+        if STAGE == "written":  # the new output is complete aside, nothing renamed yet
+            os._exit(9)
+        if STAGE == "between_renames":  # the old output moved aside, the new one not yet in place
+            path.rename(A.sibling(path, "old"))
+            os._exit(9)
+        _swap(tmp, path)
+
+    def remove(p):
+        if STAGE == "removing_old" and ".old-" in p.name:  # the new output in place, the old one not yet removed
+            os._exit(9)
+        _remove(p)
+
+    A.swap_in, A._remove = swap_in, remove
+    """
+)
+STAGES = ["writing", "written", "between_renames", "removing_old"]
+
+
+def _run_killed(code: str, stage: str) -> None:
+    res = subprocess.run([sys.executable, "-c", KILL_AT + code, stage], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 9, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_model_save_killed_at_each_stage(stage, trained, tmp_path):
+    """`model.save` onto an existing model, killed at each stage: the old model (or the new one) is whole."""
+    from bitro._atomic import leftovers
+
+    model, folder = trained
+    old = tmp_path / "m"
+    shutil.copytree(folder, old)
+    (tmp_path / "new").mkdir()
+    new_model = bt.tl.load_model(folder)
+    new_model.history = [{"train_loss": [1.0]}, {"train_loss": [2.0]}]  # something to tell the saves apart
+    new_model.save(tmp_path / "new" / "m")
+    code = textwrap.dedent(
+        f"""
+        import bitro as bt
+        if STAGE == "writing":
+            import safetensors.torch as st
+            def save_file(tensors, filename, metadata=None):
+                Path(filename).write_bytes(b"partial")
+                os._exit(9)
+            st.save_file = save_file
+        bt.tl.load_model({str(tmp_path / "new" / "m")!r}).save({str(old)!r})
+        """
+    )
+    _run_killed(code, stage)
+    assert leftovers(old), "the killed save left its temporary sibling"
+    loaded = bt.tl.load_model(old)  # the old model, or (killed while removing the old one) the new one, whole
+    expected = [{"train_loss": [1.0]}, {"train_loss": [2.0]}] if stage == "removing_old" else model.history
+    assert loaded.history == expected and _nets_equal(loaded, model)
+    new_model.save(old)  # the next save works and clears what the killed one left
+    assert bt.tl.load_model(old).history == new_model.history and not leftovers(old)

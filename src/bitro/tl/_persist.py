@@ -257,6 +257,10 @@ def load_model(path: str | Path, *, device: str | None = None) -> BitroModel:
     >>> model = bt.tl.load_model("my_model")  # doctest: +SKIP
     >>> model = bt.tl.load_model("her2st")  # doctest: +SKIP
     """
+    if isinstance(path, str | Path) and not Path(path).exists():
+        from bitro._atomic import recover
+
+        recover(path)  # a save killed between its two renames left the previous model aside: put it back
     path = model_path(path)
     if not path.is_dir():
         msg = f"{str(path)!r} is a file, not a model folder; give the folder that holds {CONFIG_FILE}."
