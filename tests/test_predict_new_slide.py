@@ -87,6 +87,7 @@ expr.write_h5ad({str(tmp_path / "expr.h5ad")!r})
     assert len(circles) == spots.n_obs and set(spots.obs["spot_id"]) == set(circles.index)
     np.testing.assert_allclose(circles["radius"] * 0.5, model.config["bags"]["spot_radius"])  # 0.5 um/px
     assert spots.uns["bitro"]["predict"]["coverage"] == "tissue"
+    assert bt.io.get_sections(new)[0].spots_key is None  # virtual spots are never taken for measured ones
     # the mean over a virtual spot's cells of its own share is its prediction: the slide's cell mean is close
     np.testing.assert_allclose(expr.X.mean(0), spots.X.mean(0), rtol=0.15, atol=0.05)
     # the whole SpatialData, with the prediction tables, survives a zarr round trip

@@ -202,7 +202,9 @@ def get_sections(
                 candidates = [
                     k
                     for k, gdf in sdata.shapes.items()
-                    if _is_circles(gdf) and cs in _pixel_coordinate_systems(gdf) and not k.endswith(Key.CELLS_SUFFIX)
+                    if _is_circles(gdf)
+                    and cs in _pixel_coordinate_systems(gdf)
+                    and not k.endswith((Key.CELLS_SUFFIX, Key.VIRTUAL_SPOTS_SUFFIX))
                 ]
                 sk = candidates[0] if len(candidates) == 1 else None
         else:
