@@ -10,6 +10,7 @@ monkeypatched rename that raises) and check that the previous output is whole an
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -532,6 +533,158 @@ for _kind in ("grayscale", "rgba", "uint16", "float"):
     )
 
 
+# -- documented rejections of bt.tl and bt.pp that had no test ------------------------------------------------------
+def _predicted(ctx):
+    bt.tl.predict(ctx.model, ctx.spots, cells=ctx.cells, coverage="spots")
+    return ctx.spots
+
+
+for _id, _what, _call, _exc, _words in [
+    ("evaluate_not_a_table", "`evaluate` on a path", lambda ctx: bt.tl.evaluate("spots.h5ad"), TypeError, ("AnnData",)),
+    (
+        "evaluate_no_predictions",
+        "`evaluate` before `predict`",
+        lambda ctx: bt.tl.evaluate(ctx.spots),
+        KeyError,
+        ("No predictions", "bt.tl.predict"),
+    ),
+    (
+        "evaluate_groupby_unknown",
+        "`evaluate(groupby=...)` naming no column",
+        lambda ctx: bt.tl.evaluate(_predicted(ctx), groupby="patient"),
+        KeyError,
+        ("groupby='patient'", "groupby=None"),
+    ),
+    (
+        "evaluate_key_added_empty",
+        "`evaluate(key_added='')`",
+        lambda ctx: bt.tl.evaluate(_predicted(ctx), key_added=""),
+        ValueError,
+        ("key_added",),
+    ),
+    (
+        "pseudobulk_method",
+        "`pseudobulk(method='hex')`",
+        lambda ctx: bt.tl.pseudobulk(ctx.spots, method="hex"),
+        ValueError,
+        ("method='hex'",),
+    ),
+    (
+        "pseudobulk_block_size",
+        "`pseudobulk(block_size=0)`",
+        lambda ctx: bt.tl.pseudobulk(ctx.spots, block_size=0),
+        ValueError,
+        ("block_size",),
+    ),
+    (
+        "pseudobulk_min_spots",
+        "`pseudobulk(min_spots=0)`",
+        lambda ctx: bt.tl.pseudobulk(ctx.spots, method="kmeans", min_spots=0),
+        ValueError,
+        ("min_spots",),
+    ),
+    (
+        "pseudobulk_not_a_table",
+        "`pseudobulk` on a path",
+        lambda ctx: bt.tl.pseudobulk("spots.h5ad"),
+        TypeError,
+        ("`spots`", "AnnData"),
+    ),
+    (
+        "cross_validate_two_groups",
+        "`cross_validate` with 2 sections",
+        lambda ctx: bt.tl.cross_validate(ctx.spots[ctx.spots.obs["sample"] != "S2"].copy(), cells=ctx.cells),
+        ValueError,
+        ("at least 3",),
+    ),
+    (
+        "cross_validate_groupby_unknown",
+        "`cross_validate(groupby=...)` naming no column",
+        lambda ctx: bt.tl.cross_validate(ctx.spots, cells=ctx.cells, groupby="patient"),
+        KeyError,
+        ("groupby='patient'",),
+    ),
+    (
+        "cross_validate_no_cells",
+        "`cross_validate` on spots without `cells=`",
+        lambda ctx: bt.tl.cross_validate(ctx.spots),
+        ValueError,
+        ("cells=",),
+    ),
+    (
+        "baselines_genes_empty",
+        "`add_baselines(genes=[])`",
+        lambda ctx: bt.tl.add_baselines(ctx.spots, ctx.spots.copy(), genes=[], scale="cp10k"),
+        ValueError,
+        ("empty",),
+    ),
+    (
+        "baselines_genes_unknown",
+        "`add_baselines` with unknown genes",
+        lambda ctx: bt.tl.add_baselines(ctx.spots, ctx.spots.copy(), genes=["NOPE"], scale="cp10k"),
+        KeyError,
+        ("not in",),
+    ),
+    (
+        "virtual_spots_diameter",
+        "`virtual_spots(diameter_um=-1)`",
+        lambda ctx: bt.pp.virtual_spots(ctx.cells, diameter_um=-1),
+        ValueError,
+        ("diameter_um",),
+    ),
+    (
+        "virtual_spots_not_a_table",
+        "`virtual_spots` on a path",
+        lambda ctx: bt.pp.virtual_spots("x", diameter_um=55),
+        TypeError,
+        ("`data`",),
+    ),
+    (
+        "transfer_not_a_model",
+        "`transfer` of a model folder's path",
+        lambda ctx: bt.tl.transfer(str(ctx.model_dir), ctx.spots, cells=ctx.cells),
+        TypeError,
+        ("`model`", "BitroModel"),
+    ),
+    (
+        "transfer_rank_zero",
+        "`transfer(rank=0)`",
+        lambda ctx: bt.tl.transfer(ctx.model, ctx.spots, cells=ctx.cells, rank=0),
+        ValueError,
+        ("`rank`",),
+    ),
+    (
+        "transfer_epochs_float",
+        "`transfer(epochs=1.5)`",
+        lambda ctx: bt.tl.transfer(ctx.model, ctx.spots, cells=ctx.cells, epochs=1.5),
+        TypeError,
+        ("`epochs`", "integer"),
+    ),
+    (
+        "transfer_lr_inf",
+        "`transfer(lr=inf)`",
+        lambda ctx: bt.tl.transfer(ctx.model, ctx.spots, cells=ctx.cells, lr=float("inf")),
+        ValueError,
+        ("`lr`", "finite"),
+    ),
+    (
+        "transfer_method",
+        "`transfer(method='adapter')`",
+        lambda ctx: bt.tl.transfer(ctx.model, ctx.spots, cells=ctx.cells, method="adapter"),
+        ValueError,
+        ("method='adapter'",),
+    ),
+    (
+        "transfer_genes_string",
+        "`transfer(genes='G1')`",
+        lambda ctx: bt.tl.transfer(ctx.model, ctx.spots, cells=ctx.cells, genes="G1"),
+        TypeError,
+        ("`genes`", "list"),
+    ),
+]:
+    case(_id, "tl" if not _id.startswith("virtual") else "pp", _what, _exc, *_words)(_call)
+
+
 # -- the runner --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(_toy_tl_cache, tmp_path_factory):
@@ -610,6 +763,8 @@ _MUTATING = {
     "phenotypes_nan_features",
     "graph_nan_centroids",
     "graph_duplicated_cells",
+    "evaluate_groupby_unknown",  # predicted first, then evaluated badly
+    "evaluate_key_added_empty",
 }
 
 
@@ -797,3 +952,61 @@ def test_model_save_killed_at_each_stage(stage, trained, tmp_path):
     assert loaded.history == expected and _nets_equal(loaded, model)
     new_model.save(old)  # the next save works and clears what the killed one left
     assert bt.tl.load_model(old).history == new_model.history and not leftovers(old)
+
+
+# == the docs page's table ========================================================================================
+#: The fault tests, as docs/reliability.md lists them (what was stopped, at which stages).
+FAULT_TESTS = {
+    "test_checkpoint_killed_at_each_stage_resumes_to_the_same_model": 3,
+    "test_fit_killed_by_sigkill_resumes_to_the_same_model": 1,
+    "test_model_save_killed_at_each_stage": len(STAGES),
+}
+
+
+def _message(err: BaseException) -> str:
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+
+
+def markdown_table() -> str:
+    """The table of docs/reliability.md: every case of :data:`CASES` with the message bitro gives today."""
+    import tempfile
+
+    import torch
+
+    torch.set_num_threads(1)
+    spec = importlib.util.spec_from_file_location("_bitro_conftest", Path(__file__).with_name("conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    bt.settings.progress = False
+    base = module._toy_tl_tables()
+    rows = ["| # | area | bad input | error | message |", "|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as d:
+        spots, cells = base[0].copy(), base[1].copy()
+        model = bt.tl.fit(spots, cells=cells, **{**TINY, "n_seeds": 2, "epochs": 2})
+        folder = model.save(Path(d) / "model0")
+        for i, c in enumerate(CASES, 1):
+            tmp = Path(d) / f"case{i}"
+            tmp.mkdir()
+            shutil.copytree(folder, tmp / "model")
+            ctx = Ctx(base[0].copy(), base[1].copy(), model, tmp / "model", tmp)
+            try:
+                c.call(ctx)
+                got, text = "none", "(no error: the case FAILS)"
+            except BaseException as e:  # noqa: BLE001
+                got, text = type(e).__name__, _message(e)
+            text = text.replace(d, "…").replace("|", "\\|")
+            rows.append(f"| {i} | {c.area} | {c.what} (`{c.id}`) | `{got}` | {text} |")
+    return "\n".join(rows)
+
+
+def test_docs_page_lists_every_case():
+    """docs/reliability.md names every case and gives the numbers of this file."""
+    page = (REPO / "docs" / "reliability.md").read_text()
+    missing = [c.id for c in CASES if f"`{c.id}`" not in page]
+    assert not missing, f"docs/reliability.md lacks {missing}; regenerate it: python tests/test_bad_input.py"
+    assert f"**{len(CASES)}** bad inputs" in page and f"**{len(CASES)}** clear errors" in page
+    assert f"**{sum(FAULT_TESTS.values())}** interrupted writes" in page
+
+
+if __name__ == "__main__":
+    sys.stdout.write(markdown_table() + "\n")
