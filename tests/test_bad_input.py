@@ -685,6 +685,54 @@ for _id, _what, _call, _exc, _words in [
     case(_id, "tl" if not _id.startswith("virtual") else "pp", _what, _exc, *_words)(_call)
 
 
+# -- bt.pl ---------------------------------------------------------------------------------------------------------
+for _id, _what, _call, _exc, _words in [
+    (
+        "pl_expression_gene_unknown",
+        "`pl.expression` of a gene the table lacks",
+        lambda ctx: bt.pl.expression(_predicted(ctx), "NOPE"),
+        KeyError,
+        ("Gene 'NOPE'",),
+    ),
+    (
+        "pl_expression_sample_unknown",
+        "`pl.expression(sample=...)` naming no section",
+        lambda ctx: bt.pl.expression(_predicted(ctx), "G1", sample="ZZ"),
+        KeyError,
+        ("Sample 'ZZ'", "Available"),
+    ),
+    (
+        "pl_expression_not_a_table",
+        "`pl.expression` of a path",
+        lambda ctx: bt.pl.expression("x", "G1"),
+        TypeError,
+        ("AnnData or a SpatialData",),
+    ),
+    (
+        "pl_training_string",
+        "`pl.training` of a string",
+        lambda ctx: bt.pl.training("history"),
+        TypeError,
+        ("fitted model",),
+    ),
+    (
+        "pl_metrics_before_evaluate",
+        "`pl.metrics` before `evaluate`",
+        lambda ctx: bt.pl.metrics(ctx.spots),
+        KeyError,
+        ("bt.tl.evaluate",),
+    ),
+    (
+        "pl_phenotypes_sample_unknown",
+        "`pl.phenotypes(sample=...)` naming no section",
+        lambda ctx: bt.pl.phenotypes(ctx.cells, sample="ZZ"),
+        KeyError,
+        ("Sample 'ZZ'",),
+    ),
+]:
+    case(_id, "pl", _what, _exc, *_words)(_call)
+
+
 # -- the runner --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(_toy_tl_cache, tmp_path_factory):
@@ -725,8 +773,13 @@ def run_case(c: Case, toy, trained, tmp: Path) -> BaseException:
     model_dir = tmp / "model"
     shutil.copytree(folder, model_dir)
     ctx = Ctx(spots, cells, model, model_dir, tmp)
-    with pytest.raises(c.exc) as err:
-        c.call(ctx)
+    try:
+        with pytest.raises(c.exc) as err:
+            c.call(ctx)
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close("all")
     return err.value
 
 
@@ -765,6 +818,8 @@ _MUTATING = {
     "graph_duplicated_cells",
     "evaluate_groupby_unknown",  # predicted first, then evaluated badly
     "evaluate_key_added_empty",
+    "pl_expression_gene_unknown",
+    "pl_expression_sample_unknown",
 }
 
 
