@@ -685,6 +685,147 @@ for _id, _what, _call, _exc, _words in [
     case(_id, "tl" if not _id.startswith("virtual") else "pp", _what, _exc, *_words)(_call)
 
 
+# -- bt.io and the slide pipeline: documented rejections -----------------------------------------------------------
+def _jpeg(ctx, mode: str = "RGB") -> Path:
+    from PIL import Image
+
+    shape = (64, 64, 3) if mode == "RGB" else (64, 64)
+    file = ctx.tmp / ("slide.jpg" if mode == "RGB" else "slide.png")
+    Image.fromarray(np.full(shape, 200, np.uint8)).save(file)
+    return file
+
+
+def _text_as_jpeg(ctx) -> Path:
+    file = ctx.tmp / "notes.jpg"
+    file.write_text("not an image")
+    return file
+
+
+for _id, _what, _call, _exc, _words in [
+    (
+        "read_image_missing",
+        "`read_image` of a missing file",
+        lambda ctx: bt.io.read_image(ctx.tmp / "none.jpg", pixel_size=0.5),
+        FileNotFoundError,
+        ("does not exist",),
+    ),
+    (
+        "read_image_pixel_size_negative",
+        "`read_image(pixel_size=-1)`",
+        lambda ctx: bt.io.read_image(_jpeg(ctx), pixel_size=-1),
+        ValueError,
+        ("`pixel_size`", "positive"),
+    ),
+    (
+        "read_image_pixel_size_nan",
+        "`read_image(pixel_size=nan)`",
+        lambda ctx: bt.io.read_image(_jpeg(ctx), pixel_size=float("nan")),
+        ValueError,
+        ("`pixel_size`",),
+    ),
+    (
+        "read_image_not_an_image",
+        "`read_image` of a text file named .jpg",
+        lambda ctx: bt.io.read_image(_text_as_jpeg(ctx), pixel_size=0.5),
+        ValueError,
+        ("Cannot read",),
+    ),
+    (
+        "read_image_grayscale",
+        "`read_image` of a grayscale PNG",
+        lambda ctx: bt.io.read_image(_jpeg(ctx, "L"), pixel_size=0.5),
+        ValueError,
+        ("RGB", "Convert"),
+    ),
+    (
+        "read_wsi_missing",
+        "`read_wsi` of a missing file",
+        lambda ctx: bt.io.read_wsi(ctx.tmp / "none.svs"),
+        FileNotFoundError,
+        ("does not exist",),
+    ),
+    ("read_wsi_jpeg", "`read_wsi` of a JPEG", lambda ctx: bt.io.read_wsi(_jpeg(ctx)), ValueError, ("TIFF/SVS",)),
+    (
+        "read_st_missing_files",
+        "`read_st` of a folder without the section's files",
+        lambda ctx: bt.io.read_st(ctx.tmp, "A1"),
+        FileNotFoundError,
+        ("A1.tsv.gz", "A1_selection.tsv"),
+    ),
+    (
+        "her2st_unknown_section",
+        "`datasets.her2st(['ZZ'])`",
+        lambda ctx: bt.datasets.her2st(["ZZ"]),
+        KeyError,
+        ("['ZZ']", "available"),
+    ),
+    (
+        "get_sections_no_image",
+        "`get_sections` of a SpatialData without images",
+        lambda ctx: bt.io.get_sections(__import__("spatialdata").SpatialData()),
+        ValueError,
+        ("No image",),
+    ),
+    (
+        "set_pixel_size_no_value",
+        "`set_pixel_size` without a size",
+        lambda ctx: bt.io.set_pixel_size(bt.io.read_image(_jpeg(ctx), pixel_size=0.5), "slide_image"),
+        ValueError,
+        ("exactly one",),
+    ),
+    (
+        "predict_slide_folder",
+        "`predict_slide` of a folder",
+        lambda ctx: bt.predict_slide(ctx.tmp),
+        ValueError,
+        ("is a folder",),
+    ),
+    (
+        "predict_slide_missing",
+        "`predict_slide` of a missing file",
+        lambda ctx: bt.predict_slide(ctx.tmp / "x.svs"),
+        FileNotFoundError,
+        ("does not exist",),
+    ),
+    (
+        "predict_slide_pixel_size_zero",
+        "`predict_slide(pixel_size=0)`",
+        lambda ctx: bt.predict_slide(_jpeg(ctx), pixel_size=0),
+        ValueError,
+        ("pixel size", "positive"),
+    ),
+    (
+        "predict_slide_jpeg_without_pixel_size",
+        "`predict_slide` of a JPEG without its pixel size",
+        lambda ctx: bt.predict_slide(_jpeg(ctx)),
+        ValueError,
+        ("no pixel size", "--pixel-size"),
+    ),
+    (
+        "predict_slide_model_int",
+        "`predict_slide(model=123)`",
+        lambda ctx: bt.predict_slide(_jpeg(ctx), 123, pixel_size=0.5),
+        TypeError,
+        ("`model`",),
+    ),
+    (
+        "predict_slide_out_exists",
+        "`predict_slide(out=...)` onto an existing folder without `overwrite`",
+        lambda ctx: bt.predict_slide(_jpeg(ctx), ctx.model, pixel_size=0.5, out=ctx.tmp),
+        FileExistsError,
+        ("already exists", "--overwrite"),
+    ),
+    (
+        "predict_slide_gene_unknown",
+        "`predict_slide(genes=[...])` naming a gene the model lacks",
+        lambda ctx: bt.predict_slide(_jpeg(ctx), ctx.model, pixel_size=0.5, genes=["NOPE"]),
+        KeyError,
+        ("does not predict",),
+    ),
+]:
+    case(_id, "io", _what, _exc, *_words)(_call)
+
+
 # -- bt.pl ---------------------------------------------------------------------------------------------------------
 for _id, _what, _call, _exc, _words in [
     (
