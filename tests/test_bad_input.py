@@ -1206,3 +1206,27 @@ def test_docs_page_lists_every_case():
 
 if __name__ == "__main__":
     sys.stdout.write(markdown_table() + "\n")
+
+
+def test_leftovers_of_live_writers_are_kept_and_dead_ones_cleaned(tmp_path):
+    """The clean-up never touches a write in progress in another process, and takes the old format too."""
+    import signal
+
+    from bitro._atomic import leftovers, recover
+
+    path = tmp_path / "s.zarr"
+    path.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        mine = tmp_path / f".s.zarr.tmp-{live.pid}-0123abcd"  # another process is writing this right now
+        dead = tmp_path / ".s.zarr.tmp-999999999-0123abcd"
+        legacy = tmp_path / ".s.zarr.tmp-89abcdef"  # bitro < 0.3: no process id
+        other = tmp_path / ".t.zarr.tmp-999999999-0123abcd"  # a leftover of another path
+        for p in (mine, dead, legacy, other):
+            p.mkdir()
+        assert leftovers(path) == sorted([mine, dead, legacy])
+        recover(path)
+        assert leftovers(path) == [mine] and other.exists() and path.exists()
+    finally:
+        live.send_signal(signal.SIGKILL)
+        live.wait()

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from bitro._logging import logger
 
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
+#: ``.{name}.{tmp|old}-{pid}-{token}``; bitro < 0.3 wrote ``.{name}.{tmp|old}-{token}`` (no pid: taken as dead).
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{8}$")
 
 
 def _alive(pid: int) -> bool:
@@ -66,7 +67,7 @@ def recover(path: str | Path) -> None:
     dead = []
     for p in leftovers(path):
         m = _LEFTOVER.match(p.name)
-        if m and not (_alive(int(m["pid"])) and int(m["pid"]) != os.getpid()):
+        if m and (m["pid"] is None or not (_alive(int(m["pid"])) and int(m["pid"]) != os.getpid())):
             dead.append((m["kind"], p))
     olds = [p for kind, p in dead if kind == "old"]
     if olds and not (path.exists() or path.is_symlink()):
