@@ -91,8 +91,21 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="Torch threads.")
     p.add_argument("--n-jobs", type=int, default=None, help="Local processes for the image work.")
     p.add_argument("--no-loso", action="store_true", help="Skip the leave-one-section-out scores.")
-    p.add_argument("--loso-only", action="store_true", help="Only (re)compute the scores of the model in --out.")
+    p.add_argument("--loso-only", action="store_true", help="Skip the fit: only the leave-one-section-out folds.")
+    p.add_argument(
+        "--folds",
+        nargs="*",
+        default=None,
+        help="Held-out sections to run (default: all); e.g. two "
+        "processes with --loso-only --threads 1 --folds B4 C2 / C3 C4, then --merge-only.",
+    )
+    p.add_argument("--merge-only", action="store_true", help="Only merge the finished folds into --out.")
     p.add_argument("--card-only", action="store_true", help="Only rewrite the tables of MODEL_CARD.md in --out.")
+    p.add_argument(
+        "--work",
+        default=str(ROOT / "benchmarks" / "_cache" / "her2st_model_loso"),
+        help="Folder for the per-fold scores (kept, so an interrupted run resumes).",
+    )
     args = p.parse_args()
 
     import torch
@@ -101,9 +114,12 @@ def main() -> None:
     from bitro import _pipeline
     from bitro._constants import Key
 
-    out = Path(args.out)
+    out, work = Path(args.out), Path(args.work)
     if args.card_only:
         write_card_tables(out)
+        return
+    if args.merge_only:
+        merge_folds(work, out)
         return
     torch.set_num_threads(args.threads)
     bt.settings.progress = False
@@ -115,18 +131,35 @@ def main() -> None:
     log(f"cell table: {cells.n_obs} cells of sections {samples} in {time.perf_counter() - t0:.0f} s")
 
     genes = [g for g in dict.fromkeys([*bt.datasets.her2st_genes(), *_pipeline.DEMO_GENES]) if g in spots.var_names]
-    t = time.perf_counter()
-    if args.loso_only:
-        model = bt.tl.load_model(out)
-        genes = model.genes
-    else:
+    if not args.loso_only:
+        t = time.perf_counter()
         model = fit_and_save(spots, cells, genes, samples, out, sdata)
-    log(f"fitted on {spots.n_obs} spots x {len(genes)} genes in {time.perf_counter() - t:.0f} s: {model!r} -> {out}")
+        log(
+            f"fitted on {spots.n_obs} spots x {len(genes)} genes in {time.perf_counter() - t:.0f} s: {model!r} -> {out}"
+        )
     if args.no_loso:
         return
-    write_scores(per_gene_scores(sdata, cells, genes, model.scale, samples), genes, samples, out)
-    write_card_tables(out)
+    work.mkdir(parents=True, exist_ok=True)
+    for held in args.folds or samples:
+        file = work / f"{held}.csv"
+        if not file.is_file():
+            per_gene_scores(sdata, cells, genes, "cp10k", [held]).to_csv(file, index=False)
+    if all((work / f"{s}.csv").is_file() for s in samples) and (out / "config.json").is_file():
+        merge_folds(work, out)
     log(f"done in {time.perf_counter() - t0:.0f} s")
+
+
+def merge_folds(work: Path, out: Path) -> None:
+    """Merge the per-fold scores into ``loso_scores.csv``, ``config.json["gene_scores"]`` and the model card."""
+    config = json.loads((out / "config.json").read_text())
+    samples = config["training_data"]["sections"]
+    missing = [s for s in samples if not (work / f"{s}.csv").is_file()]
+    if missing:
+        msg = f"Folds {missing} have not been run yet (no {work}/<fold>.csv)."
+        raise SystemExit(msg)
+    scores = pd.concat([pd.read_csv(work / f"{s}.csv") for s in samples], ignore_index=True)
+    write_scores(scores, config["genes"], samples, out)
+    write_card_tables(out)
 
 
 def fit_and_save(spots, cells, genes, samples, out, sdata=None):

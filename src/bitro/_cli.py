@@ -189,6 +189,9 @@ def _predict(args: argparse.Namespace) -> None:
         if args.pixel_size is not None:
             msg = "--pixel-size is for image files; a SpatialData store records its pixel size already."
             raise ValueError(msg)
+        if args.genes is not None:
+            msg = "--genes chooses the figures of an image file's output folder; a store gets no figures (use `bt.pl`)."
+            raise ValueError(msg)
         if Path(args.out).exists() and not args.overwrite:
             msg = f"{args.out!r} exists; pass --overwrite to replace it."
             raise FileExistsError(msg)
