@@ -49,6 +49,7 @@ ABLATIONS = {
     "no Transformer": {"transformer_layers": 0},
     "no context": {"context_radius": 0.0},
     "shared readout": {"readout": "shared"},
+    "cell readout": {"readout": "cell"},
     "cluster loss off": {"cluster_weight": 0.0},
     "no centring": {"center_samples": False},
     "no bag size": {"bag_size": False},
@@ -118,22 +119,32 @@ def load_all(sections):
 
 
 def fold_features(cells, train_mask, *, n_components=128, n_phenotypes=8, seed=0):
-    """Scaler + PCA and K-means phenotypes fitted on the training cells, applied to all."""
+    """Scaler + PCA (bitro's own, with its extraction record) and K-means phenotypes fitted on the training cells."""
     import pandas as pd
     from sklearn.cluster import KMeans
-    from sklearn.decomposition import PCA
-    from sklearn.preprocessing import StandardScaler
 
     from bitro._constants import Key
+    from bitro._features import fingerprint
+    from bitro.pp._cells import _apply_reducer, _fit_reducer
 
     raw = cells.obsm[Key.FEATURES_RAW]
-    scaler = StandardScaler().fit(raw[train_mask])
-    pca = PCA(n_components=min(n_components, raw.shape[1]), random_state=seed).fit(scaler.transform(raw[train_mask]))
-    x = pca.transform(scaler.transform(raw)).astype(np.float32)
+    reducer = _fit_reducer(raw[train_mask], n_components, random_state=seed)
+    x = _apply_reducer(raw, reducer)
     km = KMeans(n_phenotypes, n_init=3, random_state=seed).fit(x[train_mask][::4])
     out = cells.copy()
     out.obsm[Key.FEATURES] = x
     out.obs[Key.PHENOTYPE] = pd.Categorical(km.predict(x))
+    record = {
+        "encoder": "+".join(ENCODERS),
+        "weights_sha256": "",
+        "crop_um": 24.0,
+        "crop_px": 48,
+        "add_morphology": True,
+        "n_raw_features": raw.shape[1],
+        "reducer": reducer,
+        "fitted_on": "training sections",
+    }
+    out.uns[Key.UNS] = {**out.uns[Key.UNS], Key.EXTRACT_CELLS: {**record, "fingerprint": fingerprint(record)}}
     return out
 
 
@@ -186,7 +197,7 @@ def run_fold(held: str, args: argparse.Namespace) -> list[tuple]:
             fit_s[name] = time.perf_counter() - t
             best[name] = model.history[0]["best_epoch"]
             held_spots = spots[test].copy()
-            bt.tl.predict(model, held_spots, cells=fold_cells)
+            bt.tl.predict(model, held_spots, cells=fold_cells, coverage="spots")  # only the spots are scored
             res[name] = held_spots.obsm[Key.PREDICTED][genes].to_numpy()
         for name, pred in res.items():
             ok = np.isfinite(pred).all(1)

@@ -106,12 +106,21 @@ def cell_scores(sdata, expr, tissue, test, genes: list[str]) -> dict[str, float]
     def r(a, b):
         return float(np.nanmean(pcc_per_gene(a, b)))
 
+    def within(a, b):  # correlation after removing each spot's mean: can the cells of a spot be told apart?
+        def centred(x):
+            sums = np.zeros((len(spot_ids), x.shape[1]))
+            np.add.at(sums, spot, x)
+            return x - sums[spot] / n[spot][:, None]
+
+        return float(np.nan_to_num(pcc_per_gene(centred(a), centred(b))).mean())
+
     return {
         "cells": expr.n_obs,
         "cell_share": r(cell, share_truth),
         "uniform_share": r(uniform, share_truth),
         "cell_counts": r(cell, t),
         "uniform_counts": r(uniform, t),
+        "cell_within": within(cell, t),
         "tissue_cells": tissue.n_obs,
         "tissue_counts": r(tissue.X.astype(np.float64), t_tissue),
     }
@@ -127,7 +136,7 @@ def run_seed(seed: int, args) -> dict[str, float | str]:
     is_test = (spots.obs[Key.SAMPLE].astype(str) == held).to_numpy()
     train, test = spots[~is_test].copy(), spots[is_test].copy()
     t = time.perf_counter()
-    model = bt.tl.fit(train, cells=cells, epochs=args.epochs, validation=args.validation)
+    model = bt.tl.fit(train, cells=cells, epochs=args.epochs, validation=args.validation, readout=args.readout)
     fit_s = time.perf_counter() - t
     expr = bt.tl.predict(model, test, cells=cells, coverage="spots")  # the cells inside the held-out spots
     tissue = bt.tl.predict(model, test.copy(), cells=cells)  # every cell of the held-out slide
@@ -157,6 +166,7 @@ COLUMNS = (  # key, header, width, format
     ("cell_counts", "cell", 6, ".3f"),
     ("uniform_counts", "unif.", 6, ".3f"),
     ("tissue_counts", "tissue", 6, ".3f"),
+    ("cell_within", "within", 6, ".3f"),
     ("fit_s", "fit s", 6, ".1f"),
 )
 
@@ -167,6 +177,7 @@ GROUPS = (
     (5, 8, "PCC_overall"),
     (8, 10, "cell r: share"),
     (10, 13, "cell r: counts"),
+    (13, 14, "w/in"),
 )
 
 
@@ -190,6 +201,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--validation", choices=["none", "sample"], default="none", help="fit's validation")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--readout", choices=["gene", "shared", "cell"], default="gene", help="fit's readout")
     args = p.parse_args()
     args.validation = None if args.validation == "none" else args.validation
 
@@ -207,7 +219,7 @@ def main() -> None:
     t0 = time.perf_counter()
     print(
         f"synthetic(3, size={args.size}): fit on {SAMPLES[0]} + {SAMPLES[1]}, predict {SAMPLES[2]}; "
-        f"epochs={args.epochs}, validation={args.validation}, {args.threads} torch thread(s)\n"
+        f"epochs={args.epochs}, validation={args.validation}, readout={args.readout}, {args.threads} torch thread(s)\n"
     )
     print(header())
     rows = []

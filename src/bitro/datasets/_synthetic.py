@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -23,6 +23,9 @@ from scipy import ndimage
 
 from bitro._constants import Key
 from bitro._logging import logger
+
+#: The per-cell counts table of ``synthetic(layout="cells")``, named as spatialdata-io names Xenium's.
+XENIUM_TABLE = "table"
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -484,6 +487,7 @@ def synthetic(
     counts_per_cell: float = 100.0,
     ambient: float = 0.05,
     bulk: bool = False,
+    layout: Literal["spots", "cells"] = "spots",
     seed: int = 0,
 ) -> SpatialData:
     """Generate H&E-like tissue sections with known nuclei, cell types and expression.
@@ -535,6 +539,11 @@ def synthetic(
         Ambient counts added to every spot, as a fraction of the section's mean spot profile.
     bulk
         Also make a ``"bulk"`` table with one profile per section.
+    layout
+        ``"spots"``: spot-based data (Visium-like, tables ``"spots"`` and ``"truth"``). ``"cells"``: cell-resolved
+        data as spatialdata-io lays out Xenium: no spots; table ``"table"`` holds each true cell's raw counts
+        (Poisson draws of its true expression), annotating ``"{s}_true_nuclei"`` (region key ``"region"``,
+        instance key ``"cell_id"``); ``"truth"`` is kept. Train on it through :func:`bitro.pp.pseudo_spots`.
     seed
         Random seed.
 
@@ -588,6 +597,9 @@ def synthetic(
         "seed": seed,
     }
     _check(**params)
+    if layout not in ("spots", "cells"):
+        msg = f"layout={layout!r}: use 'spots' (Visium-like) or 'cells' (cell-resolved, Xenium-like)."
+        raise ValueError(msg)
     seeds = np.random.SeedSequence(seed).spawn(n_samples + 1)
     rng = np.random.default_rng(seeds[0])
     profiles, marker_of = _type_profiles(rng, n_cell_types, n_genes, n_markers, counts_per_cell)
@@ -644,6 +656,13 @@ def synthetic(
         }
     }
     tables = {Key.SPOTS_TABLE: spots_table(spot_tables), Key.TRUTH_TABLE: truth}
+    if layout == "cells":  # cell-resolved: per-cell counts, no spots
+        del tables[Key.SPOTS_TABLE]
+        shapes = {k: v for k, v in shapes.items() if not k.endswith(Key.SPOTS_SUFFIX)}
+        counts = truth.copy()
+        counts.X = sp.csr_matrix(np.random.default_rng([seed, 1]).poisson(np.asarray(truth.X)).astype(np.float32))
+        del counts.uns[Key.UNS]
+        tables[XENIUM_TABLE] = counts
     if bulk:
         tables[Key.BULK_TABLE] = bulk_table(np.vstack(bulk_rows), samples, genes)
     return SpatialData(images=images, shapes=shapes, tables=tables)

@@ -3,6 +3,7 @@
 from bitro.pp._cells import extract_cells
 from bitro.pp._graph import spatial_graph
 from bitro.pp._phenotypes import phenotypes
+from bitro.pp._pseudo_spots import pseudo_spots
 from bitro.pp._segment import load_segmentation, segment_nuclei
 from bitro.pp._stain import normalize_stain
 from bitro.pp._virtual import virtual_spots
@@ -12,6 +13,7 @@ __all__ = [
     "load_segmentation",
     "normalize_stain",
     "phenotypes",
+    "pseudo_spots",
     "segment_nuclei",
     "spatial_graph",
     "virtual_spots",

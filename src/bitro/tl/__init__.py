@@ -6,6 +6,7 @@ torch and torch_geometric are imported inside the functions, not here.
 from bitro.tl._baselines import add_baselines, colour_statistics
 from bitro.tl._cross_validate import cross_validate
 from bitro.tl._evaluate import evaluate
+from bitro.tl._evaluate_cells import evaluate_cells
 from bitro.tl._fit import fit
 from bitro.tl._persist import BitroModel, load_model
 from bitro.tl._predict import predict
@@ -19,6 +20,7 @@ __all__ = [
     "colour_statistics",
     "cross_validate",
     "evaluate",
+    "evaluate_cells",
     "fit",
     "load_adapters",
     "load_model",
