@@ -152,7 +152,7 @@ def _(ctx):
     return fit(ctx)
 
 
-def _other_cells(ctx, *, shift: float = 0.0, prefix: str = ""):
+def _other_cells(ctx, *, shift: float = 0.0, prefix: str = "", fit_after: bool = True):
     """The cell table of another SpatialData with the same section names (another toy data set)."""
     import importlib.util
 
@@ -165,7 +165,7 @@ def _other_cells(ctx, *, shift: float = 0.0, prefix: str = ""):
         ids = other.obs["spot_id"]
         other.obs["spot_id"] = np.where(ids.isna(), None, prefix + ids.astype(str))
     ctx.cells = other
-    return fit(ctx)
+    return fit(ctx) if fit_after else None
 
 
 @case(
@@ -824,6 +824,20 @@ for _id, _what, _call, _exc, _words in [
     ),
 ]:
     case(_id, "io", _what, _exc, *_words)(_call)
+
+
+@case(
+    "transfer_cells_of_other_sdata",
+    "tl",
+    "`transfer` with a cell table of another SpatialData",
+    ValueError,
+    "not in the spot table",
+)
+def _(ctx):
+    record = ctx.cells.uns["bitro"]["extract_cells"]
+    _other_cells(ctx, prefix="B-", fit_after=False)
+    ctx.cells.uns["bitro"]["extract_cells"] = record  # features prepared as the model's: only the spots disagree
+    return bt.tl.transfer(ctx.model, ctx.spots, cells=ctx.cells, epochs=1)
 
 
 # -- bt.pl ---------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from anndata import AnnData
 from bitro._checks import check_int, check_number
 from bitro._constants import Key
 from bitro._logging import logger
-from bitro.tl._fit import TARGETS, check_validation, resolve_device, resolve_tables
+from bitro.tl._fit import TARGETS, check_table, check_validation, resolve_device, resolve_tables
 from bitro.tl._persist import FORMAT_VERSION, BitroModel, read_weights
 from bitro.tl._targets import check_counts, dense, select_genes, standardise_targets, to_scale
 
@@ -471,7 +471,15 @@ def transfer(
     >>> spot_model.save_adapters("adapters")  # doctest: +SKIP
     """
     params = {k: v for k, v in locals().items() if k not in ("model", "adata", "cells", "genes")}
-    from bitro.tl._bags import bulk_bags, cell_data, log_cell_count, pooled_radius, size_stats, spot_bags
+    from bitro.tl._bags import (
+        bulk_bags,
+        cell_data,
+        check_cells_match_spots,
+        log_cell_count,
+        pooled_radius,
+        size_stats,
+        spot_bags,
+    )
     from bitro.tl._fit import _split, _train
     from bitro.tl._model import GENE_PARAMS
     from bitro.tl._predict import check_features
@@ -486,6 +494,7 @@ def transfer(
     _check_params(params)
     table, cells = resolve_tables(target, adata, cells)
     _check_target_table(table, target)
+    check_table(table, target)
     check_features(model, cells)
     counts = dense(table.X)
     check_counts(counts, f"The {target} expression (.X)")
@@ -510,6 +519,7 @@ def transfer(
     bag_cfg = model.config["bags"]
     data = cell_data(cells, feature_key=model.config["feature_key"], need_phenotype=cluster_weight > 0)
     if target == "spot":
+        check_cells_match_spots(table, data)
         all_bags = spot_bags(table, data, context_radius=bag_cfg["context_radius"], max_context=bag_cfg["max_context"])
     else:
         all_bags = bulk_bags(table, data, chunk_size=bag_cfg["chunk_size"])
