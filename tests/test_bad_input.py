@@ -419,6 +419,14 @@ def _(ctx):
     return ctx.model.save(ctx.tmp / "file")
 
 
+@case("adapters_flipped", "model", "LoRA adapter weights with flipped bytes", ValueError, "checksum", "adapter")
+def _(ctx):
+    tuned = bt.tl.transfer(ctx.model, ctx.spots, cells=ctx.cells, epochs=1, rank=2, validation=None)
+    folder = tuned.save_adapters(ctx.tmp / "adapters")
+    _flip_bytes(folder / "adapters.safetensors", 16)
+    return bt.tl.load_adapters(ctx.model, folder)
+
+
 # -- checkpoints ------------------------------------------------------------------------------------------------
 @case(
     "checkpoint_longer_run",

@@ -140,8 +140,6 @@ class BitroModel:
         import torch
         from safetensors.torch import save_file
 
-        from bitro._atomic import recover, sibling, staged
-
         path = Path(path)
         if path.exists() and not path.is_dir():
             msg = f"Cannot save the model to {str(path)!r}: it is a file; give a folder."
@@ -177,24 +175,40 @@ class BitroModel:
             }
             (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
 
-        others = [p for p in path.iterdir() if p.name not in MODEL_FILES] if path.is_dir() else []
-        if path.exists() and path.resolve() == Path.cwd().resolve():
-            others.append(path)  # never swap the working directory away
-        if not others:  # the whole folder is the model: write it aside and swap it in
-            with staged(path) as tmp:
-                write(tmp)
-        else:  # a folder with other files: the files one by one, the config (which vouches for the others) last
-            recover(path / ".bitro-save")
-            tmp = sibling((path / ".bitro-save").absolute(), "tmp")
-            tmp.mkdir()
-            try:
-                write(tmp)
-                for name in (WEIGHTS_FILE, REFERENCE_FILE, CONFIG_FILE):
-                    (tmp / name).replace(path / name)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+        write_folder(path, (WEIGHTS_FILE, REFERENCE_FILE, CONFIG_FILE), write)
         logger.info(f"Saved {self!r} to {path}.")
         return path
+
+
+def write_folder(path: Path, files: tuple[str, ...], write: Any) -> None:
+    """Write the files ``files`` of a saved model (or adapters) into the folder ``path`` so that a stop loses nothing.
+
+    ``write(folder)`` writes them into a temporary folder. When ``path`` holds nothing else (or does not exist),
+    that folder is swapped in whole (:mod:`bitro._atomic`); otherwise the files are renamed into ``path`` one by
+    one, the last one (the config, which holds the checksums of the others) last.
+    """
+    from bitro._atomic import recover, sibling, staged
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        msg = f"Cannot save to {str(path)!r}: it is a file; give a folder."
+        raise FileExistsError(msg)
+    others = [p for p in path.iterdir() if p.name not in files] if path.is_dir() else []
+    if path.exists() and path.resolve() == Path.cwd().resolve():
+        others.append(path)  # never swap the working directory away
+    if not others:  # the whole folder is the model: write it aside and swap it in
+        with staged(path) as tmp:
+            write(tmp)
+        return
+    recover(path / ".bitro-save")  # a folder with other files: the files one by one, the config last
+    tmp = sibling((path / ".bitro-save").absolute(), "tmp")
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for name in files:
+            (tmp / name).replace(path / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 #: Folder of the models shipped with bitro (one sub-folder per model name).

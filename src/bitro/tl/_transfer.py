@@ -19,9 +19,10 @@ from anndata import AnnData
 
 from bitro._checks import check_int, check_number
 from bitro._constants import Key
+from bitro._features import file_digest
 from bitro._logging import logger
 from bitro.tl._fit import TARGETS, check_table, check_validation, resolve_device, resolve_tables
-from bitro.tl._persist import FORMAT_VERSION, BitroModel, read_weights
+from bitro.tl._persist import CHECKSUMS, FORMAT_VERSION, BitroModel, read_weights, write_folder
 from bitro.tl._targets import check_counts, dense, select_genes, standardise_targets, to_scale
 
 if TYPE_CHECKING:
@@ -231,15 +232,19 @@ class TransferredModel(BitroModel):
             msg = "This model has no LoRA adapters (method='full', or merged); save the whole model with `model.save(path)`."
             raise ValueError(msg)
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         train_genes = self.config["transfer"]["train_genes"]
         tensors = {}
         for k, net in enumerate(self.nets):
             state = net.state_dict()
             tensors.update({f"{k}.{n}": state[n].detach().cpu().contiguous() for n in _adapter_names(net, train_genes)})
-        save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "bitro-adapters"})
         config = dict(self.config, n_members=len(self.nets), history=self.history)
-        (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=1))
+
+        def write(folder: Path) -> None:
+            save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "bitro-adapters"})
+            config[CHECKSUMS] = {"weights_sha256": file_digest(folder / ADAPTER_WEIGHTS)}
+            (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=1))
+
+        write_folder(path, (ADAPTER_WEIGHTS, ADAPTER_CONFIG), write)  # written aside: a stop loses nothing
         logger.info(
             f"Saved the adapters of {self!r} to {path} (base model {self.config['transfer']['base_fingerprint']})."
         )
@@ -292,6 +297,13 @@ def load_adapters(base: BitroModel, path: str | Path, *, device: str | None = No
         msg = f"The adapters have {n} ensemble members, the base model {len(base.nets)}."
         raise ValueError(msg)
     tensors = read_weights(path / ADAPTER_WEIGHTS)
+    sums = config.pop(CHECKSUMS, None)
+    if sums is not None and file_digest(path / ADAPTER_WEIGHTS) != sums.get("weights_sha256"):
+        msg = (
+            f"The adapter weights {path / ADAPTER_WEIGHTS} do not match the checksum in {ADAPTER_CONFIG}: they were "
+            "corrupted or changed; save the adapters again."
+        )
+        raise ValueError(msg)
     dev = resolve_device(device)
     nets = []
     sizes = {f: config["architecture"][f] for f in ("size_mean", "size_std")}  # the target's bag-size statistics
