@@ -211,3 +211,11 @@ def test_a_model_whose_encoder_needs_weights(trained, monkeypatch):
     with pytest.raises(ValueError, match=r"timm:resnet18.*needs `weights=`"):
         bt.pp.extract_cells(new, reference=other)
     assert "cells" not in new.tables
+
+
+def test_spot_table_without_cells_is_refused(trained):
+    train, model, _ = trained
+    spots = train.tables["spots"].copy()
+    with pytest.raises(ValueError, match="pass the cell table as `cells=`"):
+        bt.tl.predict(model, spots)
+    assert "bitro_predicted" not in spots.obsm

@@ -191,6 +191,12 @@ def _resolve(model: BitroModel, data: Any, cells: AnnData | None, table_key: str
     key = table_key or (Key.SPOTS_TABLE if model.target == "spot" else Key.BULK_TABLE)
     if isinstance(data, AnnData):
         if cells is None:  # the cell table alone: a slide without spots
+            if record_of(data) is None and Key.FEATURES not in data.obsm:
+                msg = (
+                    "`data` is an AnnData without cell features: pass the cell table as `cells=` with a spot or bulk "
+                    "table, or the cell table itself (from `bt.pp.extract_cells(..., reference=model)`)."
+                )
+                raise ValueError(msg)
             return None, None, data
         return None, data, cells
     from spatialdata import SpatialData
