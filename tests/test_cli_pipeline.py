@@ -184,7 +184,7 @@ def test_unknown_gene_is_refused_before_any_work(tmp_path, capsys):
         ("truncate_weights", "corrupted or truncated"),
         ("truncate_config", "corrupted or truncated"),
         ("drop_reference", "missing"),
-        ("edit_architecture", "do not match"),
+        ("edit_architecture", "architecture"),
         ("no_config", "is not a saved bitro model"),
     ],
 )
