@@ -290,7 +290,8 @@ def main() -> None:
             r = runs[0]
             print(
                 f"  {r['cells']} cells, {median(x['wall_s'] for x in runs):.0f} s, "
-                f"peak {median(x['peak_rss_gb'] for x in runs):.2f} GB",
+                f"peak {median(x['peak_rss_gb'] for x in runs):.2f} GB; per stage (s, peak GB): "
+                + ", ".join(f"{k} {v['s']:.1f} s {v['peak_rss_gb']:.2f} GB" for k, v in r["stages"].items()),
                 flush=True,
             )
         del source
