@@ -140,12 +140,29 @@ def decoded(path: Path, reduce: int = 1) -> np.ndarray:
         with _cache_lock:
             if key in _cache:
                 return _cache[key]
+            _make_room(_decoded_bytes(path, reduce))
         arr = _decode(path, reduce)
         with _cache_lock:
             _cache[key] = arr
             while len(_cache) > 1 and sum(a.nbytes for a in _cache.values()) > DECODED_CACHE_BYTES:
                 _cache.popitem(last=False)
     return arr
+
+
+def _decoded_bytes(path: Path, reduce: int) -> int:
+    """Bytes of the decode of ``path`` at ``1/reduce`` of its size, from its header."""
+    height, width, _ = image_header(path)
+    return -(-height // reduce) * -(-width // reduce) * 3
+
+
+def _make_room(nbytes: int) -> None:
+    """Forget the oldest decodes until one of ``nbytes`` fits (caller holds ``_cache_lock``).
+
+    Done before decoding, so that the next section's decode does not sit beside the previous
+    section's until the cache is trimmed (two 276-MB decodes at once for HER2ST).
+    """
+    while _cache and sum(a.nbytes for a in _cache.values()) + nbytes > DECODED_CACHE_BYTES:
+        _cache.popitem(last=False)
 
 
 def clear_cache() -> None:
