@@ -376,7 +376,8 @@ def predict(
         spot_out = _write_rows(table, keep, y, genes, key_added)
 
     covered = n_bags > 0
-    values = cell_sum[covered] / n_bags[covered, None]
+    np.divide(cell_sum, np.maximum(n_bags, 1)[:, None], out=cell_sum)  # in place: the table's own memory
+    values = cell_sum if covered.all() else cell_sum[covered]
     obs_cols = [c for c in (Key.SAMPLE, Key.PHENOTYPE, Key.SPOT_ID) if c in cells.obs]
     attrs = _table_attrs(cells)
     if attrs:
