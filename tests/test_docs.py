@@ -25,6 +25,9 @@ def test_docs_build(tmp_path):
     shutil.copytree(REPO / "tutorials", src / "tutorials", ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
     for md in REPO.glob("*.md"):  # README.md, CHANGELOG.md are included by docs pages
         shutil.copy(md, src / md.name)
+    card = Path("src/bitro/datasets/models/her2st/MODEL_CARD.md")  # included by docs/her2st_model.md
+    (src / card).parent.mkdir(parents=True)
+    shutil.copy(REPO / card, src / card)
     env = {k: v for k, v in os.environ.items() if k != "READTHEDOCS"}  # offline: no intersphinx
     out = tmp_path / "html"
     proc = subprocess.run(
@@ -35,7 +38,7 @@ def test_docs_build(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, f"sphinx failed:\n{proc.stderr[-5000:]}"
-    for page in ("index", "api", "benchmarks", "tutorials/index"):
+    for page in ("index", "api", "benchmarks", "her2st_model", "reliability", "tutorials/index"):
         assert (out / f"{page}.html").is_file(), page
     for nb in (REPO / "tutorials").glob("*.ipynb"):
         html = out / "tutorials" / f"{nb.stem}.html"
