@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
-NOTEBOOKS = ("her2st_end_to_end.ipynb", "your_own_visium.ipynb", "transfer_bulk_spot.ipynb")
+NOTEBOOKS = (
+    "predict_your_own_slide.ipynb",
+    "her2st_end_to_end.ipynb",
+    "your_own_visium.ipynb",
+    "transfer_bulk_spot.ipynb",
+)
 #: Largest committed notebook, outputs included (figures are PNGs at modest dpi).
 MAX_BYTES = 3_000_000
 
