@@ -285,9 +285,9 @@ def test_bad_input(toy, toy_cells):
         bt.pp.extract_cells(toy, crop_um=0)
     with pytest.raises(TypeError, match="SpatialData"):
         bt.pp.extract_cells(toy_cells)
-    with pytest.raises(ValueError, match="encoder: reference 'handcrafted'"):
+    with pytest.raises(ValueError, match="encoder is .* for these settings but 'handcrafted' for the reference"):
         bt.pp.extract_cells(toy, encoder=lambda crops: np.zeros((len(crops), 3)), reference=toy_cells, key_added="x")
-    with pytest.raises(ValueError, match="crop_um: reference 24.0, now 30.0"):
+    with pytest.raises(ValueError, match="crop_um is 30.0 for these settings but 24.0 for the reference"):
         bt.pp.extract_cells(toy, crop_um=30.0, reference=toy_cells, key_added="x")
     with pytest.raises(ValueError, match="extract_cells"):
         bt.pp.extract_cells(toy, reference=ad.AnnData(), key_added="x")
