@@ -527,6 +527,7 @@ def _image_sdata(kind: str):
         "rgba": np.concatenate([rgb, np.full_like(rgb[:1], 255)]),
         "uint16": rgb.astype(np.uint16) * 257,
         "float": rgb.astype(np.float32) / 255,
+        "rgb": rgb,
     }[kind]
     image = Image2DModel.parse(
         arr, dims=("c", "y", "x"), transformations=get_transformation(sdata.images[key], get_all=True)
@@ -846,6 +847,124 @@ def _(ctx):
     _other_cells(ctx, prefix="B-", fit_after=False)
     ctx.cells.uns["bitro"]["extract_cells"] = record  # features prepared as the model's: only the spots disagree
     return bt.tl.transfer(ctx.model, ctx.spots, cells=ctx.cells, epochs=1)
+
+
+# -- images and SpatialData: segment_nuclei, extract_cells, write_zarr ------------------------------------------
+for _kind in ("grayscale", "rgba", "uint16", "float"):
+    case(f"segment_nuclei_{_kind}", "images", f"`segment_nuclei` on a {_kind} image", ValueError, "8-bit RGB")(
+        lambda ctx, kind=_kind: bt.pp.segment_nuclei(_image_sdata(kind))
+    )
+
+for _name, _value in (("sigma_um", -1.0), ("sigma_um", 0.0), ("blob_sigma_um", float("nan")), ("min_distance_um", -2)):
+    case(
+        f"segment_nuclei_{_name}_{_value}",
+        "images",
+        f"`segment_nuclei({_name}={_value!r})`",
+        ValueError,
+        f"`{_name}`",
+    )(lambda ctx, name=_name, value=_value: bt.pp.segment_nuclei(_image_sdata("rgb"), **{name: value}))
+
+
+@case("segment_nuclei_anndata", "images", "`segment_nuclei` on an AnnData", TypeError, "SpatialData", "AnnData")
+def _(ctx):
+    return bt.pp.segment_nuclei(ctx.spots)
+
+
+@case("extract_cells_anndata", "images", "`extract_cells` on an AnnData", TypeError, "SpatialData")
+def _(ctx):
+    return bt.pp.extract_cells(ctx.spots)
+
+
+@case(
+    "extract_cells_spot_shapes_duplicated",
+    "images",
+    "spot shapes with a duplicated index",
+    ValueError,
+    "spot shapes",
+    "duplicated",
+)
+def _(ctx):
+    sdata = bt.datasets.synthetic(1, size=512, n_genes=8, n_markers=2)
+    gdf = sdata.shapes["synth0_spots"]
+    gdf.index = [gdf.index[0], *gdf.index[:-1]]  # spot 0's id twice: its cells and spot 1's would be merged
+    return bt.pp.extract_cells(sdata, shapes_key={"synth0": "synth0_true_nuclei"})
+
+
+@case("write_zarr_anndata", "io", "`write_zarr` of an AnnData", TypeError, "SpatialData", "AnnData")
+def _(ctx):
+    return bt.io.write_zarr(ctx.spots, ctx.tmp / "x.zarr")
+
+
+@case(
+    "write_zarr_onto_user_folder",
+    "io",
+    "`write_zarr(overwrite=True)` onto a folder that is not a zarr store",
+    FileExistsError,
+    "not a zarr store",
+)
+def _(ctx):
+    (ctx.tmp / "mine").mkdir()
+    (ctx.tmp / "mine" / "notes.txt").write_text("user data")
+    return bt.io.write_zarr(_image_sdata("rgb"), ctx.tmp / "mine", overwrite=True)
+
+
+@case(
+    "predict_nan_weights",
+    "predict",
+    "a model whose weights became NaN (in memory)",
+    ValueError,
+    "NaN or infinite",
+    "nothing was written",
+)
+def _(ctx):
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(ctx.model)
+    with torch.no_grad():
+        next(model.nets[0].parameters()).fill_(float("nan"))
+    ctx.extra["spots"] = ctx.spots
+    return bt.tl.predict(model, ctx.spots, cells=ctx.cells)
+
+
+@case(
+    "normalize_stain_no_tissue",
+    "images",
+    "`normalize_stain` of an image without tissue",
+    ValueError,
+    "no or too little stained tissue",
+)
+def _(ctx):
+    sdata = _image_sdata("rgb")
+    image = sdata.images["synth0_image"]
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import get_transformation
+
+    blank = np.full((3, 256, 256), 245, np.uint8)
+    sdata.images["synth0_image"] = Image2DModel.parse(
+        blank, dims=("c", "y", "x"), transformations=get_transformation(image, get_all=True)
+    )
+    return bt.pp.normalize_stain(sdata)
+
+
+@case("get_sections_anndata", "io", "`get_sections` of an AnnData", TypeError, "SpatialData", "AnnData")
+def _(ctx):
+    return bt.io.get_sections(ctx.spots)
+
+
+@case(
+    "predict_cells_of_other_sdata",
+    "predict",
+    "spots with a cell table of another SpatialData (same section names)",
+    ValueError,
+    "not in the spot table",
+)
+def _(ctx):
+    record = ctx.cells.uns["bitro"]["extract_cells"]
+    _other_cells(ctx, prefix="B-", fit_after=False)
+    ctx.cells.uns["bitro"]["extract_cells"] = record  # features prepared as the model's: only the spots disagree
+    return bt.tl.predict(ctx.model, ctx.spots, cells=ctx.cells)
 
 
 # -- bt.pl ---------------------------------------------------------------------------------------------------------
@@ -1172,12 +1291,133 @@ def test_model_save_killed_at_each_stage(stage, trained, tmp_path):
     assert bt.tl.load_model(old).history == new_model.history and not leftovers(old)
 
 
+def _store_table(path: Path):
+    import spatialdata as sd
+
+    from bitro.tl._targets import dense
+
+    return dense(sd.read_zarr(path)["spots"].X)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_write_zarr_killed_at_each_stage(stage, tmp_path):
+    """`write_zarr(overwrite=True)` killed at each stage: the old store (or the new one) is whole; the next write works."""
+    from bitro._atomic import leftovers, recover
+
+    dst = tmp_path / "s.zarr"
+    bt.io.write_zarr(bt.datasets.synthetic(1, size=128, n_genes=4, n_markers=1, seed=1), dst)
+    old = _store_table(dst)
+    code = textwrap.dedent(
+        f"""
+        import bitro as bt
+        from spatialdata import SpatialData
+        if STAGE == "writing":
+            def write(self, file_path, **kw):
+                Path(file_path).mkdir()
+                (Path(file_path) / "zarr.json").write_text("{{}}")  # a store begun, never finished
+                os._exit(9)
+            SpatialData.write = write
+        bt.io.write_zarr(bt.datasets.synthetic(1, size=128, n_genes=4, n_markers=1, seed=2), {str(dst)!r}, overwrite=True)
+        """
+    )
+    _run_killed(code, stage)
+    assert leftovers(dst), "the killed write left its temporary sibling"
+    recover(dst)  # what the next write does first: a store moved aside comes back
+    new = bt.datasets.synthetic(1, size=128, n_genes=4, n_markers=1, seed=2)
+    from bitro.tl._targets import dense
+
+    expected = dense(new["spots"].X) if stage == "removing_old" else old
+    np.testing.assert_array_equal(_store_table(dst), expected)
+    bt.io.write_zarr(new, dst, overwrite=True)
+    np.testing.assert_array_equal(_store_table(dst), dense(new["spots"].X))
+    assert not leftovers(dst)
+
+
+def test_demo_overwrite_killed_keeps_the_previous_output(tmp_path):
+    """`bitro demo --out DIR --overwrite` killed once it has begun its work leaves DIR whole, user files included.
+
+    The process is killed (SIGKILL) as soon as it starts writing (its hidden sibling of DIR appears; before the
+    fix of issue #12, as soon as DIR was emptied), then half a second into that work.
+    """
+    import signal
+    import time
+
+    from bitro._atomic import leftovers
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "metrics.csv").write_text("held_out,method\nC3,bitro\n")
+    (out / "notes.txt").write_text("the user's own file")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bitro", "demo", "--out", str(out), "--overwrite", "--epochs", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if leftovers(out) or not (out / "notes.txt").exists():
+            break
+        time.sleep(0.02)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    assert leftovers(out), "the demo was killed while writing (its hidden sibling is left for the next run to clean)"
+
+
+def test_demo_failing_midway_keeps_the_previous_output(tmp_path, monkeypatch):
+    """The demo stopped in the middle of its work (after reading, while building cells): DIR untouched, no leftover."""
+    from bitro import _pipeline
+    from bitro._atomic import leftovers
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file")
+
+    def stop(*a, **kw):
+        raise Killed
+
+    monkeypatch.setattr(_pipeline, "cell_table", stop)
+    with pytest.raises(Killed):
+        _pipeline.demo(out, overwrite=True, samples=["B4", "C2", "C3"])
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and not leftovers(out)
+
+
+@pytest.mark.parametrize("stage", ["between_renames"])  # the other stages: test_write_zarr_killed_at_each_stage
+def test_cli_read_overwrite_killed_keeps_the_previous_store(stage, tmp_path, her2st_dir):
+    """`bitro read ... --out STORE --overwrite` killed while swapping its output: STORE is whole, the rerun works."""
+    import spatialdata as sd
+
+    from bitro._atomic import leftovers, recover
+
+    folder = tmp_path / "st"
+    folder.mkdir()
+    for name in ("B4.jpg", "B4.tsv.gz", "B4_selection.tsv"):
+        shutil.copy(her2st_dir / name, folder / name)
+    store = tmp_path / "b4.zarr"
+    old = bt.datasets.synthetic(1, size=128, n_genes=4, n_markers=1)
+    bt.io.write_zarr(old, store)
+    code = f"from bitro._cli import main\nmain(['read', {str(folder)!r}, '--out', {str(store)!r}, '--overwrite'])\n"
+    _run_killed(code, stage)
+    recover(store)  # what the next write does first
+    assert list(sd.read_zarr(store).images) == list(old.images)  # the previous store, whole
+    from bitro._cli import main
+
+    main(["read", str(folder), "--out", str(store), "--overwrite"])
+    assert "B4_image" in sd.read_zarr(store).images and not leftovers(store)
+
+
 # == the docs page's table ========================================================================================
 #: The fault tests, as docs/reliability.md lists them (what was stopped, at which stages).
 FAULT_TESTS = {
     "test_checkpoint_killed_at_each_stage_resumes_to_the_same_model": 3,
     "test_fit_killed_by_sigkill_resumes_to_the_same_model": 1,
     "test_model_save_killed_at_each_stage": len(STAGES),
+    "test_write_zarr_killed_at_each_stage": len(STAGES),
+    "test_demo_overwrite_killed_keeps_the_previous_output": 1,
+    "test_demo_failing_midway_keeps_the_previous_output": 1,
+    "test_cli_read_overwrite_killed_keeps_the_previous_store": 1,
 }
 
 

@@ -217,6 +217,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
         run(args)
-    except (FileExistsError, FileNotFoundError, KeyError, ValueError) as e:
+    except (FileExistsError, FileNotFoundError, KeyError, TypeError, ValueError) as e:
         sys.stderr.write(f"bitro {args.command}: error: {e}\n")
         raise SystemExit(2) from None

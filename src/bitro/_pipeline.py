@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import difflib
-import shutil
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -100,54 +98,56 @@ def demo(
     if len(all_samples) < 3:
         msg = f"The demo needs at least 3 sections (2 to train and validate, 1 to test); got {all_samples}."
         raise ValueError(msg)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    # written into a hidden sibling of `out` and swapped in at the end: the previous output stays whole until then
+    with staged_folder(out, overwrite=overwrite) as tmp:
+        t0 = time.perf_counter()
+        cell_table(sdata, n_jobs=n_jobs)
+        clear_cache()  # the last decoded section image: not needed while the model trains
+        cells, spots = sdata[Key.CELLS_TABLE], sdata[Key.SPOTS_TABLE]
+        logger.info("Cell table: %d cells in %.0f s.", cells.n_obs, time.perf_counter() - t0)
 
-    t0 = time.perf_counter()
-    cell_table(sdata, n_jobs=n_jobs)
-    clear_cache()  # the last decoded section image: not needed while the model trains
-    cells, spots = sdata[Key.CELLS_TABLE], sdata[Key.SPOTS_TABLE]
-    logger.info("Cell table: %d cells in %.0f s.", cells.n_obs, time.perf_counter() - t0)
+        # the 785 genes of Hist2ST/BiTro, plus the demo's marker genes (ERBB2, EPCAM are not among them)
+        genes = [g for g in dict.fromkeys([*bt.datasets.her2st_genes(), *DEMO_GENES]) if g in spots.var_names]
+        held_out = (spots.obs[Key.SAMPLE] == test_sample).to_numpy()
+        model = bt.tl.fit(spots[~held_out].copy(), target="spot", cells=cells, genes=genes, epochs=epochs)
+        model.save(tmp / "model")
+        # predictions for every spot and cell of every section (sdata["spots"], "bitro_spots", "bitro_cells");
+        # only the held-out section is scored
+        bt.tl.predict(model, sdata)
+        bt.tl.colour_statistics(sdata)
+        test = spots[held_out].copy()
+        add_baselines(spots[~held_out].copy(), test, genes=model.genes, scale=model.scale)
+        metrics = pd.concat(
+            [
+                bt.tl.evaluate(test, layer=layer, scale=model.scale, groupby=None, key_added=f"{layer}_eval").assign(
+                    method=method, held_out=test_sample
+                )
+                for method, layer in (
+                    ("bitro", Key.PREDICTED),
+                    ("mean", Key.BASELINE_MEAN),
+                    ("ridge", Key.BASELINE_RIDGE),
+                )
+            ],
+            ignore_index=True,
+        )
+        metrics = metrics[["held_out", "method", *[c for c in metrics.columns if c not in ("held_out", "method")]]]
+        metrics.to_csv(tmp / "metrics.csv", index=False)
+        # the stain-normalised images are lazy views that can be recomputed: not written
+        keep = [name for _, name, _ in sdata.gen_elements() if not name.endswith(Key.NORMALIZED_SUFFIX)]
+        bt.io.write_zarr(sdata.subset(keep, filter_tables=False), tmp / "sdata.zarr")
 
-    # the 785 genes of Hist2ST/BiTro, plus the demo's marker genes (ERBB2, EPCAM are not among them)
-    genes = [g for g in dict.fromkeys([*bt.datasets.her2st_genes(), *DEMO_GENES]) if g in spots.var_names]
-    held_out = (spots.obs[Key.SAMPLE] == test_sample).to_numpy()
-    model = bt.tl.fit(spots[~held_out].copy(), target="spot", cells=cells, genes=genes, epochs=epochs)
-    model.save(out / "model")
-    # predictions for every spot and cell of every section (sdata["spots"], "bitro_spots", "bitro_cells");
-    # only the held-out section is scored
-    bt.tl.predict(model, sdata)
-    bt.tl.colour_statistics(sdata)
-    test = spots[held_out].copy()
-    add_baselines(spots[~held_out].copy(), test, genes=model.genes, scale=model.scale)
-    metrics = pd.concat(
-        [
-            bt.tl.evaluate(test, layer=layer, scale=model.scale, groupby=None, key_added=f"{layer}_eval").assign(
-                method=method, held_out=test_sample
-            )
-            for method, layer in (("bitro", Key.PREDICTED), ("mean", Key.BASELINE_MEAN), ("ridge", Key.BASELINE_RIDGE))
-        ],
-        ignore_index=True,
-    )
-    metrics = metrics[["held_out", "method", *[c for c in metrics.columns if c not in ("held_out", "method")]]]
-    metrics.to_csv(out / "metrics.csv", index=False)
-    # the stain-normalised images are lazy views that can be recomputed: not written
-    keep = [name for _, name, _ in sdata.gen_elements() if not name.endswith(Key.NORMALIZED_SUFFIX)]
-    bt.io.write_zarr(sdata.subset(keep, filter_tables=False), out / "sdata.zarr", overwrite=overwrite)
-
-    for gene in DEMO_GENES:
-        if gene in model.genes:
-            bt.pl.expression(sdata, gene, sample=test_sample, cells=True)
-            plt.savefig(out / f"expression_{gene}.png", dpi=120, bbox_inches="tight")
-            plt.close("all")
-    bt.pl.phenotypes(sdata, sample=test_sample)
-    plt.savefig(out / "phenotypes.png", dpi=120, bbox_inches="tight")
-    bt.pl.metrics(test, key=f"{Key.PREDICTED}_eval")
-    plt.savefig(out / "metrics.png", dpi=120, bbox_inches="tight")
-    bt.pl.training(model)
-    plt.savefig(out / "training.png", dpi=120, bbox_inches="tight")
-    plt.close("all")
+        for gene in DEMO_GENES:
+            if gene in model.genes:
+                bt.pl.expression(sdata, gene, sample=test_sample, cells=True)
+                plt.savefig(tmp / f"expression_{gene}.png", dpi=120, bbox_inches="tight")
+                plt.close("all")
+        bt.pl.phenotypes(sdata, sample=test_sample)
+        plt.savefig(tmp / "phenotypes.png", dpi=120, bbox_inches="tight")
+        bt.pl.metrics(test, key=f"{Key.PREDICTED}_eval")
+        plt.savefig(tmp / "metrics.png", dpi=120, bbox_inches="tight")
+        bt.pl.training(model)
+        plt.savefig(tmp / "training.png", dpi=120, bbox_inches="tight")
+        plt.close("all")
     logger.info("Demo finished in %.0f s; results in %s.", time.perf_counter() - t0, out)
     return metrics
 
@@ -373,22 +373,12 @@ def staged_folder(out: str | Path, *, overwrite: bool) -> Iterator[Path]:
     An existing ``out`` is refused without ``overwrite``; with it, the old folder is removed only after the
     new one is complete, so an error or a crash while writing leaves it untouched.
     """
+    from bitro._atomic import recover, staged
+
+    recover(Path(out).absolute())  # a previous run killed while swapping: its old output comes back first
     out = check_output_dir(out, overwrite=overwrite).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    tmp, old = out.with_name(f".{out.name}.tmp-{token}"), out.with_name(f".{out.name}.old-{token}")
-    tmp.mkdir()
-    try:
+    with staged(out) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rename(old)  # keep the old output until the new one is in place
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def predict_slide(

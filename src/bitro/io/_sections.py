@@ -166,8 +166,16 @@ def get_sections(
     -------
     One :class:`Section` per section, in the order of the images.
     """
+    from spatialdata import SpatialData
+
     from bitro._utils import pixel_size
 
+    if not isinstance(sdata, SpatialData):
+        msg = (
+            f"`sdata` must be a SpatialData with the H&E images, got {type(sdata).__name__}; read one with "
+            "`bt.io.read_image`, `bt.io.read_wsi`, `bt.io.read_st` or `spatialdata.read_zarr`."
+        )
+        raise TypeError(msg)
     given_samples: dict[str, str] = {}
     if isinstance(image_key, Mapping):
         for sample, key in image_key.items():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,7 +44,18 @@ def write_zarr(sdata: SpatialData, path: str | Path, *, overwrite: bool = False)
     >>> sdata = bt.datasets.her2st(["B4"])
     >>> bt.io.write_zarr(sdata, "her2st_B4.zarr")  # doctest: +SKIP
     """
+    from spatialdata import SpatialData
+
+    from bitro._atomic import recover, sibling, swap_in
+
+    if not isinstance(sdata, SpatialData):
+        msg = (
+            f"`sdata` must be a SpatialData, got {type(sdata).__name__}; write an AnnData with `adata.write_h5ad(path)` "
+            "or put it into a SpatialData first."
+        )
+        raise TypeError(msg)
     path = Path(path).absolute()
+    recover(path)  # what a killed write left: a store moved aside comes back, dead writers' temporary copies go
     if path.exists() or path.is_symlink():
         if not overwrite:
             msg = f"{str(path)!r} already exists. Pass `overwrite=True` to replace it, or choose another path."
@@ -57,20 +67,13 @@ def write_zarr(sdata: SpatialData, path: str | Path, *, overwrite: bool = False)
             )
             raise FileExistsError(msg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    tmp = path.with_name(f".{path.name}.tmp-{token}")
-    old = path.with_name(f".{path.name}.old-{token}")
+    tmp = sibling(path, "tmp")
     try:
         sdata.write(tmp, overwrite=False)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():
-        path.rename(old)  # keep the old store until the new one is in place
-        tmp.rename(path)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(path)
+    swap_in(tmp, path)  # the old store is moved aside, the new one renamed in, and only then the old one removed
     sdata.path = path
     logger.info("Wrote %s.", path)
     return path

@@ -666,6 +666,19 @@ def extract_cells(
             )
             raise ValueError(msg)
     keys = _shapes_keys(sdata, sections, shapes_key)
+    from bitro._checks import duplicates
+
+    for section, key in zip(sections, keys, strict=True):
+        for element, what in ((section.spots_key, "spot"), (key, "cell")):
+            if element is not None and element in sdata.shapes:
+                dup = duplicates(sdata.shapes[element].index)
+                if dup:
+                    msg = (
+                        f"The {what} shapes {element!r} have duplicated index values {dup[:3]}, so cells would be "
+                        f"pooled into or merged with the wrong {what}s; give every {what} its own id, e.g. "
+                        f"`sdata.shapes[{element!r}].index = range(n)`."
+                    )
+                    raise ValueError(msg)
     enc = get_encoder(encoder, weights=weights, batch_size=batch_size, device=settings.device, crop_px=crop_px)
     n_raw = enc.dim + (len(Key.MORPHOLOGY) if add_morphology else 0)
     params = {

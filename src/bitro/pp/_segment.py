@@ -349,8 +349,23 @@ def segment_nuclei(
     if not 0 <= min_area_um2 < max_area_um2 or not math.isfinite(max_area_um2):
         msg = f"Need 0 <= `min_area_um2` < `max_area_um2` < inf, got {min_area_um2} and {max_area_um2}."
         raise ValueError(msg)
+    from bitro._checks import check_number
+
+    for name, value in (("sigma_um", sigma_um), ("blob_sigma_um", blob_sigma_um), ("min_distance_um", min_distance_um)):
+        check_number(name, value, low=0, low_open=True, hint="It is a length in micrometres.")
+    if threshold is not None:
+        check_number("threshold", threshold, hint="Leave it out to fit it per section (Otsu).")
     sections = get_sections(sdata, image_key=image_key)
     _target_key(key_added, sections)
+    for section in sections:
+        level = scale0(sdata.images[section.image_key])
+        if level.sizes.get("c") != 3 or level.dtype != np.uint8:
+            msg = (
+                f"Image {section.image_key!r} has {level.sizes.get('c')} channels of {level.dtype}; segmentation needs "
+                "an 8-bit RGB H&E image (3 channels of uint8): drop an alpha channel, convert grayscale to RGB, or "
+                "rescale 16-bit / float pixels to 0-255."
+            )
+            raise ValueError(msg)
     for section in sections:
         diameter_px = 2 * math.sqrt(max_area_um2 / math.pi) / section.pixel_size
         if overlap < 2 * diameter_px:

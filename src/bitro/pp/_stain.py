@@ -98,6 +98,17 @@ def tissue_labels(image):
     )
 
 
+def _stain_fit_failed(image_key: str, error: Exception) -> None:
+    """Re-raise squidpy's failure to fit stain vectors as one sentence about the image; other errors as they are."""
+    if type(error).__name__ != "StainFittingError":
+        raise error
+    msg = (
+        f"No haematoxylin and eosin stain vectors could be fitted on image {image_key!r} ({error}): it holds no or too "
+        "little stained tissue. Check that it is an H&E image with tissue, or leave it out (`image_key=`)."
+    )
+    raise ValueError(msg) from error
+
+
 def normalize_stain(
     sdata: SpatialData,
     *,
@@ -190,19 +201,25 @@ def normalize_stain(
     masks = {Key.tissue(k): sdata.labels[Key.tissue(k)] for k in keys if Key.tissue(k) in sdata.labels}
     work = SpatialData(images={k: sdata.images[k] for k in keys}, labels=masks)
     if reference_key is not None:
-        reference = sqi.fit_stain_reference(
-            work, reference_key, method=method, tissue_mask_key=_ensure_tissue_mask(work, reference_key)
-        )
+        try:
+            reference = sqi.fit_stain_reference(
+                work, reference_key, method=method, tissue_mask_key=_ensure_tissue_mask(work, reference_key)
+            )
+        except Exception as e:  # noqa: BLE001 - squidpy's StainFittingError, said in the user's terms
+            _stain_fit_failed(reference_key, e)
     normalized: dict[str, Any] = {}
     for key in image_keys:
-        normalized[key] = sqi.normalize_stains(
-            work,
-            key,
-            reference,
-            inplace=False,
-            tissue_mask_key=_ensure_tissue_mask(work, key),
-            preserve_background=preserve_background,
-        )
+        try:
+            normalized[key] = sqi.normalize_stains(
+                work,
+                key,
+                reference,
+                inplace=False,
+                tissue_mask_key=_ensure_tissue_mask(work, key),
+                preserve_background=preserve_background,
+            )
+        except Exception as e:  # noqa: BLE001
+            _stain_fit_failed(key, e)
     for label_key in set(work.labels) - set(masks):
         sdata.labels[label_key] = work.labels[label_key]
     for key, array in normalized.items():

@@ -319,7 +319,7 @@ def predict(
     >>> sc.tl.rank_genes_groups(expr, "phenotype")  # doctest: +SKIP
     """
     from bitro.pp._virtual import virtual_spots
-    from bitro.tl._bags import bulk_bags, cell_data, spot_bags
+    from bitro.tl._bags import bulk_bags, cell_data, check_cells_match_spots, spot_bags
 
     sdata, table, cells = _resolve(model, data, cells, table_key, cells_key)
     if coverage not in ("tissue", "spots"):
@@ -334,6 +334,8 @@ def predict(
         warnings.warn("The cell table is empty (no tissue found?): nothing is predicted.", UserWarning, stacklevel=2)
         return _predicted_table(np.zeros((0, len(genes))), pd.DataFrame(index=pd.Index([])), None, model, None)
     feats = cell_data(cells, feature_key=model.config["feature_key"])
+    if model.target == "spot" and table is not None:
+        check_cells_match_spots(table, feats)  # cells and spots of the same slide, not only the same names
     scale = model.zscore.inverse
 
     def run(bags, desc):
@@ -342,6 +344,12 @@ def predict(
         y, cell_sum, n_bags = predict_bags(
             model.nets, kept, feats, tokens_per_batch=tokens_per_batch, cell_scale=scale, desc=desc
         )
+        if not (np.isfinite(y).all() and (cell_sum is None or np.isfinite(cell_sum).all())):
+            msg = (
+                "The model predicts NaN or infinite values, so nothing was written; its weights are broken: train it "
+                "again (with a smaller learning rate if training diverged), or load a saved copy with `bt.tl.load_model`."
+            )
+            raise ValueError(msg)
         return keep, scale(y), cell_sum, n_bags
 
     spot_out = None
