@@ -68,8 +68,8 @@ def tissue_labels(image):
     from spatialdata import SpatialData
     from spatialdata.models import Image2DModel, Labels2DModel
     from spatialdata.transformations import get_transformation
-    from squidpy.experimental.im import detect_tissue
     from squidpy._utils import _get_scale_factors
+    from squidpy.experimental.im import detect_tissue
     from squidpy.experimental.im._detect_tissue import _get_scaling_matrix
 
     full = scale0(image)

@@ -276,8 +276,10 @@ class BitroNet(nn.Module):
         return att * y[bag] * n_per_bag[bag][:, None]
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Predictions ``(n_bags, n_genes)``, the attention and the expression (:meth:`cell_expression`) of every
-        pooled token ``(n_pooled, n_genes)``."""
+        """Predictions ``(n_bags, n_genes)``, and the attention and expression of every pooled token.
+
+        Both ``(n_pooled, n_genes)``; the expression as :meth:`cell_expression` gives it.
+        """
         h = self.encode(batch)
         bag = batch.pooled_bag
         h_pooled = h[batch.pool]
