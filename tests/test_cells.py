@@ -173,7 +173,11 @@ def test_tiles_and_processes_do_not_change_features(toy, toy_cells):
         tiled = bt.pp.extract_cells(toy, reference=toy_cells, key_added="tiled", n_jobs=2)
     finally:
         bt.settings.tile_size = old
-    np.testing.assert_array_equal(tiled.obsm[Key.FEATURES_RAW], toy_cells.obsm[Key.FEATURES_RAW])
+    n_morph = len(Key.MORPHOLOGY)
+    tiled_raw, raw = tiled.obsm[Key.FEATURES_RAW], toy_cells.obsm[Key.FEATURES_RAW]
+    np.testing.assert_array_equal(tiled_raw[:, :n_morph], raw[:, :n_morph])  # morphology: exact
+    # the encoder works on float32 batches, whose make-up the tiles change: equal up to float32 rounding
+    np.testing.assert_allclose(tiled_raw[:, n_morph:], raw[:, n_morph:], rtol=1e-5, atol=1e-6)
 
 
 def test_dask_client_gives_the_same_features(toy, toy_cells):
