@@ -337,20 +337,16 @@ def draw_gene(sdata: SpatialData, expr: AnnData, gene: str, sample: str, file: P
 
     Drawn by :func:`bitro.pl.expression`; should that fail, the cells alone as points coloured by the gene.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the user's backend is left as it is (a notebook keeps its inline figures)
     import numpy as np
 
     import bitro as bt
     from bitro.pl._expression import SCALE_LABELS
 
     try:
-        bt.pl.expression(sdata, gene, sample=sample, table_key=Key.PREDICTED_SPOTS_TABLE, cells=True)
+        fig = bt.pl.expression(sdata, gene, sample=sample, table_key=Key.PREDICTED_SPOTS_TABLE, cells=True)[0].figure
     except (KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
         logger.warning("bt.pl.expression could not draw %s (%s); drawing the cells alone.", gene, e)
-        plt.close("all")
         rows = (expr.obs[Key.SAMPLE].astype(str) == sample).to_numpy()
         xy = np.asarray(expr.obsm[Key.SPATIAL])[rows]
         values = np.asarray(expr[rows, gene].X).ravel()
@@ -362,8 +358,8 @@ def draw_gene(sdata: SpatialData, expr: AnnData, gene: str, sample: str, file: P
         ax.set_axis_off()
         fig.colorbar(sc, ax=ax, shrink=0.7, label=f"predicted {gene}, {SCALE_LABELS.get(scale, scale)}")
         ax.set_title(f"{gene} — predicted cells ({sample})")
-    plt.savefig(file, dpi=120, bbox_inches="tight")
-    plt.close("all")
+    fig.savefig(file, dpi=120, bbox_inches="tight")
+    plt.close(fig)  # only the figure drawn here
 
 
 @contextmanager
