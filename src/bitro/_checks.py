@@ -116,3 +116,14 @@ def check_anndata(value: Any, what: str, fix: str) -> None:
     if not isinstance(value, AnnData):
         msg = f"{what} must be an AnnData, got {type(value).__name__}; {fix}."
         raise TypeError(msg)
+
+
+def check_rgb_image(level: Any, image_key: str, needed_for: str) -> None:
+    """Refuse an image level that is not 8-bit RGB (``(c, y, x)`` with 3 channels of uint8), naming ``needed_for``."""
+    if level.sizes.get("c") != 3 or level.dtype != np.uint8:
+        msg = (
+            f"Image {image_key!r} has {level.sizes.get('c')} channels of {level.dtype}; {needed_for} needs an 8-bit RGB "
+            "H&E image (uint8 RGB, 3 channels): drop an alpha channel, convert grayscale to RGB, or rescale 16-bit / "
+            "float pixels to 0-255."
+        )
+        raise ValueError(msg)

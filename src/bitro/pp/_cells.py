@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from bitro._checks import check_rgb_image
 from bitro._constants import Key
 from bitro._features import differences, file_digest, fingerprint, record_of
 from bitro._logging import logger
@@ -658,13 +659,7 @@ def extract_cells(
     else:
         sections = get_sections(sdata, image_key=image_key)
     for section in sections:
-        level = scale0(sdata.images[section.image_key])
-        if level.sizes.get("c") != 3 or level.dtype != np.uint8:
-            msg = (
-                f"Image {section.image_key!r} must be uint8 RGB (3 channels) for the crops; it has "
-                f"{level.sizes.get('c')} channels of {level.dtype}."
-            )
-            raise ValueError(msg)
+        check_rgb_image(scale0(sdata.images[section.image_key]), section.image_key, "cutting the cell crops")
     keys = _shapes_keys(sdata, sections, shapes_key)
     from bitro._checks import duplicates
 

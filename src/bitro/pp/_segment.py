@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from bitro._checks import check_rgb_image
 from bitro._constants import Key
 from bitro._logging import logger
 from bitro._parallel import map_tasks
@@ -358,14 +359,7 @@ def segment_nuclei(
     sections = get_sections(sdata, image_key=image_key)
     _target_key(key_added, sections)
     for section in sections:
-        level = scale0(sdata.images[section.image_key])
-        if level.sizes.get("c") != 3 or level.dtype != np.uint8:
-            msg = (
-                f"Image {section.image_key!r} has {level.sizes.get('c')} channels of {level.dtype}; segmentation needs "
-                "an 8-bit RGB H&E image (3 channels of uint8): drop an alpha channel, convert grayscale to RGB, or "
-                "rescale 16-bit / float pixels to 0-255."
-            )
-            raise ValueError(msg)
+        check_rgb_image(scale0(sdata.images[section.image_key]), section.image_key, "segmentation")
     for section in sections:
         diameter_px = 2 * math.sqrt(max_area_um2 / math.pi) / section.pixel_size
         if overlap < 2 * diameter_px:

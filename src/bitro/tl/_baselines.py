@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from bitro._checks import check_rgb_image
 from bitro._constants import Key
 from bitro._settings import settings
 from bitro._utils import check_key, image_offset, scale0
@@ -68,14 +69,8 @@ def colour_statistics(
         msg = f"No image with spots for samples {missing} of table {table_key!r}; sections found: {sorted(sections)}."
         raise ValueError(msg)
     for sample in dict.fromkeys(samples):
-        level = scale0(sdata.images[sections[sample].image_key])
-        if level.sizes.get("c") != 3 or level.dtype != np.uint8:
-            msg = (
-                f"Image {sections[sample].image_key!r} has {level.sizes.get('c')} channels of {level.dtype}; the colour "
-                "statistics need an 8-bit RGB H&E image (3 channels of uint8): convert it, e.g. drop an alpha channel "
-                "or rescale 16-bit / float pixels to 0-255."
-            )
-            raise ValueError(msg)
+        key = sections[sample].image_key
+        check_rgb_image(scale0(sdata.images[key]), key, "computing the colour statistics")
     check_key(table.obs.columns, Key.SPOT_ID, f"Spot ids of table {table_key!r}: column .obs")
     stats = np.zeros((table.n_obs, 45))
     spot_ids = table.obs[Key.SPOT_ID].astype(str).to_numpy()
