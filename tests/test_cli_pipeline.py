@@ -67,7 +67,7 @@ def no_work(monkeypatch):
     monkeypatch.setattr(bt.io, "read_wsi", forbidden)
 
 
-def test_steps_on_a_new_slide_end_to_end(tmp_path, her2st_dir, torch_one_thread):
+def test_steps_on_a_new_slide_end_to_end(tmp_path, her2st_dir, torch_one_thread, capsys):
     """read -> cells -> fit on three cropped sections; read -> cells --reference -> predict on a fourth, via zarr."""
     import spatialdata as sd
 
@@ -83,6 +83,14 @@ def test_steps_on_a_new_slide_end_to_end(tmp_path, her2st_dir, torch_one_thread)
     main(["cells", str(tmp_path / "train.zarr"), "--out", str(tmp_path / "train_cells.zarr")])
     model_dir = str(tmp_path / "model")
     main(["fit", str(tmp_path / "train_cells.zarr"), "--model", model_dir, "--genes", str(tmp_path / "genes.txt"), "--epochs", "2"])  # fmt: skip
+    # a diverging run is one sentence with exit code 2, and the saved model is left as it was
+    saved = (tmp_path / "model" / "config.json").read_text()
+    with pytest.raises(SystemExit) as e:
+        main(["fit", str(tmp_path / "train_cells.zarr"), "--model", model_dir, "--genes", str(tmp_path / "genes.txt"), "--epochs", "3", "--lr", "1e6", "--overwrite"])  # fmt: skip
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Training diverged" in err and "smaller learning rate" in err
+    assert (tmp_path / "model" / "config.json").read_text() == saved
     main(["read", str(new_dir), "--out", str(tmp_path / "new.zarr")])
     main(["cells", str(tmp_path / "new.zarr"), "--out", str(tmp_path / "new_cells.zarr"), "--reference", model_dir])
     main(["predict", str(tmp_path / "new_cells.zarr"), "--model", model_dir, "--out", str(tmp_path / "pred.zarr")])
@@ -155,6 +163,18 @@ def test_jpeg_without_pixel_size_exit_code(tmp_path):
     )
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "pixel size" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_corrupt_image_is_one_sentence(tmp_path, capsys):
+    """A truncated JPEG: exit code 2 and one line naming the file, not a traceback from the decoder."""
+    image = tiny_jpeg(tmp_path / "slide.jpg")
+    image.write_bytes(image.read_bytes()[:200])
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(image), "--pixel-size", "0.5", "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "slide.jpg" in err and "valid JPEG" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_existing_output_is_refused(tmp_path, capsys, no_work):

@@ -14,6 +14,10 @@ import numpy as np
 import pandas as pd
 
 
+class TrainingDivergedError(RuntimeError):
+    """Training stopped because its loss or predictions exploded; nothing was returned or written."""
+
+
 def is_int(value: Any) -> bool:
     """Whether ``value`` is an integer (Python or numpy; ``bool`` is not)."""
     return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)

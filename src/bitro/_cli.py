@@ -22,6 +22,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bitro._checks import TrainingDivergedError
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bitro", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--samples", nargs="*", default=None, help="Train on these sections only.")
     f.add_argument("--genes", default=None, help="Text file with one gene symbol per line.")
     f.add_argument("--epochs", type=int, default=100)
+    f.add_argument("--lr", type=float, default=None, help="Learning rate (default: 2e-3).")
     f.add_argument("--overwrite", action="store_true")
 
     q = sub.add_parser(
@@ -170,7 +173,10 @@ def run(args: argparse.Namespace) -> None:
         if args.samples:
             adata = adata[adata.obs[Key.SAMPLE].isin(args.samples)].copy()
         genes = Path(args.genes).read_text().split() if args.genes else None
-        model = bt.tl.fit(adata, target=args.target, cells=sdata[Key.CELLS_TABLE], genes=genes, epochs=args.epochs)
+        lr = {} if args.lr is None else {"lr": args.lr}
+        model = bt.tl.fit(
+            adata, target=args.target, cells=sdata[Key.CELLS_TABLE], genes=genes, epochs=args.epochs, **lr
+        )
         stain = _pipeline.stain_reference_record(sdata)
         if stain is not None:  # `bitro cells --reference` / `bitro predict` normalise new slides to it
             model.config["stain_reference"] = stain
@@ -217,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
         run(args)
-    except (FileExistsError, FileNotFoundError, KeyError, TypeError, ValueError) as e:
+    # bitro's own one-sentence errors; anything else is a bug and keeps its traceback
+    except (OSError, KeyError, TypeError, ValueError, TrainingDivergedError) as e:
         sys.stderr.write(f"bitro {args.command}: error: {e}\n")
         raise SystemExit(2) from None

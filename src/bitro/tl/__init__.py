@@ -3,6 +3,7 @@
 torch and torch_geometric are imported inside the functions, not here.
 """
 
+from bitro._checks import TrainingDivergedError
 from bitro.tl._baselines import add_baselines, colour_statistics
 from bitro.tl._cross_validate import cross_validate
 from bitro.tl._evaluate import evaluate
@@ -15,6 +16,7 @@ from bitro.tl._transfer import TransferredModel, load_adapters, transfer
 
 __all__ = [
     "BitroModel",
+    "TrainingDivergedError",
     "TransferredModel",
     "add_baselines",
     "colour_statistics",

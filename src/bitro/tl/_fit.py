@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from anndata import AnnData
 
+from bitro._checks import TrainingDivergedError
 from bitro._constants import Key
 from bitro._logging import logger
 from bitro._settings import settings
@@ -182,7 +183,7 @@ def _diverged(what: str, lr: float) -> None:
         f"Training diverged: {what}, so the model would predict nonsense; train again with a smaller learning rate "
         f"(lr={lr:g} now, try lr={lr / 10:g})."
     )
-    raise RuntimeError(msg)
+    raise TrainingDivergedError(msg)
 
 
 def _fingerprint(*parts: Any) -> str:
