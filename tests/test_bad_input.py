@@ -1292,6 +1292,55 @@ def test_model_save_killed_at_each_stage(stage, trained, tmp_path):
     assert bt.tl.load_model(old).history == new_model.history and not leftovers(old)
 
 
+#: Stops of a save into a folder that also holds other files: while the new files are written aside, right after
+#: they were committed (renamed to ``.bitro-save.pending`` inside the folder), and after the first file was moved.
+SHARED_STAGES = ["writing", "committed", "mid_renames"]
+
+
+@pytest.mark.parametrize("stage", SHARED_STAGES)
+def test_model_save_into_a_shared_folder_killed_at_each_stage(stage, trained, tmp_path):
+    """`model.save` into a folder that holds the user's other files, killed at each stage: nothing mixed, nothing lost."""
+    model, folder = trained
+    shared = tmp_path / "project"
+    shutil.copytree(folder, shared)
+    (shared / "notes.txt").write_text("the user's own file")
+    new_model = bt.tl.load_model(folder)
+    new_model.history = [{"train_loss": [1.0]}, {"train_loss": [2.0]}]
+    new_model.save(tmp_path / "new")
+    code = textwrap.dedent(
+        f"""
+        import pathlib
+        import bitro as bt
+        _rename, _replace = pathlib.Path.rename, pathlib.Path.replace
+        def rename(self, target):
+            out = _rename(self, target)
+            if STAGE == "committed" and pathlib.Path(target).name == ".bitro-save.pending":
+                os._exit(9)
+            return out
+        def replace(self, target):
+            out = _replace(self, target)
+            if STAGE == "mid_renames" and self.parent.name == ".bitro-save.pending":
+                os._exit(9)
+            return out
+        pathlib.Path.rename, pathlib.Path.replace = rename, replace
+        if STAGE == "writing":
+            import safetensors.torch as st
+            def save_file(tensors, filename, metadata=None):
+                Path(filename).write_bytes(b"partial")
+                os._exit(9)
+            st.save_file = save_file
+        bt.tl.load_model({str(tmp_path / "new")!r}).save({str(shared)!r})
+        """
+    )
+    _run_killed(code, stage)
+    loaded = bt.tl.load_model(shared)  # the old model before the commit, the new one (completed by the load) after
+    expected = model.history if stage == "writing" else new_model.history
+    assert loaded.history == expected
+    assert (shared / "notes.txt").read_text() == "the user's own file"
+    new_model.save(shared)  # the next save works and leaves only the model files and the user's
+    assert sorted(p.name for p in shared.iterdir()) == sorted([*(p.name for p in folder.iterdir()), "notes.txt"])
+
+
 def _store_table(path: Path):
     import spatialdata as sd
 
@@ -1415,6 +1464,7 @@ FAULT_TESTS = {
     "test_checkpoint_killed_at_each_stage_resumes_to_the_same_model": 3,
     "test_fit_killed_by_sigkill_resumes_to_the_same_model": 1,
     "test_model_save_killed_at_each_stage": len(STAGES),
+    "test_model_save_into_a_shared_folder_killed_at_each_stage": len(SHARED_STAGES),
     "test_write_zarr_killed_at_each_stage": len(STAGES),
     "test_demo_overwrite_killed_keeps_the_previous_output": 1,
     "test_demo_failing_midway_keeps_the_previous_output": 1,

@@ -180,12 +180,19 @@ class BitroModel:
         return path
 
 
+#: Inside a folder that also holds other files, the complete new model files wait here while they are renamed into
+#: place one by one; a save stopped between those renames is completed from it by the next save or load.
+PENDING_SAVE = ".bitro-save.pending"
+
+
 def write_folder(path: Path, files: tuple[str, ...], write: Any) -> None:
     """Write the files ``files`` of a saved model (or adapters) into the folder ``path`` so that a stop loses nothing.
 
     ``write(folder)`` writes them into a temporary folder. When ``path`` holds nothing else (or does not exist),
-    that folder is swapped in whole (:mod:`bitro._atomic`); otherwise the files are renamed into ``path`` one by
-    one, the last one (the config, which holds the checksums of the others) last.
+    that folder is swapped in whole (:mod:`bitro._atomic`). Otherwise the complete folder is renamed to
+    :data:`PENDING_SAVE` inside ``path`` (the moment the new model is committed) and its files are moved into
+    ``path`` (:func:`finish_save`): a stop before that moment leaves the old model, one after it the new model,
+    completed by the next save or load.
     """
     from bitro._atomic import recover, sibling, staged
 
@@ -193,6 +200,7 @@ def write_folder(path: Path, files: tuple[str, ...], write: Any) -> None:
     if path.exists() and not path.is_dir():
         msg = f"Cannot save to {str(path)!r}: it is a file; give a folder."
         raise FileExistsError(msg)
+    finish_save(path)
     others = [p for p in path.iterdir() if p.name not in files] if path.is_dir() else []
     if path.exists() and path.resolve() == Path.cwd().resolve():
         others.append(path)  # never swap the working directory away
@@ -200,15 +208,28 @@ def write_folder(path: Path, files: tuple[str, ...], write: Any) -> None:
         with staged(path) as tmp:
             write(tmp)
         return
-    recover(path / ".bitro-save")  # a folder with other files: the files one by one, the config last
-    tmp = sibling((path / ".bitro-save").absolute(), "tmp")
+    recover(path / PENDING_SAVE)  # temporary folders of killed saves
+    tmp = sibling((path / PENDING_SAVE).absolute(), "tmp")
     tmp.mkdir()
     try:
         write(tmp)
-        for name in files:
-            (tmp / name).replace(path / name)
+        tmp.rename(path / PENDING_SAVE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    finish_save(path)
+
+
+def finish_save(path: Path) -> None:
+    """Move the files of a committed save (:data:`PENDING_SAVE`) into ``path``; a no-op without one.
+
+    The JSON config, which holds the checksums of the other files, is moved last.
+    """
+    pending = Path(path) / PENDING_SAVE
+    if not pending.is_dir():
+        return
+    for name in sorted((p.name for p in pending.iterdir()), key=lambda n: (n.endswith(".json"), n)):
+        (pending / name).replace(Path(path) / name)
+    pending.rmdir()
 
 
 #: Folder of the models shipped with bitro (one sub-folder per model name).
@@ -279,6 +300,7 @@ def load_model(path: str | Path, *, device: str | None = None) -> BitroModel:
     if not path.is_dir():
         msg = f"{str(path)!r} is a file, not a model folder; give the folder that holds {CONFIG_FILE}."
         raise FileNotFoundError(msg)
+    finish_save(path)
     config = read_config(path)
     check_config(config, path / CONFIG_FILE)
     states = read_weights(path / WEIGHTS_FILE)

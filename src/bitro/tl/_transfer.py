@@ -22,7 +22,7 @@ from bitro._constants import Key
 from bitro._features import file_digest
 from bitro._logging import logger
 from bitro.tl._fit import TARGETS, check_table, check_validation, resolve_device, resolve_tables
-from bitro.tl._persist import CHECKSUMS, FORMAT_VERSION, BitroModel, read_weights, write_folder
+from bitro.tl._persist import CHECKSUMS, FORMAT_VERSION, BitroModel, finish_save, read_weights, write_folder
 from bitro.tl._targets import check_counts, dense, select_genes, standardise_targets, to_scale
 
 if TYPE_CHECKING:
@@ -276,6 +276,7 @@ def load_adapters(base: BitroModel, path: str | Path, *, device: str | None = No
     if not isinstance(base, BitroModel):
         msg = f"`base` must be a BitroModel (from `bt.tl.fit` or `bt.tl.load_model`), got {type(base).__name__}."
         raise TypeError(msg)
+    finish_save(path)  # adapters saved into a shared folder and stopped between their renames
     if not file.is_file():
         msg = f"{path} holds no adapters: {ADAPTER_CONFIG} is missing. Write them with `model.save_adapters(path)`."
         raise FileNotFoundError(msg)
