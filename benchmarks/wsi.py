@@ -10,7 +10,8 @@ in bounded memory.
 Each run of the pipeline is a fresh subprocess, so its peak RSS is the pipeline's own:
 
     read_wsi -> segment_nuclei -> extract_cells (handcrafted) -> phenotypes -> spatial_graph
-    [-> tl.predict(tl.load_model(--model), sdata, coverage="tissue")]
+    with --model: load_model first, normalize_stain to its reference, extract_cells/phenotypes(reference=model),
+    then tl.predict(model, sdata, coverage="tissue"), as bt.predict_slide prepares a new slide
 
 Per stage it records wall time and the peak RSS *of that stage* (the kernel's high-water mark is
 reset at the start of each stage by writing 5 to /proc/self/clear_refs; where that is not allowed,
@@ -46,7 +47,7 @@ ROOT = HERE.parents[1]
 TILE = 512
 #: Edge (px) of the blocks of tissue or glass that the slides are made of.
 BLOCK = 2048
-STAGES = ("read", "segment", "extract_cells", "phenotypes", "spatial_graph", "predict")
+STAGES = ("load_model", "read", "segment", "normalize_stain", "extract_cells", "phenotypes", "spatial_graph", "predict")
 
 
 # --- memory -----------------------------------------------------------------------------------
@@ -193,6 +194,8 @@ def load_source(sample: str) -> tuple[np.ndarray, float]:
 def worker(args: argparse.Namespace) -> None:
     """One pipeline run in this (fresh) process: print a JSON line with per-stage time and peak RSS."""
     import bitro as bt
+    from bitro import Key
+    from bitro._pipeline import stain_reference
 
     bt.settings.progress = False
     client = cluster = None
@@ -213,15 +216,25 @@ def worker(args: argparse.Namespace) -> None:
         return out
 
     t0 = time.perf_counter()
+    # with a model, a new slide is prepared as `bt.predict_slide` does: stains normalised to the model's reference,
+    # features through its training cells' scaler + PCA, its phenotypes
+    model = stage("load_model", lambda: bt.tl.load_model(args.model)) if args.model else None
     sdata = stage("read", lambda: bt.io.read_wsi(args.slide, sample="wsi"))
     stage("segment", lambda: bt.pp.segment_nuclei(sdata, client=client, n_jobs=args.n_jobs))
+    image_key = None
+    if model is not None and (reference := stain_reference(model)) is not None:
+        stage("normalize_stain", lambda: bt.pp.normalize_stain(sdata, method=reference.method, reference=reference))
+        image_key = {s.sample: Key.normalized(s.image_key) for s in bt.io.get_sections(sdata)}
     cells = stage(
-        "extract_cells", lambda: bt.pp.extract_cells(sdata, encoder="handcrafted", client=client, n_jobs=args.n_jobs)
+        "extract_cells",
+        lambda: bt.pp.extract_cells(
+            sdata, image_key=image_key, encoder="handcrafted", reference=model, client=client, n_jobs=args.n_jobs
+        ),
     )
-    stage("phenotypes", lambda: bt.pp.phenotypes(cells))
+    stage("phenotypes", lambda: bt.pp.phenotypes(cells, reference=model))
     stage("spatial_graph", lambda: bt.pp.spatial_graph(cells))
-    if args.model:
-        stage("predict", lambda: bt.tl.predict(bt.tl.load_model(args.model), sdata, coverage="tissue"))
+    if model is not None:
+        stage("predict", lambda: bt.tl.predict(model, sdata, coverage="tissue"))
     result["wall_s"] = time.perf_counter() - t0
     result["cells"] = int(cells.n_obs)
     result["import_rss_gb"] = base_kb / 1e6

@@ -15,6 +15,37 @@ NOTEBOOKS = (
     "your_own_visium.ipynb",
     "transfer_bulk_spot.ipynb",
 )
+#: What each tutorial computed, checked in its own kernel after the run: a notebook that runs but gets a wrong
+#: answer fails here.
+CHECKS = {
+    "predict_your_own_slide.ipynb": """
+import numpy as np
+assert expr.n_obs > 1000 and expr.n_vars == len(model.genes), expr
+assert np.isfinite(np.asarray(expr.X)).all()
+assert expr.n_obs == sdata["cells"].n_obs == sdata["bitro_cells"].n_obs  # every tissue cell is predicted
+""",
+    "her2st_end_to_end.ipynb": """
+import numpy as np
+pred = test.obsm["bitro_predicted"]
+assert np.isfinite(pred.to_numpy()).all() and pred.shape == (test.n_obs, len(model.genes))
+assert np.allclose(again.obsm["bitro_predicted"], pred)  # the saved and reloaded model predicts the same
+""",
+    "your_own_visium.ipynb": """
+import numpy as np
+import bitro as bt
+scores = bt.tl.evaluate(test.copy(), key_added="check")
+assert scores["pcc_gene"].iloc[0] > 0.3, scores  # synthetic slides with a known signal: the mean profile scores 0
+again = test.copy()
+bt.tl.predict(bt.tl.load_model("visium_model"), again, cells=cells)
+assert np.allclose(again.obsm["bitro_predicted"], test.obsm["bitro_predicted"])
+""",
+    "transfer_bulk_spot.ipynb": """
+import numpy as np
+for x in (b, c):  # reloaded adapters, merged model
+    assert np.allclose(a.obsm["bitro_predicted"], x.obsm["bitro_predicted"], atol=1e-4)
+assert np.isfinite(a.obsm["bitro_predicted"].to_numpy()).all()
+""",
+}
 #: Largest committed notebook, outputs included (figures are PNGs at modest dpi).
 MAX_BYTES = 3_000_000
 
@@ -42,7 +73,7 @@ def _kernel_manager(tmp: Path):
 
 
 def test_every_tutorial_is_listed():
-    assert sorted(p.name for p in TUTORIALS.glob("*.ipynb")) == sorted(NOTEBOOKS)
+    assert sorted(p.name for p in TUTORIALS.glob("*.ipynb")) == sorted(NOTEBOOKS) == sorted(CHECKS)
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -74,5 +105,8 @@ def test_tutorial_runs(name, tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
     client = NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=600, resources={"metadata": {"path": str(work)}})
-    client.execute()  # raises CellExecutionError, naming the cell, on any error
+    with client.setup_kernel():
+        for index, cell in enumerate(nb.cells):  # raises CellExecutionError, naming the cell, on any error
+            client.execute_cell(cell, index)
+        client.execute_cell(nbformat.v4.new_code_cell(CHECKS[name]), len(nb.cells))
     assert _snapshot(TUTORIALS) == before, "running a tutorial must not write into tutorials/"

@@ -338,11 +338,16 @@ def predict(
         check_cells_match_spots(table, feats)  # cells and spots of the same slide, not only the same names
     scale = model.zscore.inverse
 
-    def run(bags, desc):
+    def run(bags, desc, *, with_cells=True):
         keep = np.array([b is not None for b in bags], dtype=bool)
         kept = [b for b in bags if b is not None]
         y, cell_sum, n_bags = predict_bags(
-            model.nets, kept, feats, tokens_per_batch=tokens_per_batch, cell_scale=scale, desc=desc
+            model.nets,
+            kept,
+            feats,
+            tokens_per_batch=tokens_per_batch,
+            cell_scale=scale if with_cells else None,
+            desc=desc,
         )
         if not (np.isfinite(y).all() and (cell_sum is None or np.isfinite(cell_sum).all())):
             msg = (
@@ -357,7 +362,8 @@ def predict(
         context = {"context_radius": bag_cfg["context_radius"], "max_context": bag_cfg["max_context"]}
         if table is not None:
             bags = spot_bags(table, feats, empty="context", **context)
-            keep, y, cell_sum, n_bags = run(bags, "predict spots")
+            # with tissue coverage the cells' values come from the virtual spots below: not computed twice
+            keep, y, cell_sum, n_bags = run(bags, "predict spots", with_cells=coverage == "spots")
             inside = _cells_per_spot(table, feats)
             spot_out = _write_rows(table, keep, y, genes, key_added)
             table.obs[Key.N_CELLS] = inside
