@@ -60,8 +60,9 @@ def predict_bags(
 
     Returns
     -------
-    ``y`` ``(n_bags, n_genes)``; with ``cell_scale`` also the per-cell sums ``(n_cells, n_genes)`` (float32)
-    and how many bags pooled each cell ``(n_cells,)``, else ``None, None``.
+    ``y`` ``(n_bags, n_genes)``; with ``cell_scale`` also the cell values, averaged over the bags that pool each
+    cell, for the cells pooled by at least one bag only ``(n_covered, n_genes)`` (float32, in cell order), and how
+    many bags pooled each cell ``(n_cells,)``; else ``None, None``.
     """
     import torch
     from tqdm.auto import tqdm
@@ -78,7 +79,14 @@ def predict_bags(
     n_genes, n_cells = nets[0].arch.n_genes, len(cells.features)
     n_pool = np.array([sum(s.n_pool for s in bag) for bag in bags], dtype=np.float32)
     y_sum = np.zeros((len(bags), n_genes))
-    cell_sum = np.zeros((n_cells, n_genes), dtype=np.float32) if cell_scale is not None else None
+    cell_sum = row_of = n_bags = None
+    if cell_scale is not None:  # rows only for the cells some bag pools: a slide's uncovered cells cost nothing
+        n_bags = np.bincount(
+            np.concatenate([np.zeros(0, np.int64), *(s.cells[: s.n_pool] for bag in bags for s in bag)]),
+            minlength=n_cells,
+        )
+        row_of = np.cumsum(n_bags > 0) - 1
+        cell_sum = np.zeros((int((n_bags > 0).sum()), n_genes), dtype=np.float32)
     device = next(nets[0].parameters()).device
     sizes = torch.tensor([log_cell_count(bag) for bag in bags], dtype=torch.float32, device=device)
     bar = tqdm(total=len(nets) * len(groups), desc=desc or "predict", disable=not settings.progress or desc is None)
@@ -113,7 +121,7 @@ def predict_bags(
                     yz = net.readout(cur[1], sizes[b : b + 1])[0].cpu().numpy()
                     y_sum[b] += yz
                     if cell_sum is not None:
-                        r = torch.cat([t[0] for t in tokens[b]]).numpy()
+                        r = row_of[torch.cat([t[0] for t in tokens[b]]).numpy()]
                         own_b = torch.cat([t[1] for t in tokens.pop(b)])
                         if net.arch.readout == "cell":  # the cells' own readout and their bag's size term
                             term = net.size_term(sizes[b : b + 1])
@@ -127,8 +135,8 @@ def predict_bags(
     y = y_sum / len(nets)
     if cell_sum is None:
         return y, None, None
-    cell_sum /= len(nets)
-    n_bags = np.bincount(np.concatenate([s.cells[: s.n_pool] for bag in bags for s in bag]), minlength=n_cells)
+    # the mean over the ensemble and over the bags pooling each cell, in place (the table's own memory)
+    np.divide(cell_sum, (len(nets) * n_bags[n_bags > 0])[:, None].astype(np.float32), out=cell_sum)
     return y, cell_sum, n_bags
 
 
@@ -390,8 +398,7 @@ def predict(
         spot_out = _write_rows(table, keep, y, genes, key_added)
 
     covered = n_bags > 0
-    np.divide(cell_sum, np.maximum(n_bags, 1)[:, None], out=cell_sum)  # in place: the table's own memory
-    values = cell_sum if covered.all() else cell_sum[covered]
+    values = cell_sum  # the covered cells only, in cell order
     obs_cols = [c for c in (Key.SAMPLE, Key.PHENOTYPE, Key.SPOT_ID) if c in cells.obs]
     attrs = _table_attrs(cells)
     if attrs:
