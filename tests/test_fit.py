@@ -177,8 +177,8 @@ def test_cell_table_missing(toy_tl):
 
 
 def test_synthetic_held_out_slide():
-    """Trained on two synthetic slides, the model predicts the third (PCC_gene >= 0.5), and pseudo-cell
-    expression agrees with the cells' true expression."""
+    """Trained on two synthetic slides, the model predicts the third (PCC_gene >= 0.5), and its cells follow the
+    true cells better than an equal split of each spot's prediction among its cells."""
     from bitro.tl._metrics import pcc_gene, pcc_per_gene
     from bitro.tl._targets import dense, to_scale
 
@@ -188,17 +188,20 @@ def test_synthetic_held_out_slide():
     bt.pp.spatial_graph(cells)
     spots = sdata["spots"]
     test = spots[spots.obs["sample"] == "synth2"].copy()
-    model = bt.tl.fit(spots[spots.obs["sample"] != "synth2"].copy(), cells=cells, validation=None, epochs=20, lr=3e-3, dim=32, n_seeds=1)
-    expr = bt.tl.predict(model, test, cells=cells)
+    train = spots[spots.obs["sample"] != "synth2"].copy()
+    model = bt.tl.fit(train, cells=cells, validation=None, epochs=20, lr=3e-3, dim=32, n_seeds=1, readout="cell")
+    expr = bt.tl.predict(model, test, cells=cells, coverage="spots")
     pred = test.obsm["bitro_predicted"]
     truth = to_scale(dense(test.X), "cp10k")[:, test.var_names.get_indexer(pred.columns)]
     assert pcc_gene(pred.to_numpy(), truth) >= 0.5
-    held = (expr.obs["sample"] == "synth2").to_numpy()
-    true_cells = to_scale(dense(sdata["truth"][expr.obs_names[held], pred.columns].X), "cp10k")
-    r_cells = np.nanmean(pcc_per_gene(expr.X[held], true_cells))
-    # the slide-wide mean of each gene as every cell's prediction has no per-cell information (r = 0 by
-    # construction); the model's cells follow the true cells' expression
-    assert r_cells > 0.2, r_cells
+    true_cells = to_scale(dense(sdata["truth"][expr.obs_names, pred.columns].X), "cp10k")
+    r_cells = np.nanmean(pcc_per_gene(expr.X, true_cells))
+    # the equal split: every cell of a spot gets the spot's prediction (measured 0.58 here; the model 0.68, the
+    # paper's attention shares 0.43)
+    spot_row = pd.Series(np.arange(test.n_obs), index=test.obs["spot_id"].astype(str))
+    equal = pred.to_numpy()[spot_row[expr.obs["spot_id"].astype(str)].to_numpy()]
+    r_equal = np.nanmean(pcc_per_gene(equal, true_cells))
+    assert r_cells > r_equal + 0.05, (r_cells, r_equal)
 
 
 def test_center_samples_removes_sample_means():
