@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import importlib
 from collections.abc import Iterable, Mapping
 from types import ModuleType
@@ -22,6 +24,26 @@ def check_key(container: Mapping[str, Any] | Iterable[str], key: str, what: str)
     if key not in keys:
         msg = f"{what} {key!r} not found. Available: {sorted(map(str, keys)) or 'none'}."
         raise KeyError(msg)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
+        return None
+
+
+def release_memory() -> None:
+    """Hand memory freed by large temporaries back to the operating system.
+
+    glibc keeps freed blocks of up to 32 MB in its heaps, so after training or predicting a process holds
+    hundreds of MB it no longer uses (0.46 GB after the demo's training); ``malloc_trim`` returns them. A no-op
+    where the C library is not glibc.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def import_optional(module: str, extra: str | None = None) -> ModuleType:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bitro._logging import logger
+from bitro._utils import release_memory
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -68,6 +69,7 @@ def write_zarr(sdata: SpatialData, path: str | Path, *, overwrite: bool = False)
             raise FileExistsError(msg)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = sibling(path, "tmp")
+    release_memory()  # what earlier steps freed: writing decodes images and encodes chunks
     try:
         sdata.write(tmp, overwrite=False)
     except BaseException:

@@ -15,7 +15,7 @@ from bitro._checks import TrainingDivergedError
 from bitro._constants import Key
 from bitro._logging import logger
 from bitro._settings import settings
-from bitro._utils import check_key
+from bitro._utils import check_key, release_memory
 from bitro.tl._metrics import pcc_gene
 from bitro.tl._targets import check_counts, check_scale, dense, select_genes, standardise_targets, to_scale
 
@@ -310,6 +310,7 @@ def _train(
     if best_state is not None:
         net.load_state_dict(best_state)
     history["best_epoch"] = state["best_epoch"]
+    release_memory()  # the training's temporaries, kept by the C allocator otherwise
     return net.eval(), history
 
 

@@ -14,6 +14,7 @@ from bitro._constants import Key
 from bitro._features import FEATURE_SETTINGS, FIX, differences, fingerprint, plain, record_of
 from bitro._logging import logger
 from bitro._settings import settings
+from bitro._utils import release_memory
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -432,6 +433,7 @@ def predict(
     if table is not None and key_added in table.obsm:
         table.uns.setdefault(Key.UNS, {})[Key.PREDICT] = params
     logger.info(f"Predicted {len(genes)} genes for {int(covered.sum())} cells ({model.target} model).")
+    release_memory()
     return expr
 
 
