@@ -310,7 +310,7 @@ def main() -> None:
         stages = [s for s in STAGES if s in rows[0][1][0]["stages"]]
         print("\n| Mpx | cells | " + " | ".join(f"{s} s" for s in stages) + " | total s | cells/s | peak RSS GB | "
               "time ratio | cells ratio | RSS ratio |")  # fmt: skip
-        print("|---" * (len(stages) + 9) + "|")
+        print("|---" * (len(stages) + 8) + "|")
         base = None
         for edge, runs in rows:
             wall, rss, cells = median(r["wall_s"] for r in runs), median(r["peak_rss_gb"] for r in runs), runs[0]["cells"]

@@ -69,13 +69,14 @@ def write_zarr(sdata: SpatialData, path: str | Path, *, overwrite: bool = False)
             raise FileExistsError(msg)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = sibling(path, "tmp")
-    release_memory()  # what earlier steps freed: writing decodes images and encodes chunks
+    release_memory()  # what earlier steps freed, before the write decodes images and encodes chunks
     try:
         sdata.write(tmp, overwrite=False)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     swap_in(tmp, path)  # the old store is moved aside, the new one renamed in, and only then the old one removed
+    release_memory()  # the decoded images and encoded chunks of the write
     sdata.path = path
     logger.info("Wrote %s.", path)
     return path
