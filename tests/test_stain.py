@@ -121,3 +121,46 @@ def test_bad_input_leaves_sdata_untouched(pair):
         bt.pp.normalize_stain(pair, reference="blank_image", image_key="synth0_image")
     assert set(pair.images) == images and set(pair.labels) == labels
     assert Key.NORMALIZE_STAIN not in pair.attrs.get(Key.UNS, {})
+
+
+def test_stain_fit_falls_back_to_a_finer_level(pair, caplog):
+    """A coarsest level whose colours give no stain vectors (here: grey, as haematoxylin and eosin mix at a whole
+    slide's thumbnail): the fit is repeated one level finer, and gives the same normalised image as an image whose
+    pyramid ends at that level."""
+    import xarray as xr
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel
+
+    image = pair.images["tinted_image"]
+    levels = list(image.keys())
+    coarse = next(iter(image[levels[-1]].values()))
+    grey = coarse.astype(float).mean("c").astype(np.uint8).broadcast_like(coarse).transpose("c", "y", "x")
+    greyed = xr.DataTree.from_dict(
+        {**{name: image[name].ds for name in levels[:-1]}, levels[-1]: grey.to_dataset(name=coarse.name)}
+    )
+    cut = xr.DataTree.from_dict({name: image[name].ds for name in levels[:-1]})
+    ref = pair.images["synth0_image"]
+    with pytest.raises(ValueError, match="No haematoxylin and eosin"):  # the grey level alone fails
+        bt.pp.normalize_stain(
+            SpatialData(images={"synth0_image": ref, "grey": Image2DModel.parse(grey.data, dims=("c", "y", "x"))}),
+            reference="synth0_image",
+            image_key="grey",
+        )
+    greyed_sdata = SpatialData(images={"synth0_image": ref, "tinted_image": greyed})
+    with caplog.at_level("INFO", logger="bitro"):
+        bt.pp.normalize_stain(greyed_sdata, reference="synth0_image", image_key="tinted_image")
+    assert "fitted on pyramid level scale0" in caplog.text
+    # the same fit on a pyramid that ends one level finer, with the same tissue mask
+    mask = Key.tissue("tinted_image")
+    cut_sdata = SpatialData(
+        images={"synth0_image": ref, "tinted_image": cut},
+        labels={
+            mask: greyed_sdata.labels[mask],
+            Key.tissue("synth0_image"): greyed_sdata.labels[Key.tissue("synth0_image")],
+        },
+    )
+    bt.pp.normalize_stain(cut_sdata, reference="synth0_image", image_key="tinted_image")
+    np.testing.assert_array_equal(
+        scale0(greyed_sdata.images["tinted_image_normalized"]).values,
+        scale0(cut_sdata.images["tinted_image_normalized"]).values,
+    )

@@ -17,6 +17,8 @@ from bitro._logging import logger
 from bitro._utils import check_key, scale0
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from spatialdata import SpatialData
     from squidpy.experimental.im import StainReference
 
@@ -96,6 +98,53 @@ def tissue_labels(image):
         transformations=get_transformation(image, get_all=True),
         scale_factors=_get_scale_factors(image),
     )
+
+
+#: Finest pyramid level (in pixels) a stain fit falls back to when the coarser levels give no stain vectors.
+MAX_FIT_PIXELS = 2**26
+
+
+def _fit_with_fallback(work: SpatialData, image_key: str, fit: Callable[[SpatialData], Any]) -> Any:
+    """``fit(work)``, retried on ``image_key``'s pyramid cut one level finer each time its stain vectors fail.
+
+    squidpy fits stain vectors on an image's coarsest level; when they fail there, the fit is repeated with the
+    pyramid cut to end one level finer, down to levels of :data:`MAX_FIT_PIXELS`. At a whole slide's coarsest level a cell is a fraction of a pixel and sparse tissue is mostly edges, so the
+    haematoxylin and eosin colours mix and Macenko's stain angles can fall outside the plausible range; one or two
+    levels finer they separate again. Images that fit at their coarsest level are unchanged.
+    """
+    import xarray as xr
+    from spatialdata import SpatialData
+
+    image = work.images[image_key]
+    levels = list(image.keys()) if isinstance(image, xr.DataTree) else []
+    try:
+        return fit(work)
+    except Exception as e:  # noqa: BLE001 - squidpy's StainFittingError; anything else is re-raised below
+        if type(e).__name__ != "StainFittingError":
+            raise
+        error = e
+    for n in range(len(levels) - 1, 0, -1):
+        coarsest = next(iter(image[levels[n - 1]].values()))
+        if coarsest.sizes["y"] * coarsest.sizes["x"] > MAX_FIT_PIXELS:
+            break
+        cut = xr.DataTree.from_dict({name: image[name].ds for name in levels[:n]})
+        try:
+            out = fit(SpatialData(images={**work.images, image_key: cut}, labels=dict(work.labels)))
+        except Exception as e:  # noqa: BLE001
+            if type(e).__name__ != "StainFittingError":
+                raise
+            continue
+        logger.info(
+            "Stain vectors of %r fitted on pyramid level %s (%d x %d px): the coarser levels gave none (%s).",
+            image_key,
+            levels[n - 1],
+            coarsest.sizes["x"],
+            coarsest.sizes["y"],
+            error,
+        )
+        return out
+    _stain_fit_failed(image_key, error)
+    return None
 
 
 def _stain_fit_failed(image_key: str, error: Exception) -> None:
@@ -201,25 +250,22 @@ def normalize_stain(
     masks = {Key.tissue(k): sdata.labels[Key.tissue(k)] for k in keys if Key.tissue(k) in sdata.labels}
     work = SpatialData(images={k: sdata.images[k] for k in keys}, labels=masks)
     if reference_key is not None:
-        try:
-            reference = sqi.fit_stain_reference(
-                work, reference_key, method=method, tissue_mask_key=_ensure_tissue_mask(work, reference_key)
-            )
-        except Exception as e:  # noqa: BLE001 - squidpy's StainFittingError, said in the user's terms
-            _stain_fit_failed(reference_key, e)
+        mask_key = _ensure_tissue_mask(work, reference_key)
+        reference = _fit_with_fallback(
+            work,
+            reference_key,
+            lambda w: sqi.fit_stain_reference(w, reference_key, method=method, tissue_mask_key=mask_key),
+        )
     normalized: dict[str, Any] = {}
     for key in image_keys:
-        try:
-            normalized[key] = sqi.normalize_stains(
-                work,
-                key,
-                reference,
-                inplace=False,
-                tissue_mask_key=_ensure_tissue_mask(work, key),
-                preserve_background=preserve_background,
-            )
-        except Exception as e:  # noqa: BLE001
-            _stain_fit_failed(key, e)
+        mask_key = _ensure_tissue_mask(work, key)
+        normalized[key] = _fit_with_fallback(
+            work,
+            key,
+            lambda w, key=key, mask_key=mask_key: sqi.normalize_stains(
+                w, key, reference, inplace=False, tissue_mask_key=mask_key, preserve_background=preserve_background
+            ),
+        )
     for label_key in set(work.labels) - set(masks):
         sdata.labels[label_key] = work.labels[label_key]
     for key, array in normalized.items():
