@@ -194,8 +194,7 @@ def load_source(sample: str) -> tuple[np.ndarray, float]:
 def worker(args: argparse.Namespace) -> None:
     """One pipeline run in this (fresh) process: print a JSON line with per-stage time and peak RSS."""
     import bitro as bt
-    from bitro import Key
-    from bitro._pipeline import stain_reference
+    from bitro._pipeline import normalize_to_model
 
     bt.settings.progress = False
     client = cluster = None
@@ -222,9 +221,10 @@ def worker(args: argparse.Namespace) -> None:
     sdata = stage("read", lambda: bt.io.read_wsi(args.slide, sample="wsi"))
     stage("segment", lambda: bt.pp.segment_nuclei(sdata, client=client, n_jobs=args.n_jobs))
     image_key = None
-    if model is not None and (reference := stain_reference(model)) is not None:
-        stage("normalize_stain", lambda: bt.pp.normalize_stain(sdata, method=reference.method, reference=reference))
-        image_key = {s.sample: Key.normalized(s.image_key) for s in bt.io.get_sections(sdata)}
+    if model is not None:
+        sections = {s.sample: s.image_key for s in bt.io.get_sections(sdata)}
+        image_key = stage("normalize_stain", lambda: normalize_to_model(sdata, model, sections))
+        result["stain_normalised"] = image_key != sections
     cells = stage(
         "extract_cells",
         lambda: bt.pp.extract_cells(
@@ -303,7 +303,8 @@ def main() -> None:
             print(
                 f"  {r['cells']} cells, {median(x['wall_s'] for x in runs):.0f} s, "
                 f"peak {median(x['peak_rss_gb'] for x in runs):.2f} GB; per stage (s, peak GB): "
-                + ", ".join(f"{k} {v['s']:.1f} s {v['peak_rss_gb']:.2f} GB" for k, v in r["stages"].items()),
+                + ", ".join(f"{k} {v['s']:.1f} s {v['peak_rss_gb']:.2f} GB" for k, v in r["stages"].items())
+                + ("" if r.get("stain_normalised", True) else "; no stain vectors fitted: predicted unnormalised"),
                 flush=True,
             )
         del source

@@ -220,3 +220,25 @@ def test_spot_table_without_cells_is_refused(trained):
     with pytest.raises(ValueError, match="pass the cell table as `cells=`"):
         bt.tl.predict(model, spots)
     assert "bitro_predicted" not in spots.obsm
+
+
+def test_slide_whose_stains_cannot_be_fitted_is_predicted_unnormalised(caplog):
+    """A slide on which no stain vectors can be fitted (grey tissue): a warning, and the original image is used."""
+    from spatialdata import SpatialData
+
+    from bitro._pipeline import normalize_to_model
+    from bitro._utils import scale0
+    from bitro.io._build import image_element
+
+    model = bt.tl.load_model("her2st")  # records a stain reference
+    synth = bt.datasets.synthetic(1, size=256, seed=3)
+    rgb = scale0(synth.images["synth0_image"]).values
+    grey = np.broadcast_to(rgb.mean(axis=0, keepdims=True), rgb.shape).astype(np.uint8)
+    sdata = SpatialData(images={"grey_image": image_element(grey, "grey", 0.5, scale_factors=[2])})
+    with caplog.at_level("WARNING", logger="bitro"):
+        keys = normalize_to_model(sdata, model, {"grey": "grey_image"})
+    assert keys == {"grey": "grey_image"}
+    assert "predicted without stain normalisation" in caplog.text and "grey_image_normalized" not in sdata.images
+    # a slide whose stains can be fitted is normalised
+    sdata.images["synth0_image"] = synth.images["synth0_image"]
+    assert normalize_to_model(sdata, model, {"synth0": "synth0_image"}) == {"synth0": "synth0_image_normalized"}

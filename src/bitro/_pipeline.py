@@ -265,6 +265,32 @@ def stain_reference(model: BitroModel) -> Any:
     return sqi.StainReference(method=record["method"], **arrays)
 
 
+def normalize_to_model(sdata: SpatialData, model: BitroModel, image_keys: dict[str, str]) -> dict[str, str]:
+    """Normalise the stains of the images ``image_keys`` (sample -> image) to the model's stain reference, in place.
+
+    Returns the images to read cell features from: the normalised ones, or the originals when the model records no
+    stain reference, or (with a warning) when no stain vectors can be fitted on a slide at any pyramid level, so
+    that the slide is still predicted, from colours the model may not know.
+    """
+    import bitro as bt
+
+    reference = stain_reference(model)
+    if reference is None:
+        return image_keys
+    normalized = {}
+    for sample, key in image_keys.items():
+        try:
+            bt.pp.normalize_stain(sdata, method=reference.method, reference=reference, image_key=key)
+        except ValueError as e:
+            if "No haematoxylin and eosin stain vectors" not in str(e):
+                raise
+            logger.warning("Section %r is predicted without stain normalisation: %s", sample, e)
+            normalized[sample] = key
+        else:
+            normalized[sample] = Key.normalized(key)
+    return normalized
+
+
 def prepare_cells(sdata: SpatialData, model: BitroModel, *, n_neighs: int = 8, n_jobs: int | None = None) -> AnnData:
     """A new slide's cell table, made the way the model's training cells were, in place.
 
@@ -285,10 +311,7 @@ def prepare_cells(sdata: SpatialData, model: BitroModel, *, n_neighs: int = 8, n
         raise ValueError(msg)
     image_keys = {s.sample: s.image_key for s in bt.io.get_sections(sdata)}
     bt.pp.segment_nuclei(sdata, image_key=image_keys, n_jobs=n_jobs)
-    reference = stain_reference(model)
-    if reference is not None:
-        bt.pp.normalize_stain(sdata, method=reference.method, reference=reference)
-        image_keys = {s: Key.normalized(k) for s, k in image_keys.items()}
+    image_keys = normalize_to_model(sdata, model, image_keys)
     cells = bt.pp.extract_cells(
         sdata,
         image_key=image_keys,
