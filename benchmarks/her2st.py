@@ -8,7 +8,8 @@ For each held-out section (B4, C2, C3, C4) and each target scale (``cp10k``: log
   density: mean, std, 10/50/90th percentiles);
 - ``bitro``: the default model;
 - with ``--ablations`` (cp10k; add ``--full`` for log1p too): one row per component switched off or swapped
-  (no GAT, no Transformer, no context, the paper's shared readout, cluster loss off, no per-sample centring of
+  (no GAT, no Transformer, no context, the paper's shared readout, the per-gene readout of the pooled spot
+  (attention shares for cells), cluster loss off, no per-sample centring of
   the targets, no bag-size term) and ``paper``: the paper's variant (shared readout, spot cells only, no
   centring, no bag size).
 
@@ -49,7 +50,7 @@ ABLATIONS = {
     "no Transformer": {"transformer_layers": 0},
     "no context": {"context_radius": 0.0},
     "shared readout": {"readout": "shared"},
-    "cell readout": {"readout": "cell"},
+    "gene readout": {"readout": "gene"},
     "cluster loss off": {"cluster_weight": 0.0},
     "no centring": {"center_samples": False},
     "no bag size": {"bag_size": False},

@@ -201,7 +201,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--validation", choices=["none", "sample"], default="none", help="fit's validation")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
-    p.add_argument("--readout", choices=["gene", "shared", "cell"], default="gene", help="fit's readout")
+    p.add_argument("--readout", choices=["gene", "shared", "cell"], default="cell", help="fit's readout")
     args = p.parse_args()
     args.validation = None if args.validation == "none" else args.validation
 

@@ -101,7 +101,7 @@ def tissue_labels(image):
 
 
 #: Finest pyramid level (in pixels) a stain fit falls back to when the coarser levels give no stain vectors.
-MAX_FIT_PIXELS = 2**26
+MAX_FIT_PIXELS = 2**22
 
 
 def _fit_with_fallback(work: SpatialData, image_key: str, fit: Callable[[SpatialData], Any]) -> Any:

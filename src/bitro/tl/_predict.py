@@ -307,8 +307,11 @@ def predict(
     Returns
     -------
     The cell expression table: cells x the model's genes, ``X`` = predicted expression on the model's target
-    scale (``model.scale``, e.g. log1p CP10k; ``.var`` holds the model's per-gene scores, if it has any), namely each cell's attention relative to an equal share of its
-    (virtual) spot, times that spot's prediction, averaged over the spots that hold the cell, so that the mean
+    scale (``model.scale``, e.g. log1p CP10k; ``.var`` holds the model's per-gene scores, if it has any),
+    averaged over the (virtual) spots that hold the cell. With the default ``readout="cell"`` of
+    :func:`bitro.tl.fit` a cell's value is its own readout (plus its spot's size term), and the spot's prediction is
+    the attention-weighted mean of its cells'; with ``readout="gene"`` or ``"shared"`` it is the cell's attention
+    relative to an equal share of its spot, times the spot's prediction (the paper's Eq. 10), so that the plain mean
     over a spot's cells is the spot's prediction. ``.obs``: ``"sample"``, ``"phenotype"`` (if the cell table has
     one), ``"spot_id"``, ``"n_bags"`` and the region / instance keys of the cell table (it annotates the cell
     shapes); ``.obsm["spatial"]``: centroids in section pixels; ``.uns["bitro"]``: pixel sizes and the
