@@ -13,6 +13,7 @@ NOTEBOOKS = (
     "predict_your_own_slide.ipynb",
     "her2st_end_to_end.ipynb",
     "your_own_visium.ipynb",
+    "cell_resolved_data.ipynb",
     "transfer_bulk_spot.ipynb",
 )
 #: What each tutorial computed, checked in its own kernel after the run: a notebook that runs but gets a wrong
@@ -38,6 +39,12 @@ assert scores["pcc_gene"].iloc[0] > 0.3, scores  # synthetic slides with a known
 again = test.copy()
 bt.tl.predict(bt.tl.load_model("visium_model"), again, cells=cells)
 assert np.allclose(again.obsm["bitro_predicted"], test.obsm["bitro_predicted"])
+""",
+    "cell_resolved_data.ipynb": """
+ours, equal = scores.set_index("method").loc["bitro"], scores.set_index("method").loc["equal split"]
+assert ours["pcc_gene"] > equal["pcc_gene"] and ours["within_spot"] > 0.05, scores  # the default readout's cells
+assert abs(equal["within_spot"]) < 1e-9
+assert every_cell.n_obs == slide_cells.n_obs  # a slide without counts: every cell predicted
 """,
     "transfer_bulk_spot.ipynb": """
 import numpy as np
