@@ -108,9 +108,11 @@ def _fit_with_fallback(work: SpatialData, image_key: str, fit: Callable[[Spatial
     """``fit(work)``, retried on ``image_key``'s pyramid cut one level finer each time its stain vectors fail.
 
     squidpy fits stain vectors on an image's coarsest level; when they fail there, the fit is repeated with the
-    pyramid cut to end one level finer, down to levels of :data:`MAX_FIT_PIXELS`. At a whole slide's coarsest level a cell is a fraction of a pixel and sparse tissue is mostly edges, so the
-    haematoxylin and eosin colours mix and Macenko's stain angles can fall outside the plausible range; one or two
-    levels finer they separate again. Images that fit at their coarsest level are unchanged.
+    pyramid cut to end one level finer, down to levels of :data:`MAX_FIT_PIXELS`. At a whole slide's coarsest
+    level a nucleus is a fraction of a pixel, haematoxylin and eosin colours mix, and Macenko's stain angles can
+    fall outside the plausible range; a level or two finer they can separate again (a 268-Mpx slide fitted at its
+    2048-px level, not at 1024 px). Images that fit at their coarsest level are unchanged. Finer levels are not
+    tried: squidpy holds a level's optical densities in float64 (a 16.7-Mpx level took 2.8 GB).
     """
     import xarray as xr
     from spatialdata import SpatialData
