@@ -65,11 +65,6 @@ def scale0(image: xr.DataArray | xr.DataTree) -> xr.DataArray:
     return image
 
 
-def image_samples(sdata: SpatialData) -> list[str]:
-    """Section ids of every image named ``"{sample}_image"`` in ``sdata`` (in element order)."""
-    return [k[: -len(Key.IMAGE_SUFFIX)] for k in sdata.images if k.endswith(Key.IMAGE_SUFFIX)]
-
-
 def pixel_size(sdata: SpatialData, image_key: str, coordinate_system: str | None = None) -> float:
     """Micrometres per pixel of an image's full-resolution level.
 
