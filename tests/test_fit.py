@@ -23,24 +23,40 @@ def test_fit_predict_writes_slots(toy_tl):
     assert model.genes and len(model.genes) == spots.n_vars  # 12 genes < n_top_genes: all of them
     assert len(model.history[0]["train_loss"]) == 3 and len(model.history[0]["val_pcc_gene"]) == 3
     assert len(model.config["members"][0]["validation_samples"]) == 1
-    assert set(model.history[0]) == {"train_loss", "train_mse", "train_cluster", "val_mse", "val_pcc_gene", "best_epoch"}
+    assert set(model.history[0]) == {
+        "train_loss",
+        "train_mse",
+        "train_cluster",
+        "val_mse",
+        "val_pcc_gene",
+        "best_epoch",
+    }
     expr = bt.tl.predict(model, spots, cells=cells, coverage="spots")
     pred = spots.obsm["bitro_predicted"]
     assert list(pred.columns) == model.genes and np.isfinite(pred.to_numpy()).all()
     assert "bitro_predicted" not in spots.layers  # no all-gene matrix of NaN
     assert (spots.obs["predicted_from"] == "spot").all()
-    assert (spots.obs["n_cells"] == cells.obs.groupby(["sample", "spot_id"], observed=True).size().reindex(
-        pd.MultiIndex.from_frame(spots.obs[["sample", "spot_id"]])).to_numpy()).all()
-    # coverage="spots": exactly the cells inside spots, each in one bag; with the default per-cell readout a spot's
-    # prediction is the attention-weighted mean of its cells' values, so it lies between their smallest and largest
+    assert (
+        spots.obs["n_cells"]
+        == cells.obs.groupby(["sample", "spot_id"], observed=True)
+        .size()
+        .reindex(pd.MultiIndex.from_frame(spots.obs[["sample", "spot_id"]]))
+        .to_numpy()
+    ).all()
+    # coverage="spots": exactly the cells inside spots, each in one bag
     in_spot = cells.obs["spot_id"].notna().to_numpy()
     assert expr.n_obs == in_spot.sum() and (expr.obs["n_bags"] == 1).all()
     assert list(expr.var_names) == model.genes and np.isfinite(expr.X).all()
     key = (expr.obs["sample"].astype(str) + "_" + expr.obs["spot_id"].astype(str)).to_numpy()
-    by_spot = pd.DataFrame(expr.X, index=expr.obs_names, columns=model.genes).groupby(key)
-    lo, hi = by_spot.min().loc[pred.index], by_spot.max().loc[pred.index]
-    assert ((pred >= lo - 1e-4) & (pred <= hi + 1e-4)).all().all()
-    assert (by_spot.std() > 1e-3).to_numpy().mean() > 0.5  # and the cells of a spot differ
+    assert (pd.DataFrame(expr.X).groupby(key).std() > 1e-3).to_numpy().mean() > 0.5  # the cells of a spot differ
+    # without the bag-size term a spot's prediction is the attention-weighted mean of its cells' values (the default
+    # per-cell readout), so it lies between their smallest and largest
+    plain, spots_plain = _fit(spots, cells, bag_size=False), spots.copy()
+    expr_plain = bt.tl.predict(plain, spots_plain, cells=cells, coverage="spots")
+    by_spot = pd.DataFrame(expr_plain.X, index=expr_plain.obs_names, columns=model.genes).groupby(key)
+    pred_plain = spots_plain.obsm["bitro_predicted"]
+    lo, hi = by_spot.min().loc[pred_plain.index], by_spot.max().loc[pred_plain.index]
+    assert ((pred_plain >= lo - 1e-4) & (pred_plain <= hi + 1e-4)).all().all()
     # the paper's attention shares (readout="gene"): a spot's cells average to its prediction
     shares, spots_shares = _fit(spots, cells, readout="gene"), spots.copy()
     expr_shares = bt.tl.predict(shares, spots_shares, cells=cells, coverage="spots")
@@ -67,7 +83,17 @@ def test_same_seed_same_model(toy_tl):
 def test_tiny_model_overfits_a_few_bags(toy_tl):
     spots, cells = toy_tl
     few = spots[spots.obs["sample"] == "S0"].copy()
-    model = _fit(few, cells, validation=None, epochs=60, lr=3e-3, dropout=0.0, cell_dropout=0.0, cluster_weight=0.0, weight_decay=0.0)
+    model = _fit(
+        few,
+        cells,
+        validation=None,
+        epochs=60,
+        lr=3e-3,
+        dropout=0.0,
+        cell_dropout=0.0,
+        cluster_weight=0.0,
+        weight_decay=0.0,
+    )
     mse = model.history[0]["train_mse"]
     assert mse[-1] < 0.1 * mse[0]
 
@@ -109,7 +135,18 @@ def test_bulk_target(toy_tl, readout):
         obs=pd.DataFrame({"sample": ["S0", "S1", "S2"]}, index=["b0", "b1", "b2"]),
         var=spots.var,
     )
-    model = _fit(bulk, cells, target="bulk", chunk_size=64, max_cells=200, validation=None, epochs=2, readout=readout)
+    # bag_size=False: the slide's prediction is then exactly a (weighted) mean of its cells' values
+    model = _fit(
+        bulk,
+        cells,
+        target="bulk",
+        chunk_size=64,
+        max_cells=200,
+        validation=None,
+        epochs=2,
+        readout=readout,
+        bag_size=False,
+    )
     expr = bt.tl.predict(model, bulk, cells=cells)
     full = bulk.obsm["bitro_predicted"].to_numpy().copy()
     assert np.isfinite(full).all()
@@ -117,7 +154,7 @@ def test_bulk_target(toy_tl, readout):
     by_slide = pd.DataFrame(expr.X, index=expr.obs_names).groupby(expr.obs["sample"].astype(str).to_numpy())
     if readout == "gene":  # attention shares: a slide's cells average to its prediction
         np.testing.assert_allclose(by_slide.mean().loc[["S0", "S1", "S2"]].to_numpy(), full, rtol=1e-4, atol=1e-5)
-    else:  # per-cell readout: the slide's prediction is a weighted mean of its cells', between their extremes
+    else:  # per-cell readout: the slide's prediction is the attention-weighted mean of its cells', within their range
         lo, hi = by_slide.min().loc[["S0", "S1", "S2"]].to_numpy(), by_slide.max().loc[["S0", "S1", "S2"]].to_numpy()
         assert ((full >= lo - 1e-4) & (full <= hi + 1e-4)).all()
     alone = bt.tl.predict(model, cells)  # a bulk model on the cells alone: one bag per slide
@@ -171,7 +208,15 @@ def _x_with(spots, value):
         (lambda s, c: (s, c), {"lr": 0.0}, ValueError, "lr"),
         (lambda s, c: (s[s.obs["sample"] == "S0"].copy(), c), {}, ValueError, "only"),
         (lambda s, c: (s, c[:, :]), {"feature_key": "X_missing"}, KeyError, "X_missing"),
-        (lambda s, c: (s, ad.AnnData(obs=c.obs.drop(columns="phenotype"), obsm=dict(c.obsm), obsp=dict(c.obsp), uns=c.uns)), {}, KeyError, "phenotype"),
+        (
+            lambda s, c: (
+                s,
+                ad.AnnData(obs=c.obs.drop(columns="phenotype"), obsm=dict(c.obsm), obsp=dict(c.obsp), uns=c.uns),
+            ),
+            {},
+            KeyError,
+            "phenotype",
+        ),
         (lambda s, c: (s, ad.AnnData(obs=c.obs, obsm=dict(c.obsm), obsp=dict(c.obsp))), {}, KeyError, "pixel size"),
     ],
 )
@@ -227,7 +272,9 @@ def test_center_samples_removes_sample_means():
     out = ZScore.center_groups(values, groups)
     for g in "abc":  # every group now has the overall mean profile; the variation within groups is kept
         np.testing.assert_allclose(out[groups == g].mean(0), values.mean(0))
-        np.testing.assert_allclose(out[groups == g] - out[groups == g].mean(0), values[groups == g] - values[groups == g].mean(0))
+        np.testing.assert_allclose(
+            out[groups == g] - out[groups == g].mean(0), values[groups == g] - values[groups == g].mean(0)
+        )
 
 
 def test_center_samples_default_and_stored_mean(toy_tl):
@@ -263,3 +310,25 @@ def test_bag_size_reaches_the_prediction(toy_tl):
     np.testing.assert_allclose(one_more, (net.gene_size / net.arch.size_std).detach().expand(2, -1), atol=1e-5)
     off = _fit(spots, cells, epochs=1, bag_size=False)
     assert not hasattr(off.nets[0], "gene_size")
+
+
+def test_cell_values_do_not_depend_on_the_bag_size(toy_tl):
+    """With the per-cell readout a cell's value is its own readout at the training's mean bag size: the bag-size term
+    moves the spots' predictions, not the cells' values."""
+    import torch
+
+    from bitro.tl._bags import cell_data, spot_bags
+    from bitro.tl._predict import predict_bags
+
+    spots, cells = toy_tl
+    model = _fit(spots, cells, n_seeds=1)
+    net = model.nets[0]
+    assert net.arch.readout == "cell" and net.arch.bag_size
+    data = cell_data(cells)
+    bags = [b for b in spot_bags(spots, data, context_radius=0.0, max_context=0) if b is not None]
+    y, values, n_bags = predict_bags([net], bags, data, cell_scale=lambda z: z)
+    with torch.no_grad():
+        net.gene_size.mul_(10.0)  # a much stronger bag-size term
+    y_big, values_big, _ = predict_bags([net], bags, data, cell_scale=lambda z: z)
+    np.testing.assert_allclose(values_big, values, atol=1e-5)  # the cells' values did not move
+    assert np.abs(y_big - y).max() > 1e-3  # the bags' predictions did

@@ -413,8 +413,8 @@ def fit(
         Width of the Transformer feed-forward layer.
     readout
         ``"cell"`` (default): a per-gene linear output applied to each cell's own embedding, the bag's prediction
-        being the attention-weighted mean of its cells' (cell values carry each cell's own information; see
-        :func:`bitro.tl.predict`). ``"gene"``: a linear output per gene on the pooled embedding, cells getting the
+        being the attention-weighted mean of its cells' plus the bag-size term (cell values carry each cell's own
+        information and do not depend on how many cells share its bag; see :func:`bitro.tl.predict`). ``"gene"``: a linear output per gene on the pooled embedding, cells getting the
         paper's attention shares (Eq. 10); ``"shared"``: the paper's MLP shared by all genes. Measured
         (``docs/benchmarks.md``): ``"cell"`` scores HER2ST leave-one-section-out PCC_gene 0.134 against 0.124 for
         ``"gene"``, and on synthetic slides its cells beat an equal split of each spot's prediction, which the

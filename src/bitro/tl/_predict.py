@@ -53,8 +53,9 @@ def predict_bags(
     whatever the bag size, and a bag's result does not depend on how sequences are packed.
 
     With ``cell_scale`` (a map from z-scores ``(n, n_genes)`` to the target scale), each pooled cell ``i`` of
-    a bag ``b`` gets a value on the target scale: with the ``"cell"`` readout its own readout (plus the bag's
-    size term), whose attention-weighted mean is the bag's prediction; otherwise ``n_b * A[g, i] * y[b, g]``,
+    a bag ``b`` gets a value on the target scale: with the ``"cell"`` readout its own readout at the training's
+    mean bag size (so it does not depend on how many cells share the bag; the attention-weighted mean of a bag's
+    cells plus the bag's size term is the bag's prediction); otherwise ``n_b * A[g, i] * y[b, g]``,
     its attention relative to an equal share of the bag's ``n_b`` pooled cells times the bag's prediction,
     whose plain mean is the bag's prediction. These are summed over the bags that pool the cell and averaged
     over the ensemble.
@@ -124,10 +125,8 @@ def predict_bags(
                     if cell_sum is not None:
                         r = row_of[torch.cat([t[0] for t in tokens[b]]).numpy()]
                         own_b = torch.cat([t[1] for t in tokens.pop(b)])
-                        if net.arch.readout == "cell":  # the cells' own readout and their bag's size term
-                            term = net.size_term(sizes[b : b + 1])
-                            z_cells = (own_b + (term.cpu() if torch.is_tensor(term) else term)).numpy()
-                            cell_sum[r] += cell_scale(z_cells).astype(np.float32)
+                        if net.arch.readout == "cell":  # the cells' own readout, at the training's mean bag size
+                            cell_sum[r] += cell_scale(own_b.numpy()).astype(np.float32)
                         else:  # attention relative to an equal share, times the bag's prediction
                             att = torch.exp(own_b - cur[0][0].cpu()).numpy()
                             cell_sum[r] += n_pool[b] * att * cell_scale(yz[None])[0].astype(np.float32)
@@ -309,8 +308,9 @@ def predict(
     The cell expression table: cells x the model's genes, ``X`` = predicted expression on the model's target
     scale (``model.scale``, e.g. log1p CP10k; ``.var`` holds the model's per-gene scores, if it has any),
     averaged over the (virtual) spots that hold the cell. With the default ``readout="cell"`` of
-    :func:`bitro.tl.fit` a cell's value is its own readout (plus its spot's size term), and the spot's prediction is
-    the attention-weighted mean of its cells'; with ``readout="gene"`` or ``"shared"`` it is the cell's attention
+    :func:`bitro.tl.fit` a cell's value is its own readout at the training's mean spot size, whatever the number of
+    cells in its spot, and the spot's prediction is the attention-weighted mean of its cells' plus the spot's size
+    term (:func:`bitro.tl.fit`'s ``bag_size``); with ``readout="gene"`` or ``"shared"`` it is the cell's attention
     relative to an equal share of its spot, times the spot's prediction (the paper's Eq. 10), so that the plain mean
     over a spot's cells is the spot's prediction. ``.obs``: ``"sample"``, ``"phenotype"`` (if the cell table has
     one), ``"spot_id"``, ``"n_bags"`` and the region / instance keys of the cell table (it annotates the cell
