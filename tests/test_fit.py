@@ -332,3 +332,20 @@ def test_cell_values_do_not_depend_on_the_bag_size(toy_tl):
     y_big, values_big, _ = predict_bags([net], bags, data, cell_scale=lambda z: z)
     np.testing.assert_allclose(values_big, values, atol=1e-5)  # the cells' values did not move
     assert np.abs(y_big - y).max() > 1e-3  # the bags' predictions did
+
+
+def test_predictions_are_floored_at_zero(toy_tl):
+    """A log-scale prediction below 0 (fewer than no counts) is reported as 0, for spots and cells alike."""
+    import torch
+
+    spots, cells = toy_tl
+    model = _fit(spots, cells, n_seeds=1)
+    before = spots.copy()
+    bt.tl.predict(model, before, cells=cells, coverage="spots")
+    with torch.no_grad():  # push the first gene's predictions far below 0 on its target scale
+        model.nets[0].gene_bias[0] -= 1e3
+    after = spots.copy()
+    expr = bt.tl.predict(model, after, cells=cells, coverage="spots")
+    assert (after.obsm["bitro_predicted"].iloc[:, 0] == 0).all() and (expr.X[:, 0] == 0).all()
+    assert (after.obsm["bitro_predicted"].to_numpy() >= 0).all() and (expr.X >= 0).all()
+    np.testing.assert_allclose(after.obsm["bitro_predicted"].iloc[:, 1:], before.obsm["bitro_predicted"].iloc[:, 1:])

@@ -307,7 +307,8 @@ def predict(
     -------
     The cell expression table: cells x the model's genes, ``X`` = predicted expression on the model's target
     scale (``model.scale``, e.g. log1p CP10k; ``.var`` holds the model's per-gene scores, if it has any),
-    averaged over the (virtual) spots that hold the cell. With the default ``readout="cell"`` of
+    averaged over the (virtual) spots that hold the cell, and floored at 0 (the scale's value for no counts; spot
+    predictions too). With the default ``readout="cell"`` of
     :func:`bitro.tl.fit` a cell's value is its own readout at the training's mean spot size, whatever the number of
     cells in its spot, and the spot's prediction is the attention-weighted mean of its cells' plus the spot's size
     term (:func:`bitro.tl.fit`'s ``bag_size``); with ``readout="gene"`` or ``"shared"`` it is the cell's attention
@@ -367,7 +368,10 @@ def predict(
                 "again (with a smaller learning rate if training diverged), or load a saved copy with `bt.tl.load_model`."
             )
             raise ValueError(msg)
-        return keep, scale(y), cell_sum, n_bags
+        # expression on a log scale is never below 0 (no counts): the floor of the scale, not a value to trust
+        if cell_sum is not None:
+            np.maximum(cell_sum, 0.0, out=cell_sum)
+        return keep, np.maximum(scale(y), 0.0), cell_sum, n_bags
 
     spot_out = None
     if model.target == "spot":
