@@ -256,6 +256,20 @@ def test_bundled_model_loads_by_name_in_a_fresh_process():
     assert rest[-1] == "True"
 
 
+def test_bundled_models_lists_the_shipped_folders():
+    """Every name `bt.tl.bundled_models` lists loads, with its model card beside it; a folder without a config is no
+    model."""
+    import bitro as bt
+    from bitro.tl._persist import BUNDLED_DIR
+
+    names = bt.tl.bundled_models()
+    assert names == sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "config.json").is_file())
+    assert "her2st" in names
+    for name in names:
+        assert (BUNDLED_DIR / name / "MODEL_CARD.md").is_file()
+        assert bt.tl.load_model(name).genes
+
+
 def test_staged_folder_keeps_the_old_output_until_the_new_one_is_complete(tmp_path):
     from bitro._pipeline import staged_folder
 

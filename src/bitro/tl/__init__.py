@@ -9,7 +9,7 @@ from bitro.tl._cross_validate import cross_validate
 from bitro.tl._evaluate import evaluate
 from bitro.tl._evaluate_cells import evaluate_cells
 from bitro.tl._fit import fit
-from bitro.tl._persist import BitroModel, load_model
+from bitro.tl._persist import BitroModel, bundled_models, load_model
 from bitro.tl._predict import predict
 from bitro.tl._pseudobulk import pseudobulk
 from bitro.tl._transfer import TransferredModel, load_adapters, transfer
@@ -19,6 +19,7 @@ __all__ = [
     "TrainingDivergedError",
     "TransferredModel",
     "add_baselines",
+    "bundled_models",
     "colour_statistics",
     "cross_validate",
     "evaluate",

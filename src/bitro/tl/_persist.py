@@ -245,9 +245,9 @@ def bundled_models() -> list[str]:
 
     Examples
     --------
-    >>> from bitro.tl._persist import bundled_models
-    >>> "her2st" in bundled_models()  # doctest: +SKIP
-    True
+    >>> import bitro as bt
+    >>> bt.tl.bundled_models()
+    ['her2st']
     """
     if not BUNDLED_DIR.is_dir():
         return []
