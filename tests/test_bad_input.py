@@ -168,6 +168,13 @@ def _other_cells(ctx, *, shift: float = 0.0, prefix: str = "", fit_after: bool =
     return fit(ctx) if fit_after else None
 
 
+def _other_cells_as_the_models(ctx) -> None:
+    """Another SpatialData's cell table whose features are prepared as the model's: only the spots disagree."""
+    record = ctx.cells.uns["bitro"]["extract_cells"]
+    _other_cells(ctx, prefix="B-", fit_after=False)
+    ctx.cells.uns["bitro"]["extract_cells"] = record
+
+
 @case(
     "fit_cells_of_other_sdata_moved",
     "fit",
@@ -843,9 +850,7 @@ for _id, _what, _call, _exc, _words in [
     "not in the spot table",
 )
 def _(ctx):
-    record = ctx.cells.uns["bitro"]["extract_cells"]
-    _other_cells(ctx, prefix="B-", fit_after=False)
-    ctx.cells.uns["bitro"]["extract_cells"] = record  # features prepared as the model's: only the spots disagree
+    _other_cells_as_the_models(ctx)
     return bt.tl.transfer(ctx.model, ctx.spots, cells=ctx.cells, epochs=1)
 
 
@@ -961,9 +966,7 @@ def _(ctx):
     "not in the spot table",
 )
 def _(ctx):
-    record = ctx.cells.uns["bitro"]["extract_cells"]
-    _other_cells(ctx, prefix="B-", fit_after=False)
-    ctx.cells.uns["bitro"]["extract_cells"] = record  # features prepared as the model's: only the spots disagree
+    _other_cells_as_the_models(ctx)
     return bt.tl.predict(ctx.model, ctx.spots, cells=ctx.cells)
 
 
