@@ -18,6 +18,10 @@ class TrainingDivergedError(RuntimeError):
     """Training stopped because its loss or predictions exploded; nothing was returned or written."""
 
 
+class StainFitError(ValueError):
+    """No haematoxylin and eosin stain vectors could be fitted on an image (no or too little stained tissue)."""
+
+
 def is_int(value: Any) -> bool:
     """Whether ``value`` is an integer (Python or numpy; ``bool`` is not)."""
     return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)

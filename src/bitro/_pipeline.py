@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bitro._checks import StainFitError
 from bitro._constants import Key
 from bitro._logging import logger
 
@@ -281,9 +282,7 @@ def normalize_to_model(sdata: SpatialData, model: BitroModel, image_keys: dict[s
     for sample, key in image_keys.items():
         try:
             bt.pp.normalize_stain(sdata, method=reference.method, reference=reference, image_key=key)
-        except ValueError as e:
-            if "No haematoxylin and eosin stain vectors" not in str(e):
-                raise
+        except StainFitError as e:
             logger.warning("Section %r is predicted without stain normalisation: %s", sample, e)
             normalized[sample] = key
         else:

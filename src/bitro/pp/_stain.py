@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from bitro._checks import StainFitError
 from bitro._constants import Key
 from bitro._logging import logger
 from bitro._utils import check_key, scale0
@@ -157,7 +158,7 @@ def _stain_fit_failed(image_key: str, error: Exception) -> None:
         f"No haematoxylin and eosin stain vectors could be fitted on image {image_key!r} ({error}): it holds no or too "
         "little stained tissue. Check that it is an H&E image with tissue, or leave it out (`image_key=`)."
     )
-    raise ValueError(msg) from error
+    raise StainFitError(msg) from error
 
 
 def normalize_stain(
