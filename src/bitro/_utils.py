@@ -14,6 +14,7 @@ import numpy as np
 from bitro._constants import Key
 
 if TYPE_CHECKING:
+    import torch
     import xarray as xr
     from spatialdata import SpatialData
 
@@ -24,6 +25,18 @@ def check_key(container: Mapping[str, Any] | Iterable[str], key: str, what: str)
     if key not in keys:
         msg = f"{what} {key!r} not found. Available: {sorted(map(str, keys)) or 'none'}."
         raise KeyError(msg)
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """``device``, else ``bitro.settings.device``; ``"auto"`` is CUDA when available, else the CPU."""
+    import torch
+
+    from bitro._settings import settings
+
+    d = device or settings.device
+    if d == "auto":
+        d = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(d)
 
 
 @functools.cache

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bitro._utils import import_optional
+from bitro._utils import import_optional, resolve_device
 
 if TYPE_CHECKING:
     import torch
@@ -349,15 +349,6 @@ ENCODERS: dict[str, Callable[..., Encoder]] = {"handcrafted": _build_handcrafted
 
 def _takes_weights(encoder: Any) -> bool:
     return isinstance(encoder, str) and (encoder.startswith("timm:") or encoder == "efficientnet")
-
-
-def resolve_device(device: str) -> str:
-    """``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``; other values unchanged."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def get_encoder(

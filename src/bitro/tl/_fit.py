@@ -15,12 +15,11 @@ from bitro._checks import TrainingDivergedError
 from bitro._constants import Key
 from bitro._logging import logger
 from bitro._settings import settings
-from bitro._utils import check_key, release_memory
+from bitro._utils import check_key, release_memory, resolve_device
 from bitro.tl._metrics import pcc_gene
 from bitro.tl._targets import check_counts, check_scale, dense, select_genes, standardise_targets, to_scale
 
 if TYPE_CHECKING:
-    import torch
     from spatialdata import SpatialData
 
     from bitro.tl._bags import CellData, Seq
@@ -30,16 +29,6 @@ if TYPE_CHECKING:
 TARGETS: tuple[str, ...] = ("spot", "bulk")
 #: Fraction of the training samples that ``validation="sample"`` holds out (at least one).
 VALIDATION_SAMPLE_FRACTION = 0.2
-
-
-def resolve_device(device: str | None = None) -> torch.device:
-    """``device``, else ``bitro.settings.device``; ``"auto"`` is CUDA when available, else the CPU."""
-    import torch
-
-    d = device or settings.device
-    if d == "auto":
-        d = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(d)
 
 
 def resolve_tables(target: str, adata: AnnData | SpatialData, cells: AnnData | None) -> tuple[AnnData, AnnData]:

@@ -530,7 +530,7 @@ def read_weights(file: Path) -> dict[str, Any]:
 
 def build_nets(config: dict[str, Any], states: dict[str, Any] | None, *, device: str | None = None) -> list[BitroNet]:
     """Networks of ``config``'s architecture, loaded with ``states`` (``"{member}.{name}"`` keys) when given."""
-    from bitro.tl._fit import resolve_device
+    from bitro._utils import resolve_device
     from bitro.tl._model import Architecture, BitroNet
 
     arch = Architecture(**config["architecture"])
