@@ -494,7 +494,7 @@ def _(ctx):
     return bt.pp.phenotypes(ctx.cells)
 
 
-@case("phenotypes_not_anndata", "pp", "`phenotypes` on a SpatialData's name", TypeError, "`cells`", "AnnData")
+@case("phenotypes_not_anndata", "pp", "`phenotypes` on a SpatialData's name", TypeError, "`data`", "AnnData")
 def _(ctx):
     return bt.pp.phenotypes("cells")
 

@@ -25,9 +25,9 @@ def test_her2st_two_sections_in_one_object():
     table = sdata[Key.SPOTS_TABLE]
     assert table.obs[Key.SAMPLE].value_counts().to_dict() == {"B4": 283, "C2": 187}
     assert table.obs_names.is_unique and table.n_vars > 15000
-    dataset = table.uns[Key.UNS]["dataset"]
+    dataset = table.uns[Key.UNS][Key.DATASET]
     assert "Andersson" in dataset["citation"] and "6012" in dataset["citation"] and "almaan/her2st" in dataset["source"]
-    assert set(table.uns[Key.UNS]["read_st"]) == {"B4", "C2"}
+    assert set(table.uns[Key.UNS][Key.READ_ST]) == {"B4", "C2"}
     assert [s.sample for s in bt.io.get_sections(sdata)] == ["B4", "C2"]
     # every section keeps its own spots, pixel size and coordinate systems
     assert set(sdata.coordinate_systems) == {"B4", "B4_um", "C2", "C2_um"}
@@ -41,7 +41,7 @@ def test_her2st_from_a_folder_and_the_data_dir_setting(tmp_path, monkeypatch):
     (tmp_path / "C9_selection.tsv").write_text("incomplete section: ignored\n")
     sdata = bt.datasets.her2st(path=tmp_path)
     assert list(sdata.images) == ["C3_image"]
-    assert sdata[Key.SPOTS_TABLE].uns[Key.UNS]["dataset"]["path"] == str(tmp_path.resolve())
+    assert sdata[Key.SPOTS_TABLE].uns[Key.UNS][Key.DATASET]["path"] == str(tmp_path.resolve())
     # bitro.settings.data_dir (from BITRO_HER2ST_DIR, see test_package) is the default folder
     monkeypatch.setattr(bt.settings, "data_dir", tmp_path)
     assert list(bt.datasets.her2st().images) == ["C3_image"]

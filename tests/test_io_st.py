@@ -104,7 +104,7 @@ def test_read_st_given_pixel_size(her2st_dir):
     sdata = bt.io.read_st(her2st_dir, "C4", pixel_size=0.5, spot_diameter_um=110.0)
     assert bt.io.get_sections(sdata)[0].pixel_size == pytest.approx(0.5)
     assert sdata[Key.spots("C4")]["radius"].iloc[0] == pytest.approx(110.0)
-    params = sdata[Key.SPOTS_TABLE].uns[Key.UNS]["read_st"]["C4"]
+    params = sdata[Key.SPOTS_TABLE].uns[Key.UNS][Key.READ_ST]["C4"]
     assert params["pixel_size_measured"] is False and params["spot_diameter_um"] == 110.0
 
 

@@ -26,7 +26,7 @@ def test_write_zarr_round_trip_real_section(her2st_dir, tmp_path):
     assert out == (tmp_path / "c2.zarr").absolute() and sdata.path == out
     back = sd.read_zarr(out)
     assert_spatial_data_objects_are_identical(sdata, back)
-    assert back[Key.SPOTS_TABLE].uns[Key.UNS]["read_st"]["C2"]["n_spots"] == 187
+    assert back[Key.SPOTS_TABLE].uns[Key.UNS][Key.READ_ST]["C2"]["n_spots"] == 187
     assert bt.io.get_sections(back)[0].pixel_size == pytest.approx(bt.io.get_sections(sdata)[0].pixel_size)
 
 

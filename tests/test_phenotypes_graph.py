@@ -34,7 +34,7 @@ def test_phenotypes_recover_true_cell_types(synthetic_cells):
     assert ari >= 0.6
     assert cells.obs[Key.PHENOTYPE].dtype == "category"
     assert list(cells.obs[Key.PHENOTYPE].cat.categories) == ["0", "1", "2", "3"]
-    assert cells.uns[Key.UNS]["phenotypes"]["centroids"].shape == (4, cells.obsm[Key.FEATURES].shape[1])
+    assert cells.uns[Key.UNS][Key.PHENOTYPES]["centroids"].shape == (4, cells.obsm[Key.FEATURES].shape[1])
 
 
 def test_phenotypes_reference_assigns_to_stored_centroids(synthetic_cells):
@@ -43,10 +43,10 @@ def test_phenotypes_reference_assigns_to_stored_centroids(synthetic_cells):
     new = cells[cells.obs[Key.SAMPLE] != cells.obs[Key.SAMPLE].iloc[0]].copy()
     bt.pp.phenotypes(train, n_clusters=4)
     bt.pp.phenotypes(new, reference=train)
-    centroids = train.uns[Key.UNS]["phenotypes"]["centroids"]
+    centroids = train.uns[Key.UNS][Key.PHENOTYPES]["centroids"]
     d = np.linalg.norm(new.obsm[Key.FEATURES][:, None] - centroids[None], axis=2)
     np.testing.assert_array_equal(new.obs[Key.PHENOTYPE].cat.codes.to_numpy(), d.argmin(axis=1))
-    assert new.uns[Key.UNS]["phenotypes"]["fitted_on"] == "reference"
+    assert new.uns[Key.UNS][Key.PHENOTYPES]["fitted_on"] == "reference"
     # the training cells themselves keep their labels
     again = train.copy()
     bt.pp.phenotypes(again, reference=train)
@@ -95,7 +95,7 @@ def test_spatial_graph_stays_within_samples():
     assert (np.diff(cells.obsp[Key.CONNECTIVITIES].indptr) >= 8).all()
     assert cells.uns["spatial_neighbors"]["connectivities_key"] == Key.CONNECTIVITIES
     assert Key.DISTANCES in cells.obsp
-    assert cells.uns[Key.UNS]["spatial_graph"]["n_neighs"] == 8
+    assert cells.uns[Key.UNS][Key.SPATIAL_GRAPH]["n_neighs"] == 8
     # the neighbours are the true nearest ones of the same sample
     xy = cells.obsm[Key.SPATIAL][:60]
     d = np.linalg.norm(xy[:, None] - xy[None], axis=2)
@@ -113,3 +113,23 @@ def test_spatial_graph_bad_input():
     with pytest.raises(ValueError, match="n_neighs"):
         bt.pp.spatial_graph(cells, n_neighs=0)
     assert Key.CONNECTIVITIES not in cells.obsp
+
+
+def test_records_are_keyed_by_key_added():
+    """A second graph or clustering under another `key_added` keeps its own record beside the first."""
+    cells = _two_samples(n=40)
+    cells.obsm[Key.FEATURES] = cells.obsm[Key.SPATIAL].astype(np.float32)
+    bt.pp.spatial_graph(cells, n_neighs=8)
+    bt.pp.spatial_graph(cells, n_neighs=4, key_added="near")
+    records = cells.uns[Key.UNS]
+    assert records[Key.SPATIAL_GRAPH]["n_neighs"] == 8  # the default stays where it always was
+    assert records[Key.keyed(Key.SPATIAL_GRAPH, "near", Key.GRAPH)]["n_neighs"] == 4
+    bt.pp.phenotypes(cells, n_clusters=3)
+    bt.pp.phenotypes(cells, n_clusters=2, key_added="coarse")
+    assert records[Key.PHENOTYPES]["centroids"].shape[0] == 3
+    coarse = records[Key.keyed(Key.PHENOTYPES, "coarse", Key.PHENOTYPE)]
+    assert coarse["centroids"].shape[0] == 2 and coarse["key_added"] == "coarse"
+    # a reference is read under the same key_added
+    new = cells.copy()
+    bt.pp.phenotypes(new, reference=cells, key_added="coarse")
+    assert (new.obs["coarse"] == cells.obs["coarse"]).all()

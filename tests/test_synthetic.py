@@ -78,7 +78,7 @@ def test_layout(sdata):
     assert (attrs["region_key"], attrs["instance_key"]) == (Key.REGION, Key.CELL_ID)
     assert list(truth.obs[Key.CELL_TYPE].cat.categories) == ["epithelial", "lymphocyte", "fibroblast", "macrophage"]
     assert truth.obsm[Key.SPATIAL].shape == (truth.n_obs, 2)
-    params = truth.uns[Key.UNS]["synthetic"]
+    params = truth.uns[Key.UNS][Key.SYNTHETIC]
     assert params["seed"] == 1 and params["size"] == SIZE
     assert params["profiles"].shape == (4, 60)
     for s in samples:
@@ -192,7 +192,7 @@ def test_round_trip(tmp_path):
     sdata.write(tmp_path / "synthetic.zarr")
     back = read_zarr(tmp_path / "synthetic.zarr")
     np.testing.assert_array_equal(back[Key.SPOTS_TABLE].X.toarray(), sdata[Key.SPOTS_TABLE].X.toarray())
-    params, params_back = (d[Key.TRUTH_TABLE].uns[Key.UNS]["synthetic"] for d in (sdata, back))
+    params, params_back = (d[Key.TRUTH_TABLE].uns[Key.UNS][Key.SYNTHETIC] for d in (sdata, back))
     np.testing.assert_array_equal(params_back["profiles"], params["profiles"])
     pd.testing.assert_frame_equal(params_back["morphology"], params["morphology"], check_index_type=False)
     nuclei = Key.true_nuclei("synth0")

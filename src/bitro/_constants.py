@@ -115,6 +115,18 @@ class Key:
     )
     PIXEL_SIZE: Final = "pixel_size"
 
+    # --- .uns / attrs records of bt.pp, bt.io, datasets
+    #: ``.uns["bitro"]`` of the cell table: the parameters of :func:`bitro.pp.spatial_graph` (see :meth:`keyed`).
+    SPATIAL_GRAPH: Final = "spatial_graph"
+    #: ``.uns["bitro"]`` of the spot tables: :func:`bitro.io.read_st` parameters per section, the dataset
+    #: (:func:`bitro.datasets.her2st`), :func:`bitro.pp.pseudo_spots` and :func:`bitro.pp.virtual_spots` parameters.
+    READ_ST: Final = "read_st"
+    DATASET: Final = "dataset"
+    PSEUDO_SPOTS: Final = "pseudo_spots"
+    VIRTUAL_SPOTS: Final = "virtual_spots"
+    #: ``.uns["bitro"]`` of the synthetic ``"truth"`` table: the generator's parameters.
+    SYNTHETIC: Final = "synthetic"
+
     @staticmethod
     def image(sample: str) -> str:
         """Image element name of a section."""
@@ -149,6 +161,16 @@ class Key:
     def tissue(image_key: str) -> str:
         """Name of the tissue mask (labels) of an image element, as squidpy's ``detect_tissue`` names it."""
         return f"{image_key}{Key.TISSUE_SUFFIX}"
+
+    @staticmethod
+    def keyed(record: str, key_added: str, default: str) -> str:
+        """Name of the ``.uns["bitro"]`` record of a function with ``key_added``, one per ``key_added``.
+
+        ``record`` itself for the default ``key_added`` (where it always was), ``"{record}_{key_added}"`` for any
+        other, so that calls with different ``key_added`` keep their own records (as scanpy's ``uns["neighbors"]``
+        and ``uns[key_added]``). E.g. ``Key.keyed(Key.PHENOTYPES, key_added, Key.PHENOTYPE)``.
+        """
+        return record if key_added == default else f"{record}_{key_added}"
 
     @staticmethod
     def microns(coordinate_system: str) -> str:

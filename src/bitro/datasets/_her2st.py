@@ -116,7 +116,10 @@ def her2st(samples: Sequence[str] | str | None = None, *, path: str | Path | Non
         adatas.append(adata)
         params[s] = p
     table = spots_table(adatas)
-    table.uns[Key.UNS] = {"dataset": {**CITATION, "path": str(folder.resolve()), "samples": samples}, "read_st": params}
+    table.uns[Key.UNS] = {
+        Key.DATASET: {**CITATION, "path": str(folder.resolve()), "samples": samples},
+        Key.READ_ST: params,
+    }
     logger.info("HER2ST: %d sections, %d spots, %d genes.", len(samples), table.n_obs, table.n_vars)
     return SpatialData(images=images, shapes=shapes, tables={Key.SPOTS_TABLE: table})
 

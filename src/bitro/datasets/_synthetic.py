@@ -648,7 +648,7 @@ def synthetic(
     truth.obs[Key.CELL_TYPE] = pd.Categorical(truth.obs[Key.CELL_TYPE], categories=names)
     truth.var["marker_of"] = pd.Categorical.from_codes(marker_of, categories=names)  # -1: no marker
     truth.uns[Key.UNS] = {
-        "synthetic": {
+        Key.SYNTHETIC: {
             **params,
             "cell_types": names,
             "profiles": profiles,

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from bitro._constants import Key
+from bitro._deprecate import renamed_args
 from bitro._utils import check_key, scale0
 
 if TYPE_CHECKING:
@@ -135,19 +136,20 @@ def _sample_name(image_key: str, coordinate_system: str, systems: list[str]) -> 
     return coordinate_system
 
 
+@renamed_args(sdata="data")
 def get_sections(
-    sdata: SpatialData,
+    data: SpatialData,
     *,
     image_key: str | Mapping[str, str] | None = None,
     spots_key: str | None = None,
     coordinate_system: str | None = None,
     samples: list[str] | None = None,
 ) -> list[Section]:
-    """List the sections of ``sdata``.
+    """List the sections of ``data``.
 
     Parameters
     ----------
-    sdata
+    data
         The SpatialData object.
     image_key
         Use only this image (one section), or a mapping ``{sample: image_key}`` naming the image of
@@ -170,30 +172,30 @@ def get_sections(
 
     from bitro._utils import pixel_size
 
-    if not isinstance(sdata, SpatialData):
+    if not isinstance(data, SpatialData):
         msg = (
-            f"`sdata` must be a SpatialData with the H&E images, got {type(sdata).__name__}; read one with "
+            f"`data` must be a SpatialData with the H&E images, got {type(data).__name__}; read one with "
             "`bt.io.read_image`, `bt.io.read_wsi`, `bt.io.read_st` or `spatialdata.read_zarr`."
         )
         raise TypeError(msg)
     given_samples: dict[str, str] = {}
     if isinstance(image_key, Mapping):
         for sample, key in image_key.items():
-            check_key(sdata.images, key, "Image")
+            check_key(data.images, key, "Image")
             given_samples[key] = sample
         image_keys = list(image_key.values())
     elif image_key is not None:
-        check_key(sdata.images, image_key, "Image")
+        check_key(data.images, image_key, "Image")
         image_keys = [image_key]
     else:
-        image_keys = _section_images(sdata)
+        image_keys = _section_images(data)
     if not image_keys:
-        msg = f"No image found in the SpatialData (images: {list(sdata.images) or 'none'}). Add an H&E image first."
+        msg = f"No image found in the SpatialData (images: {list(data.images) or 'none'}). Add an H&E image first."
         raise ValueError(msg)
 
     sections = []
     for key in image_keys:
-        img = sdata.images[key]
+        img = data.images[key]
         systems = _pixel_coordinate_systems(img)
         cs = coordinate_system if coordinate_system is not None else systems[0]
         if cs not in systems:
@@ -204,33 +206,34 @@ def get_sections(
             continue
         sk = spots_key
         if sk is None:
-            if Key.spots(sample) in sdata.shapes:
+            if Key.spots(sample) in data.shapes:
                 sk = Key.spots(sample)
             else:
                 candidates = [
                     k
-                    for k, gdf in sdata.shapes.items()
+                    for k, gdf in data.shapes.items()
                     if _is_circles(gdf)
                     and cs in _pixel_coordinate_systems(gdf)
                     and not k.endswith((Key.CELLS_SUFFIX, Key.VIRTUAL_SPOTS_SUFFIX))
                 ]
                 sk = candidates[0] if len(candidates) == 1 else None
         else:
-            check_key(sdata.shapes, sk, "Shapes element")
-            if cs not in _pixel_coordinate_systems(sdata.shapes[sk]):
+            check_key(data.shapes, sk, "Shapes element")
+            if cs not in _pixel_coordinate_systems(data.shapes[sk]):
                 msg = f"Spots {sk!r} are not in the coordinate system {cs!r} of image {key!r}."
                 raise ValueError(msg)
-        sections.append(Section(sample, key, cs, pixel_size(sdata, key, cs), sk, Key.cells(sample)))
+        sections.append(Section(sample, key, cs, pixel_size(data, key, cs), sk, Key.cells(sample)))
     if samples is not None:
         missing = sorted(set(samples) - {s.sample for s in sections})
         if missing:
-            msg = f"Samples {missing} not found; available: {[s.sample for s in get_sections(sdata)]}."
+            msg = f"Samples {missing} not found; available: {[s.sample for s in get_sections(data)]}."
             raise KeyError(msg)
     return sections
 
 
+@renamed_args(sdata="data")
 def set_pixel_size(
-    sdata: SpatialData,
+    data: SpatialData,
     image_key: str,
     um_per_px: float | None = None,
     *,
@@ -245,7 +248,7 @@ def set_pixel_size(
 
     Parameters
     ----------
-    sdata
+    data
         The SpatialData object (modified in place).
     image_key
         The H&E image.
@@ -265,8 +268,8 @@ def set_pixel_size(
     """
     from spatialdata.transformations import Scale, Sequence, get_transformation, set_transformation
 
-    check_key(sdata.images, image_key, "Image")
-    cs = coordinate_system or _pixel_coordinate_systems(sdata.images[image_key])[0]
+    check_key(data.images, image_key, "Image")
+    cs = coordinate_system or _pixel_coordinate_systems(data.images[image_key])[0]
     if (um_per_px is None) == (spot_diameter_um is None):
         msg = "Give exactly one of `um_per_px` or `spot_diameter_um`."
         raise ValueError(msg)
@@ -274,14 +277,14 @@ def set_pixel_size(
         if spots_key is None:
             msg = "`spot_diameter_um` needs `spots_key`, the spot circles whose radius (in pixels) it is compared to."
             raise ValueError(msg)
-        check_key(sdata.shapes, spots_key, "Shapes element")
-        um_per_px = float(spot_diameter_um) / (2 * float(np.median(sdata.shapes[spots_key]["radius"])))
+        check_key(data.shapes, spots_key, "Shapes element")
+        um_per_px = float(spot_diameter_um) / (2 * float(np.median(data.shapes[spots_key]["radius"])))
     if not np.isfinite(um_per_px) or um_per_px <= 0:
         msg = f"The pixel size must be a positive number of micrometres per pixel, got {um_per_px!r}."
         raise ValueError(msg)
     from spatialdata.models import get_axes_names
 
-    for _, _, element in sdata.gen_spatial_elements():
+    for _, _, element in data.gen_spatial_elements():
         transforms = get_transformation(element, get_all=True)
         if cs in transforms:
             # images: name the channel axis as zarr stores it, so that a written object reads back identical

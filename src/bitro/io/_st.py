@@ -272,5 +272,5 @@ def read_st(
         Path(path), sample, pixel_size=pixel_size, spot_diameter_um=spot_diameter_um, array_pitch_um=array_pitch_um
     )
     table = spots_table([adata])
-    table.uns[Key.UNS] = {"read_st": {sample: params}}
+    table.uns[Key.UNS] = {Key.READ_ST: {sample: params}}
     return section_sdata(sample, img, spots, table)

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bitro._deprecate import renamed_args
 from bitro._logging import logger
 from bitro._utils import release_memory
 
@@ -16,8 +17,9 @@ if TYPE_CHECKING:
 _ZARR_MARKERS = ("zarr.json", ".zgroup", ".zattrs")
 
 
-def write_zarr(sdata: SpatialData, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Write ``sdata`` to a zarr store, atomically.
+@renamed_args(sdata="data")
+def write_zarr(data: SpatialData, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``data`` to a zarr store, atomically.
 
     The store is written to a temporary sibling of ``path`` and renamed into place only when
     complete, so a crash or an error while writing leaves any existing store at ``path`` untouched.
@@ -26,7 +28,7 @@ def write_zarr(sdata: SpatialData, path: str | Path, *, overwrite: bool = False)
 
     Parameters
     ----------
-    sdata
+    data
         The SpatialData to write.
     path
         Destination (conventionally ending in ``.zarr``).
@@ -36,7 +38,7 @@ def write_zarr(sdata: SpatialData, path: str | Path, *, overwrite: bool = False)
 
     Returns
     -------
-    The path written. ``sdata`` is backed by it afterwards (``sdata.path``), as after
+    The path written. ``data`` is backed by it afterwards (``data.path``), as after
     :meth:`spatialdata.SpatialData.write`.
 
     Examples
@@ -49,9 +51,9 @@ def write_zarr(sdata: SpatialData, path: str | Path, *, overwrite: bool = False)
 
     from bitro._atomic import recover, sibling, swap_in
 
-    if not isinstance(sdata, SpatialData):
+    if not isinstance(data, SpatialData):
         msg = (
-            f"`sdata` must be a SpatialData, got {type(sdata).__name__}; write an AnnData with `adata.write_h5ad(path)` "
+            f"`data` must be a SpatialData, got {type(data).__name__}; write an AnnData with `adata.write_h5ad(path)` "
             "or put it into a SpatialData first."
         )
         raise TypeError(msg)
@@ -71,12 +73,12 @@ def write_zarr(sdata: SpatialData, path: str | Path, *, overwrite: bool = False)
     tmp = sibling(path, "tmp")
     release_memory()  # what earlier steps freed, before the write decodes images and encodes chunks
     try:
-        sdata.write(tmp, overwrite=False)
+        data.write(tmp, overwrite=False)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     swap_in(tmp, path)  # the old store is moved aside, the new one renamed in, and only then the old one removed
     release_memory()  # the decoded images and encoded chunks of the write
-    sdata.path = path
+    data.path = path
     logger.info("Wrote %s.", path)
     return path

@@ -21,6 +21,7 @@ import pandas as pd
 
 from bitro._checks import check_rgb_image
 from bitro._constants import Key
+from bitro._deprecate import renamed_args
 from bitro._features import differences, file_digest, fingerprint, record_of
 from bitro._logging import logger
 from bitro._settings import settings
@@ -540,8 +541,9 @@ def _empty_table(n_raw: int, n_components: int) -> AnnData:
     return TableModel.parse(adata, region=[], region_key=Key.REGION, instance_key=Key.CELL_ID)
 
 
+@renamed_args(sdata="data")
 def extract_cells(
-    sdata: SpatialData,
+    data: SpatialData,
     *,
     shapes_key: str | Mapping[str, str] | None = None,
     image_key: str | Mapping[str, str] | None = None,
@@ -568,7 +570,7 @@ def extract_cells(
 
     Parameters
     ----------
-    sdata
+    data
         SpatialData with the sections' H&E images and cell shapes (see :mod:`bitro._constants`).
     shapes_key
         Cell shapes (polygons or circles): by default ``"{sample}_cells"`` for every section; one
@@ -600,7 +602,7 @@ def extract_cells(
         the new cells' features mean what the model was trained on. It must come from the same encoder,
         weights and crop settings.
     key_added
-        Name of the table in ``sdata.tables``.
+        Name of the table in ``data.tables``.
     batch_size
         Crops encoded at once.
     client
@@ -610,7 +612,7 @@ def extract_cells(
 
     Returns
     -------
-    The cell table, also stored as ``sdata.tables[key_added]``, annotating the cell shapes
+    The cell table, also stored as ``data.tables[key_added]``, annotating the cell shapes
     (region key ``"region"``, instance key ``"cell_id"``):
 
     - ``.obs``: ``"sample"``, ``"spot_id"`` (the spot whose circle holds the centroid; missing
@@ -634,8 +636,8 @@ def extract_cells(
 
     from bitro.io import get_sections
 
-    if not isinstance(sdata, SpatialData):
-        msg = f"`sdata` must be a SpatialData object, got {type(sdata).__name__}."
+    if not isinstance(data, SpatialData):
+        msg = f"`data` must be a SpatialData object, got {type(data).__name__}."
         raise TypeError(msg)
     ref = _reference_params(reference) if reference is not None else None
     encoder, crop_um, crop_px, add_morphology = _settings_or_reference(ref, encoder, crop_um, crop_px, add_morphology)
@@ -653,25 +655,25 @@ def extract_cells(
             raise ValueError(msg)
     if isinstance(image_key, Mapping):
         sections = [
-            replace(get_sections(sdata, image_key=key)[0], sample=sample, cells_key=Key.cells(sample))
+            replace(get_sections(data, image_key=key)[0], sample=sample, cells_key=Key.cells(sample))
             for sample, key in image_key.items()
         ]
     else:
-        sections = get_sections(sdata, image_key=image_key)
+        sections = get_sections(data, image_key=image_key)
     for section in sections:
-        check_rgb_image(scale0(sdata.images[section.image_key]), section.image_key, "cutting the cell crops")
-    keys = _shapes_keys(sdata, sections, shapes_key)
+        check_rgb_image(scale0(data.images[section.image_key]), section.image_key, "cutting the cell crops")
+    keys = _shapes_keys(data, sections, shapes_key)
     from bitro._checks import duplicates
 
     for section, key in zip(sections, keys, strict=True):
         for element, what in ((section.spots_key, "spot"), (key, "cell")):
-            if element is not None and element in sdata.shapes:
-                dup = duplicates(sdata.shapes[element].index)
+            if element is not None and element in data.shapes:
+                dup = duplicates(data.shapes[element].index)
                 if dup:
                     msg = (
                         f"The {what} shapes {element!r} have duplicated index values {dup[:3]}, so cells would be "
                         f"pooled into or merged with the wrong {what}s; give every {what} its own id, e.g. "
-                        f"`sdata.shapes[{element!r}].index = range(n)`."
+                        f"`data.shapes[{element!r}].index = range(n)`."
                     )
                     raise ValueError(msg)
     enc = get_encoder(encoder, weights=weights, batch_size=batch_size, device=settings.device, crop_px=crop_px)
@@ -686,12 +688,12 @@ def extract_cells(
     }
     if ref is not None:
         _check_reference(ref, params)
-    if key_added in sdata.tables:
+    if key_added in data.tables:
         logger.info("Replacing the table %r.", key_added)
 
     parts = [
         _extract_section(
-            sdata,
+            data,
             section,
             key,
             encoder=enc,
@@ -746,7 +748,7 @@ def extract_cells(
     if reducer is not None:
         uns_params["reducer"] = reducer
     uns_params["fingerprint"] = fingerprint(uns_params)
-    segmentation = sdata.attrs.get(Key.UNS, {}).get(Key.SEGMENTATION, {})
+    segmentation = data.attrs.get(Key.UNS, {}).get(Key.SEGMENTATION, {})
     table.uns[Key.UNS] = {
         Key.EXTRACT_CELLS: uns_params,
         Key.PIXEL_SIZE: {s.sample: float(s.pixel_size) for s in sections},
@@ -755,7 +757,7 @@ def extract_cells(
             for s, key in zip(sections, keys, strict=True)
         },
     }
-    sdata.tables[key_added] = table
+    data.tables[key_added] = table
     logger.info(
         "Cell table %r: %d cells x %d features (%d raw).", key_added, n_cells, table.obsm[Key.FEATURES].shape[1], n_raw
     )

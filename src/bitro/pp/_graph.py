@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from bitro._constants import Key
+from bitro._deprecate import renamed_args
 from bitro._logging import logger
 from bitro._utils import check_key
 
@@ -16,8 +17,9 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 
+@renamed_args(cells="data")
 def spatial_graph(
-    cells: AnnData,
+    data: AnnData,
     *,
     n_neighs: int = 8,
     library_key: str = Key.SAMPLE,
@@ -31,7 +33,7 @@ def spatial_graph(
 
     Parameters
     ----------
-    cells
+    data
         The cell table from :func:`bitro.pp.extract_cells`.
     n_neighs
         Neighbours per cell.
@@ -44,9 +46,9 @@ def spatial_graph(
 
     Returns
     -------
-    Nothing; sets ``cells.obsp["{key_added}_connectivities"]``, ``cells.obsp["{key_added}_distances"]``
-    and ``cells.uns["{key_added}_neighbors"]`` as squidpy writes them, and records the parameters in
-    ``cells.uns["bitro"]["spatial_graph"]``.
+    Nothing; sets ``data.obsp["{key_added}_connectivities"]``, ``data.obsp["{key_added}_distances"]``
+    and ``data.uns["{key_added}_neighbors"]`` as squidpy writes them, and records the parameters in
+    ``data.uns["bitro"]["spatial_graph"]`` (``"spatial_graph_{key_added}"`` for another ``key_added``).
 
     Examples
     --------
@@ -57,15 +59,15 @@ def spatial_graph(
 
     from bitro._checks import check_anndata, check_finite_array, check_int, check_unique_index
 
-    check_anndata(cells, "`cells`", "pass the cell table from `bt.pp.extract_cells` (e.g. `sdata['cells']`)")
-    check_key(cells.obs, library_key, "`.obs` column")
-    check_key(cells.obsm, spatial_key, "`.obsm` key")
+    check_anndata(data, "`data`", "pass the cell table from `bt.pp.extract_cells` (e.g. `sdata['cells']`)")
+    check_key(data.obs, library_key, "`.obs` column")
+    check_key(data.obsm, spatial_key, "`.obsm` key")
     check_int("n_neighs", n_neighs, minimum=1)
-    check_unique_index(cells.obs_names, "The cell table (.obs_names)", "give every cell its own id")
+    check_unique_index(data.obs_names, "The cell table (.obs_names)", "give every cell its own id")
     check_finite_array(
-        cells.obsm[spatial_key], f"The cell centroids .obsm[{spatial_key!r}]", "drop those cells or segment again"
+        data.obsm[spatial_key], f"The cell centroids .obsm[{spatial_key!r}]", "drop those cells or segment again"
     )
-    counts = cells.obs[library_key].astype(str).value_counts()
+    counts = data.obs[library_key].astype(str).value_counts()
     small = counts[(counts > 0) & (counts <= n_neighs)]
     if len(small):
         msg = (
@@ -74,22 +76,22 @@ def spatial_graph(
         )
         raise ValueError(msg)
     params = {"n_neighs": int(n_neighs), "library_key": library_key, "spatial_key": spatial_key, "key_added": key_added}
-    if cells.n_obs == 0:
+    if data.n_obs == 0:
         from scipy import sparse
 
         warnings.warn("The cell table is empty: the graph has no edges.", UserWarning, stacklevel=2)
-        cells.obsp[f"{key_added}_connectivities"] = sparse.csr_matrix((0, 0), dtype=np.float32)
-        cells.obsp[f"{key_added}_distances"] = sparse.csr_matrix((0, 0), dtype=np.float64)
-        cells.uns[f"{key_added}_neighbors"] = {
+        data.obsp[f"{key_added}_connectivities"] = sparse.csr_matrix((0, 0), dtype=np.float32)
+        data.obsp[f"{key_added}_distances"] = sparse.csr_matrix((0, 0), dtype=np.float64)
+        data.uns[f"{key_added}_neighbors"] = {
             "connectivities_key": f"{key_added}_connectivities",
             "distances_key": f"{key_added}_distances",
             "params": params,
         }
     else:
-        if not isinstance(cells.obs[library_key].dtype, pd.CategoricalDtype):  # squidpy needs a categorical
+        if not isinstance(data.obs[library_key].dtype, pd.CategoricalDtype):  # squidpy needs a categorical
             logger.info("Converting `.obs[%r]` to categorical for squidpy.", library_key)
-            cells.obs[library_key] = cells.obs[library_key].astype("category")
+            data.obs[library_key] = data.obs[library_key].astype("category")
         sq.gr.spatial_neighbors_knn(
-            cells, spatial_key=spatial_key, library_key=library_key, n_neighs=int(n_neighs), key_added=key_added
+            data, spatial_key=spatial_key, library_key=library_key, n_neighs=int(n_neighs), key_added=key_added
         )
-    cells.uns.setdefault(Key.UNS, {})["spatial_graph"] = params
+    data.uns.setdefault(Key.UNS, {})[Key.keyed(Key.SPATIAL_GRAPH, key_added, Key.GRAPH)] = params

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from bitro._constants import Key
+from bitro._deprecate import renamed_args
 from bitro._features import record_of, reducer_digest
 from bitro._logging import logger
 
@@ -16,8 +17,11 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
 
-def _reference_centroids(reference: Any) -> tuple[np.ndarray, dict[str, Any]]:
-    """Centroids of a reference (trained model, cell table or array) and the extraction record they belong to."""
+def _reference_centroids(reference: Any, key_added: str = Key.PHENOTYPE) -> tuple[np.ndarray, dict[str, Any]]:
+    """Centroids of a reference (trained model, cell table or array) and the extraction record they belong to.
+
+    From a cell table: the record of its phenotypes ``key_added``, else of its default phenotypes.
+    """
     from anndata import AnnData
 
     if hasattr(reference, "cell_reference"):  # a trained model (bt.tl.fit / bt.tl.load_model)
@@ -30,10 +34,12 @@ def _reference_centroids(reference: Any) -> tuple[np.ndarray, dict[str, Any]]:
             raise ValueError(msg)
         return np.asarray(record["centroids"], dtype=np.float64), reference.cell_reference.get(Key.EXTRACT_CELLS) or {}
     if isinstance(reference, AnnData):
-        record = reference.uns.get(Key.UNS, {}).get(Key.PHENOTYPES)
+        records = reference.uns.get(Key.UNS, {})
+        name = Key.keyed(Key.PHENOTYPES, key_added, Key.PHENOTYPE)
+        record = records.get(name, records.get(Key.PHENOTYPES))
         if record is None or "centroids" not in record:
             msg = (
-                f"The reference AnnData has no `.uns[{Key.UNS!r}][{Key.PHENOTYPES!r}]['centroids']`: pass a cell table on "
+                f"The reference AnnData has no `.uns[{Key.UNS!r}][{name!r}]['centroids']`: pass a cell table on "
                 "which `bt.pp.phenotypes` was run, or the trained model."
             )
             raise ValueError(msg)
@@ -48,20 +54,21 @@ def _reference_centroids(reference: Any) -> tuple[np.ndarray, dict[str, Any]]:
     return centroids, {}
 
 
+@renamed_args(cells="data", random_state="seed")
 def phenotypes(
-    cells: AnnData,
+    data: AnnData,
     *,
     n_clusters: int = 8,
     reference: Any = None,
     use_rep: str = Key.FEATURES,
     key_added: str = Key.PHENOTYPE,
-    random_state: int = 0,
+    seed: int = 0,
 ) -> None:
     """Cluster cells into phenotypes by K-means on their reduced features.
 
     Parameters
     ----------
-    cells
+    data
         The cell table from :func:`bitro.pp.extract_cells`.
     n_clusters
         Number of phenotypes (ignored with ``reference``).
@@ -73,13 +80,14 @@ def phenotypes(
         Features in ``.obsm`` to cluster.
     key_added
         Column of ``.obs`` for the phenotypes.
-    random_state
+    seed
         Seed of K-means.
 
     Returns
     -------
-    Nothing; sets ``cells.obs[key_added]`` (categorical ``"0"``, ``"1"``, ...) and
-    ``cells.uns["bitro"]["phenotypes"]`` (parameters and ``"centroids"``).
+    Nothing; sets ``data.obs[key_added]`` (categorical ``"0"``, ``"1"``, ...) and
+    ``data.uns["bitro"]["phenotypes"]`` (parameters and ``"centroids"``; ``"phenotypes_{key_added}"`` for another
+    ``key_added``, so that each clustering keeps its record).
 
     Examples
     --------
@@ -90,23 +98,23 @@ def phenotypes(
     from bitro._checks import check_anndata, check_finite_array, check_int
     from bitro._utils import check_key
 
-    check_anndata(cells, "`cells`", "pass the cell table from `bt.pp.extract_cells` (e.g. `sdata['cells']`)")
-    check_key(cells.obsm, use_rep, "`.obsm` key")
-    check_int("random_state", random_state, minimum=0)
+    check_anndata(data, "`data`", "pass the cell table from `bt.pp.extract_cells` (e.g. `sdata['cells']`)")
+    check_key(data.obsm, use_rep, "`.obsm` key")
+    check_int("seed", seed, minimum=0)
     if reference is None:
         check_int("n_clusters", n_clusters, minimum=1)
     x = check_finite_array(
-        cells.obsm[use_rep], f"The cell features .obsm[{use_rep!r}]", "drop those cells or extract the features again"
+        data.obsm[use_rep], f"The cell features .obsm[{use_rep!r}]", "drop those cells or extract the features again"
     )
     if reference is not None:
-        centroids, ref_cells = _reference_centroids(reference)
+        centroids, ref_cells = _reference_centroids(reference, key_added)
         if centroids.shape[1] != x.shape[1]:
             msg = (
                 f"The reference centroids have {centroids.shape[1]} features but `.obsm[{use_rep!r}]` has {x.shape[1]}. "
                 "Extract the cells with `bt.pp.extract_cells(..., reference=<training cell table>)`."
             )
             raise ValueError(msg)
-        own = record_of(cells) or {}
+        own = record_of(data) or {}
         if "reducer" in ref_cells and "reducer" in own:
             if reducer_digest(ref_cells["reducer"]) != reducer_digest(own["reducer"]):
                 msg = (
@@ -131,14 +139,14 @@ def phenotypes(
     else:
         from sklearn.cluster import KMeans
 
-        km = KMeans(n_clusters=int(n_clusters), n_init=10, random_state=random_state).fit(x)
+        km = KMeans(n_clusters=int(n_clusters), n_init=10, random_state=seed).fit(x)
         labels, centroids = km.labels_, km.cluster_centers_
-    cells.obs[key_added] = pd.Categorical.from_codes(labels, categories=categories)
-    cells.uns.setdefault(Key.UNS, {})[Key.PHENOTYPES] = {
+    data.obs[key_added] = pd.Categorical.from_codes(labels, categories=categories)
+    data.uns.setdefault(Key.UNS, {})[Key.keyed(Key.PHENOTYPES, key_added, Key.PHENOTYPE)] = {
         "n_clusters": int(n_clusters),
         "use_rep": use_rep,
         "key_added": key_added,
-        "random_state": int(random_state),
+        "seed": int(seed),
         "fitted_on": "reference" if reference is not None else "these cells",
         "centroids": np.asarray(centroids, dtype=np.float64),
     }

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from bitro._constants import Key
+from bitro._deprecate import renamed_args
 from bitro._logging import logger
 
 if TYPE_CHECKING:
@@ -34,8 +35,9 @@ def spot_lattice(xy: np.ndarray, pitch: float, layout: str = "hex") -> tuple[np.
     return centres, r.ravel(), c.ravel()
 
 
+@renamed_args(sdata="data")
 def pseudo_spots(
-    sdata: SpatialData,
+    data: SpatialData,
     *,
     table_key: str = "table",
     diameter_um: float = 55.0,
@@ -54,7 +56,7 @@ def pseudo_spots(
 
     Parameters
     ----------
-    sdata
+    data
         A SpatialData with an H&E image per section and a table of per-cell counts ``table_key`` annotating the cell
         shapes (polygons or circles) in the image's coordinate system, as spatialdata-io lays out Xenium
         (``"table"`` annotating ``"cell_circles"`` / ``"cell_boundaries"``) and Visium HD.
@@ -73,7 +75,7 @@ def pseudo_spots(
     -------
     The pseudo-spot table: spots x the genes of ``table_key`` (summed raw counts), ``.obs["sample"]``,
     ``"spot_id"``, ``"array_row"``, ``"array_col"``, ``"n_cells"``; ``.obsm["spatial"]`` centres in section pixels;
-    annotating the circles ``"{sample}_spots"`` (also written to ``sdata``). Spots without a cell are left out.
+    annotating the circles ``"{sample}_spots"`` (also written to ``data``). Spots without a cell are left out.
 
     Examples
     --------
@@ -106,10 +108,10 @@ def pseudo_spots(
         if not ok:
             msg = f"{what}; got diameter_um={diameter_um!r}, pitch_um={pitch_um!r}, layout={layout!r}."
             raise ValueError(msg)
-    if table_key not in sdata.tables:
-        msg = f"No table {table_key!r} of per-cell counts in the SpatialData (tables: {sorted(sdata.tables)})."
+    if table_key not in data.tables:
+        msg = f"No table {table_key!r} of per-cell counts in the SpatialData (tables: {sorted(data.tables)})."
         raise KeyError(msg)
-    table = sdata.tables[table_key]
+    table = data.tables[table_key]
     attrs = table.uns.get(TableModel.ATTRS_KEY) or {}
     region_key, instance_key = attrs.get("region_key"), attrs.get("instance_key")
     if region_key not in table.obs or instance_key not in table.obs:
@@ -119,13 +121,13 @@ def pseudo_spots(
             "region=<cell shapes>, region_key=..., instance_key=...)`."
         )
         raise ValueError(msg)
-    sections = get_sections(sdata)
+    sections = get_sections(data)
     parts, written = [], {}
     for region in pd.unique(table.obs[region_key].astype(str)):
-        if region not in sdata.shapes:
+        if region not in data.shapes:
             msg = f"Table {table_key!r} annotates {region!r}, which is not a shapes element of the SpatialData."
             raise KeyError(msg)
-        gdf = sdata.shapes[region]
+        gdf = data.shapes[region]
         from spatialdata.transformations import get_transformation
 
         systems = set(get_transformation(gdf, get_all=True))
@@ -187,7 +189,7 @@ def pseudo_spots(
         )
     spots = spots_table(parts)
     spots.uns[Key.UNS] = {
-        "pseudo_spots": {
+        Key.PSEUDO_SPOTS: {
             "diameter_um": float(diameter_um),
             "pitch_um": float(pitch_um),
             "layout": layout,
@@ -195,6 +197,6 @@ def pseudo_spots(
         }
     }
     for name, element in written.items():
-        sdata.shapes[name] = element
-    sdata.tables[key_added] = spots
+        data.shapes[name] = element
+    data.tables[key_added] = spots
     return spots

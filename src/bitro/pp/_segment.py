@@ -18,6 +18,7 @@ import numpy as np
 
 from bitro._checks import check_rgb_image
 from bitro._constants import Key
+from bitro._deprecate import renamed_args
 from bitro._logging import logger
 from bitro._parallel import map_tasks
 from bitro._settings import settings
@@ -248,8 +249,9 @@ def _target_key(key_added: str | None, sections: list[Section]) -> None:
         raise ValueError(msg)
 
 
+@renamed_args(sdata="data")
 def segment_nuclei(
-    sdata: SpatialData,
+    data: SpatialData,
     *,
     image_key: str | Mapping[str, str] | None = None,
     method: Literal["watershed"] | Callable[[np.ndarray], np.ndarray] = "watershed",
@@ -283,7 +285,7 @@ def segment_nuclei(
 
     Parameters
     ----------
-    sdata
+    data
         The SpatialData object; one shapes element per section is added (replacing one of the same name).
     image_key
         Segment only this image (one section), or a mapping ``{sample: image_key}`` (e.g. the
@@ -320,7 +322,7 @@ def segment_nuclei(
 
     Returns
     -------
-    Nothing; adds to ``sdata``:
+    Nothing; adds to ``data``:
 
     - ``shapes["{sample}_cells"]`` (or ``key_added``): one polygon per nucleus in the section's
       full-resolution pixels and with the image's transformations, indexed by cell id
@@ -356,10 +358,10 @@ def segment_nuclei(
         check_number(name, value, low=0, low_open=True, hint="It is a length in micrometres.")
     if threshold is not None:
         check_number("threshold", threshold, hint="Leave it out to fit it per section (Otsu).")
-    sections = get_sections(sdata, image_key=image_key)
+    sections = get_sections(data, image_key=image_key)
     _target_key(key_added, sections)
     for section in sections:
-        check_rgb_image(scale0(sdata.images[section.image_key]), section.image_key, "segmentation")
+        check_rgb_image(scale0(data.images[section.image_key]), section.image_key, "segmentation")
     for section in sections:
         diameter_px = 2 * math.sqrt(max_area_um2 / math.pi) / section.pixel_size
         if overlap < 2 * diameter_px:
@@ -373,7 +375,7 @@ def segment_nuclei(
 
     for section in sections:
         _segment_section(
-            sdata,
+            data,
             section,
             method=method,
             key=key_added or section.cells_key,
@@ -524,8 +526,9 @@ def _shapes_in_pixels(sdata: SpatialData, key: str, section: Section) -> gpd.Geo
     return gdf
 
 
+@renamed_args(sdata="data")
 def load_segmentation(
-    sdata: SpatialData,
+    data: SpatialData,
     source: str | os.PathLike,
     *,
     format: Literal["geojson", "hovernet", "cellvit", "shapes"] = "geojson",
@@ -539,25 +542,25 @@ def load_segmentation(
 
     Parameters
     ----------
-    sdata
+    data
         The SpatialData object; a shapes element is added (replacing one of the same name).
     source
         A file (``"geojson"``, ``"hovernet"``, ``"cellvit"``) or the name of a shapes element of
-        ``sdata`` (``"shapes"``).
+        ``data`` (``"shapes"``).
     format
         ``"geojson"``: a GeoJSON FeatureCollection of polygons (QuPath export; read with geopandas).
         ``"hovernet"``: HoVer-Net JSON, ``{"nuc": {id: {"contour": [[x, y], ...]}}}``.
         ``"cellvit"``: a GeoParquet file with a geometry column (HEST / CellViT segmentations).
-        ``"shapes"``: polygons, or circles, already in ``sdata`` in any coordinate system related to
+        ``"shapes"``: polygons, or circles, already in ``data`` in any coordinate system related to
         the section's; they are transformed to the section's pixels and keep their index.
     image_key
-        The section's image; needed when ``sdata`` has more than one section.
+        The section's image; needed when ``data`` has more than one section.
     key_added
         Name of the shapes element; by default ``"{sample}_cells"``.
 
     Returns
     -------
-    Nothing; adds to ``sdata``:
+    Nothing; adds to ``data``:
 
     - ``shapes["{sample}_cells"]`` (or ``key_added``): the polygons in the section's pixels with the
       image's transformations, indexed by cell id (``"{sample}_{i}"`` for files), column ``"area_um2"``;
@@ -577,14 +580,14 @@ def load_segmentation(
     if format not in _FORMATS:
         msg = f"Unknown segmentation `format={format!r}`; choose one of {list(_FORMATS)}."
         raise ValueError(msg)
-    sections = get_sections(sdata, image_key=image_key)
+    sections = get_sections(data, image_key=image_key)
     if len(sections) > 1:
-        msg = f"`sdata` has {len(sections)} sections ({[s.sample for s in sections]}); pass `image_key=` to pick one."
+        msg = f"`data` has {len(sections)} sections ({[s.sample for s in sections]}); pass `image_key=` to pick one."
         raise ValueError(msg)
     section = sections[0]
     index = None
     if format == "shapes":
-        gdf = _shapes_in_pixels(sdata, str(source), section)
+        gdf = _shapes_in_pixels(data, str(source), section)
         polygons, index = list(gdf.geometry), gdf.index.astype(str)
     else:
         path = Path(source)
@@ -608,12 +611,12 @@ def load_segmentation(
         )
         raise ValueError(msg)
     key = key_added or section.cells_key
-    sdata.shapes[key] = cells_element(
+    data.shapes[key] = cells_element(
         polygons,
         section,
-        sdata,
+        data,
         columns={Key.AREA_UM2: geometry.area.to_numpy() * section.pixel_size**2},
         index=index,
     )
-    record_segmentation(sdata, section, key, method=format, source=str(source), n_cells=len(polygons))
+    record_segmentation(data, section, key, method=format, source=str(source), n_cells=len(polygons))
     logger.info("Loaded %d nuclei for section %r -> shapes[%r].", len(polygons), section.sample, key)

@@ -14,6 +14,7 @@ import numpy as np
 
 from bitro._checks import StainFitError
 from bitro._constants import Key
+from bitro._deprecate import renamed_args
 from bitro._logging import logger
 from bitro._utils import check_key, scale0
 
@@ -161,8 +162,9 @@ def _stain_fit_failed(image_key: str, error: Exception) -> None:
     raise StainFitError(msg) from error
 
 
+@renamed_args(sdata="data")
 def normalize_stain(
-    sdata: SpatialData,
+    data: SpatialData,
     *,
     method: Literal["macenko", "vahadane"] = "macenko",
     reference: str | StainReference | None = None,
@@ -185,12 +187,12 @@ def normalize_stain(
 
     Parameters
     ----------
-    sdata
+    data
         The SpatialData object; normalised images (and missing tissue masks) are added to it.
     method
         ``"macenko"`` (SVD, angular extremes of optical density) or ``"vahadane"`` (sparse NMF).
     reference
-        Stain reference: an image element of ``sdata`` (its stain vectors are fitted), a fitted
+        Stain reference: an image element of ``data`` (its stain vectors are fitted), a fitted
         :class:`squidpy.experimental.im.StainReference`, or ``None`` for the first image to be
         normalised (all sections then share its stain colours). To fit on a region, add the crop as
         an image element first (e.g. with :func:`spatialdata.bounding_box_query`).
@@ -203,7 +205,7 @@ def normalize_stain(
 
     Returns
     -------
-    Nothing; adds to ``sdata``:
+    Nothing; adds to ``data``:
 
     - ``images["{image_key}_normalized"]`` (or ``key_added``): uint8 RGB, lazy, with the source's
       transformations, chunks and pyramid scale factors;
@@ -228,17 +230,17 @@ def normalize_stain(
         msg = f"Unknown stain normalisation `method={method!r}`; choose one of {list(_METHODS)}."
         raise ValueError(msg)
     if image_key is not None:
-        check_key(sdata.images, image_key, "Image")
+        check_key(data.images, image_key, "Image")
         image_keys = [image_key]
     else:
-        image_keys = [s.image_key for s in get_sections(sdata)]
+        image_keys = [s.image_key for s in get_sections(data)]
     if key_added is not None and len(image_keys) > 1:
         msg = f"`key_added={key_added!r}` names one image but {len(image_keys)} would be normalised; pass `image_key=`."
         raise ValueError(msg)
     if reference is None:
         reference = image_keys[0]
     if isinstance(reference, str):
-        check_key(sdata.images, reference, "Reference image")
+        check_key(data.images, reference, "Reference image")
     elif not isinstance(reference, sqi.StainReference):
         msg = f"`reference` must be an image key, a squidpy StainReference or None, got {type(reference).__name__}."
         raise TypeError(msg)
@@ -246,12 +248,12 @@ def normalize_stain(
         msg = f"The given StainReference was fitted with {reference.method!r}, not `method={method!r}`."
         raise ValueError(msg)
 
-    # work on a shallow SpatialData of the images and masks involved: nothing is added to `sdata`
+    # work on a shallow SpatialData of the images and masks involved: nothing is added to `data`
     # unless every fit succeeds
     reference_key = reference if isinstance(reference, str) else None
     keys = list(dict.fromkeys(image_keys + ([reference_key] if reference_key else [])))
-    masks = {Key.tissue(k): sdata.labels[Key.tissue(k)] for k in keys if Key.tissue(k) in sdata.labels}
-    work = SpatialData(images={k: sdata.images[k] for k in keys}, labels=masks)
+    masks = {Key.tissue(k): data.labels[Key.tissue(k)] for k in keys if Key.tissue(k) in data.labels}
+    work = SpatialData(images={k: data.images[k] for k in keys}, labels=masks)
     if reference_key is not None:
         mask_key = _ensure_tissue_mask(work, reference_key)
         reference = _fit_with_fallback(
@@ -270,11 +272,11 @@ def normalize_stain(
             ),
         )
     for label_key in set(work.labels) - set(masks):
-        sdata.labels[label_key] = work.labels[label_key]
+        data.labels[label_key] = work.labels[label_key]
     for key, array in normalized.items():
-        source = sdata.images[key]
+        source = data.images[key]
         target = key_added or Key.normalized(key)
-        sdata.images[target] = Image2DModel.parse(
+        data.images[target] = Image2DModel.parse(
             array.data,
             dims=array.dims,
             c_coords=["r", "g", "b"],
@@ -282,7 +284,7 @@ def normalize_stain(
             scale_factors=_scale_factors(source),
             chunks=scale0(source).data.chunksize,
         )
-        sdata.attrs.setdefault(Key.UNS, {}).setdefault(Key.NORMALIZE_STAIN, {})[key] = {
+        data.attrs.setdefault(Key.UNS, {}).setdefault(Key.NORMALIZE_STAIN, {})[key] = {
             "method": method,
             "image_key_added": target,
             "reference": reference_key,

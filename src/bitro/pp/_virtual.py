@@ -143,7 +143,7 @@ def virtual_spots(
         raise ValueError(msg)
     table = virtual_spots_table(parts)
     table.uns[Key.UNS] = {
-        "virtual_spots": {"diameter_um": float(diameter_um)},
+        Key.VIRTUAL_SPOTS: {"diameter_um": float(diameter_um)},
         Key.PIXEL_SIZE: {str(k): float(v) for k, v in sizes.items()},
     }
     if sdata is not None:

@@ -1,0 +1,51 @@
+"""Renamed arguments keep their old names for one release: they work, warn with a FutureWarning, and clash with the new."""
+
+from __future__ import annotations
+
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+import bitro as bt
+from bitro._constants import Key
+
+
+def _cells(n: int = 60, seed: int = 0) -> ad.AnnData:
+    rng = np.random.default_rng(seed)
+    cells = ad.AnnData(obs=pd.DataFrame({Key.SAMPLE: pd.Categorical(["a"] * n)}, index=[f"c{i}" for i in range(n)]))
+    cells.obsm[Key.SPATIAL] = rng.uniform(0, 500, (n, 2))
+    cells.obsm[Key.FEATURES] = rng.normal(size=(n, 4)).astype(np.float32)
+    return cells
+
+
+def test_old_keyword_names_work_and_warn():
+    new, old = _cells(), _cells()
+    bt.pp.phenotypes(new, n_clusters=3, seed=1)
+    with pytest.warns(FutureWarning, match=r"`cells` is renamed `data`") as record:
+        bt.pp.phenotypes(cells=old, n_clusters=3, random_state=1)
+    assert any("`random_state` is renamed `seed`" in str(w.message) for w in record)
+    assert (old.obs[Key.PHENOTYPE] == new.obs[Key.PHENOTYPE]).all()
+    with pytest.warns(FutureWarning, match=r"spatial_graph\(\): `cells` is renamed `data`"):
+        bt.pp.spatial_graph(cells=old, n_neighs=4)
+    assert old.obsp[Key.CONNECTIVITIES].shape == (old.n_obs, old.n_obs)
+
+
+def test_positional_and_new_names_do_not_warn():
+    cells = _cells()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        bt.pp.phenotypes(cells, n_clusters=3, seed=0)
+        bt.pp.spatial_graph(data=cells, n_neighs=4)
+
+
+def test_old_and_new_name_together_is_an_error():
+    cells = _cells()
+    with pytest.raises(TypeError, match=r"got both `cells` and `data`"):
+        bt.pp.phenotypes(data=cells, cells=cells)
+    with pytest.raises(TypeError, match=r"got both `random_state` and `seed`"):
+        bt.pp.phenotypes(cells, n_clusters=3, seed=0, random_state=0)
+    with pytest.raises(TypeError, match=r"got both `sdata` and `data`"):
+        bt.io.get_sections(data=None, sdata=None)
