@@ -9,7 +9,8 @@ from shapely.geometry import Point
 import bitro as bt
 from bitro._constants import Key
 from bitro.io._build import image_element, polygons_element, section_sdata, spots_element
-from bitro.pp._cells import assign_spots, morphology, resample_matrix
+from bitro.pp._cells import assign_spots, resample_matrix
+from bitro.pp._morphology import morphology
 
 PX = 0.5  # um per pixel
 
@@ -83,8 +84,8 @@ def test_cell_table_contents(toy, toy_cells):
     np.testing.assert_allclose(cells.obsm[Key.SPATIAL], centroids)
     uns = cells.uns[Key.UNS]
     assert uns[Key.PIXEL_SIZE] == {"s0": pytest.approx(PX)}
-    assert uns["extract_cells"]["encoder"] == "handcrafted"
-    assert uns["extract_cells"]["reducer"]["pca_components"].shape == (16, raw.shape[1])
+    assert uns[Key.EXTRACT_CELLS]["encoder"] == "handcrafted"
+    assert uns[Key.EXTRACT_CELLS]["reducer"]["pca_components"].shape == (16, raw.shape[1])
     assert uns[Key.SEGMENTATION]["s0"]["shapes_key"] == "s0_cells"
     # the features separate the two nucleus types (large pale vs small dark)
     area = cells.obs[Key.AREA_UM2].to_numpy()
@@ -92,6 +93,21 @@ def test_cell_table_contents(toy, toy_cells):
     h = cells.obs["haematoxylin_nucleus"].to_numpy()
     assert h[~big].mean() > h[big].mean()
 
+
+
+def test_morphology_columns_are_tied_to_key_by_name(toy, toy_cells, monkeypatch):
+    """Reordering Key.MORPHOLOGY reorders the features of a new table; no value moves to another column's name."""
+    from bitro.pp._morphology import SHAPE_COLUMNS, STAIN_COLUMNS
+
+    assert sorted(SHAPE_COLUMNS + STAIN_COLUMNS) == sorted(Key.MORPHOLOGY)
+    shuffled = tuple(reversed(Key.MORPHOLOGY))
+    monkeypatch.setattr(Key, "MORPHOLOGY", shuffled)
+    cells = bt.pp.extract_cells(toy, n_components=16, key_added="shuffled")
+    n = len(shuffled)
+    assert cells.uns[Key.UNS][Key.EXTRACT_CELLS]["feature_names"][:n] == list(shuffled)
+    for j, name in enumerate(shuffled):
+        np.testing.assert_array_equal(cells.obs[name], toy_cells.obs[name], err_msg=name)
+        np.testing.assert_array_equal(cells.obsm[Key.FEATURES_RAW][:, j], toy_cells.obs[name].to_numpy(np.float32))
 
 def test_table_writes_and_reads_back(toy, toy_cells, tmp_path):
     import spatialdata as sd

@@ -4,16 +4,16 @@ import numpy as np
 import pytest
 
 import bitro as bt
-from bitro.pp._virtual import hex_lattice
+from bitro.pp._lattice import covering_lattice
 
 
 @pytest.mark.parametrize("radius", [5.0, 27.5, 50.0])
-def test_hex_lattice_covers_every_point(radius):
+def test_covering_lattice_covers_every_point(radius):
     from scipy.spatial import cKDTree
 
     rng = np.random.default_rng(0)
     xy = np.concatenate([rng.uniform(0, 1000, (3000, 2)), rng.normal(1500, 30, (200, 2))])  # tissue and an island
-    centres = hex_lattice(xy, radius)
+    centres = covering_lattice(xy, radius)
     dist, _ = cKDTree(centres).query(xy)
     assert dist.max() <= radius * (1 + 1e-9)  # every point lies inside a circle
     assert (cKDTree(xy).query(centres)[0] <= radius * (1 + 1e-9)).all()  # no empty circle is kept

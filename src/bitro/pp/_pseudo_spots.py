@@ -11,29 +11,11 @@ import pandas as pd
 from bitro._constants import Key
 from bitro._deprecate import renamed_args
 from bitro._logging import logger
+from bitro.pp._lattice import LAYOUTS, spot_lattice
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
-
-LAYOUTS: tuple[str, ...] = ("hex", "grid")
-
-
-def spot_lattice(xy: np.ndarray, pitch: float, layout: str = "hex") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Spot centres on a lattice of ``pitch`` over the bounding box of ``xy``: ``(centres, rows, cols)``.
-
-    ``"hex"``: rows ``pitch * sqrt(3) / 2`` apart, every other row shifted by half a pitch (as Visium's spots);
-    ``"grid"``: a square grid.
-    """
-    lo, hi = xy.min(0), xy.max(0)
-    row_step = pitch * math.sqrt(3) / 2 if layout == "hex" else pitch
-    rows = np.arange(lo[1], hi[1] + row_step, row_step)
-    cols = np.arange(lo[0] - pitch / 2, hi[0] + pitch, pitch)
-    r, c = np.meshgrid(np.arange(len(rows)), np.arange(len(cols)), indexing="ij")
-    x = cols[c] + (r % 2) * pitch / 2 * (layout == "hex")
-    centres = np.stack([x.ravel(), rows[r].ravel()], axis=1)
-    return centres, r.ravel(), c.ravel()
-
 
 @renamed_args(sdata="data")
 def pseudo_spots(

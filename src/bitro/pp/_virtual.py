@@ -10,43 +10,11 @@ import pandas as pd
 
 from bitro._constants import Key
 from bitro._logging import logger
+from bitro.pp._lattice import covering_lattice
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
-
-
-def hex_lattice(xy: np.ndarray, radius: float) -> np.ndarray:
-    """Centres of circles of ``radius`` on a hexagonal lattice that together cover every point of ``xy``.
-
-    The lattice spacing is ``radius * sqrt(3)``, the largest whose circles leave no gap, so every point lies
-    within ``radius`` of a centre. Only centres with at least one point within ``radius`` are kept.
-
-    Parameters
-    ----------
-    xy
-        Points ``(n, 2)``.
-    radius
-        Circle radius, in the unit of ``xy``.
-
-    Returns
-    -------
-    Centres ``(m, 2)``, row by row.
-    """
-    from scipy.spatial import cKDTree
-
-    if len(xy) == 0:
-        return np.zeros((0, 2))
-    step = radius * math.sqrt(3)
-    row_step = step * math.sqrt(3) / 2
-    lo, hi = xy.min(0) - step, xy.max(0) + step
-    rows = np.arange(lo[1], hi[1] + row_step, row_step)
-    cols = np.arange(lo[0], hi[0] + step, step)
-    gx, gy = np.meshgrid(cols, rows)
-    gx = gx + (np.arange(len(rows)) % 2)[:, None] * step / 2
-    centres = np.stack([gx.ravel(), gy.ravel()], axis=1)
-    near = cKDTree(xy).query(centres, k=1, distance_upper_bound=radius * (1 + 1e-9))[0]
-    return centres[np.isfinite(near)]
 
 
 def virtual_spots(
@@ -125,7 +93,7 @@ def virtual_spots(
     for sample in pd.unique(samples):
         ps = float(sizes[sample])
         xy_um = xy_all[samples == sample] * ps
-        centres = hex_lattice(xy_um, radius)
+        centres = covering_lattice(xy_um, radius)
         n_cells = np.array([len(c) for c in cKDTree(xy_um).query_ball_point(centres, radius)], dtype=int)
         ids = [f"v{k}" for k in range(len(centres))]
         a = AnnData(obs=pd.DataFrame({Key.SAMPLE: sample, Key.N_CELLS: n_cells}, index=pd.Index(ids)))
