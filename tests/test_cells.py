@@ -341,3 +341,23 @@ def test_shapes_in_another_coordinate_system():
     with pytest.raises(ValueError, match=r"not in the coordinate system 's0'.*\['other'\]"):
         bt.pp.extract_cells(sdata)
     assert Key.CELLS_TABLE not in sdata.tables
+
+
+def test_cell_table_row_names_are_readable_and_unique():
+    """Cells named "{sample}_{i}" by the segmentation keep that name as their row (not "B4_B4_0"); others get it."""
+    import anndata as ad
+
+    from bitro.io._build import cells_table
+
+    def section(sample, ids):
+        a = ad.AnnData(obs=pd.DataFrame({Key.SAMPLE: sample}, index=pd.Index(ids)))
+        a.obsm[Key.SPATIAL] = np.zeros((len(ids), 2))
+        return a
+
+    table = cells_table([section("B4", ["B4_0", "B4_1"]), section("C2", ["0", "1"])])
+    assert list(table.obs_names) == ["B4_0", "B4_1", "C2_0", "C2_1"]
+    assert list(table.obs[Key.CELL_ID]) == ["B4_0", "B4_1", "0", "1"]  # the shapes' own ids, unchanged
+    # ids kept as they are would clash across sections ("a_b" + "0" vs "a" + "b_0"): every row gets its sample
+    table = cells_table([section("a_b", ["a_b_0"]), section("a", ["b_0"])])
+    assert list(table.obs_names) == ["a_b_a_b_0", "a_b_0"]
+    assert table.obs_names.is_unique

@@ -76,3 +76,20 @@ def test_write_zarr_back_onto_its_own_store(tmp_path):
     lazy = sd.read_zarr(path)
     bt.io.write_zarr(lazy, path, overwrite=True)
     assert_spatial_data_objects_are_identical(_small_sdata(3), sd.read_zarr(path))
+
+
+def test_write_zarr_does_not_flood_warnings(tmp_path):
+    """anndata's "autosharding will be the default" UserWarning (once per array of every table) is not shown."""
+    import warnings
+
+    import anndata as ad
+
+    sdata = bt.datasets.synthetic(n_samples=1, size=256)
+    before = ad.settings.auto_shard_zarr_v3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bt.io.write_zarr(sdata, tmp_path / "s.zarr")
+    assert not [w for w in caught if "autosharding" in str(w.message)]
+    assert ad.settings.auto_shard_zarr_v3 is before  # the user's setting is left as it was
+    back = sd.read_zarr(tmp_path / "s.zarr")
+    assert back[Key.SPOTS_TABLE].n_obs == sdata[Key.SPOTS_TABLE].n_obs

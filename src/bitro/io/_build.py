@@ -111,6 +111,19 @@ def polygons_element(
     return ShapesModel.parse(gdf, transformations=section_transformations(sample, pixel_size))
 
 
+def _row_names(sample: str, ids: pd.Series) -> list[str]:
+    """Table row names unique across sections: ``"{sample}_{id}"``, or the ids themselves when they already say so.
+
+    bitro's segmentation names the cells of section ``B4`` ``"B4_0"``, ``"B4_1"``, ...: their rows keep those
+    names (not ``"B4_B4_0"``); spot ids (``"10x13"``) and other ids get the sample in front.
+    """
+    prefix = f"{sample}_"
+    ids = ids.astype(str)
+    if len(ids) and bool(ids.str.startswith(prefix).all()):
+        return ids.tolist()
+    return [prefix + i for i in ids]
+
+
 def _annotating_table(adatas: Sequence[AnnData], element: Callable[[str], str], instance_key: str) -> AnnData:
     """Concatenate per-section AnnDatas into one table annotating the element ``element(sample)`` of each."""
     import anndata as ad
@@ -122,8 +135,11 @@ def _annotating_table(adatas: Sequence[AnnData], element: Callable[[str], str], 
         sample = str(a.obs[Key.SAMPLE].iloc[0])
         a.obs[Key.REGION] = element(sample)
         a.obs[instance_key] = a.obs_names.astype(str)
-        a.obs_names = [f"{sample}_{i}" for i in a.obs[instance_key]]
+        a.obs_names = _row_names(sample, a.obs[instance_key])
         tables.append(a)
+    if len({n for t in tables for n in t.obs_names}) < sum(t.n_obs for t in tables):  # kept ids clash across sections
+        for t in tables:
+            t.obs_names = [f"{t.obs[Key.SAMPLE].iloc[0]}_{i}" for i in t.obs[instance_key]]
     table = ad.concat(tables, join="outer", fill_value=0, merge="same", uns_merge="first")
     table.obs[Key.SAMPLE] = pd.Categorical(table.obs[Key.SAMPLE])
     table.obs[Key.REGION] = pd.Categorical(table.obs[Key.REGION])

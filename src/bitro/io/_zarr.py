@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +17,24 @@ if TYPE_CHECKING:
 
 #: Files that mark a folder as a zarr store (zarr v3, v2).
 _ZARR_MARKERS = ("zarr.json", ".zgroup", ".zattrs")
+
+
+@contextmanager
+def _unsharded_tables() -> Iterator[None]:
+    """Write the tables' zarr v3 arrays unsharded, as anndata does by default, without its warning per array.
+
+    While ``anndata.settings.auto_shard_zarr_v3`` is unset (``None``), anndata writes every array of a table
+    unsharded and warns "zarr v3 autosharding will be the default in the next minor release." once per array
+    (dozens per table). Setting it to ``False`` for the write keeps exactly that layout and says so; a value the
+    user chose (``True`` or ``False``) is left as it is.
+    """
+    import anndata as ad
+
+    if getattr(ad.settings, "auto_shard_zarr_v3", False) is not None:  # chosen by the user, or an older anndata
+        yield
+        return
+    with ad.settings.override(auto_shard_zarr_v3=False):
+        yield
 
 
 @renamed_args(sdata="data")
@@ -73,7 +93,8 @@ def write_zarr(data: SpatialData, path: str | Path, *, overwrite: bool = False) 
     tmp = sibling(path, "tmp")
     release_memory()  # what earlier steps freed, before the write decodes images and encodes chunks
     try:
-        data.write(tmp, overwrite=False)
+        with _unsharded_tables():
+            data.write(tmp, overwrite=False)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
