@@ -221,9 +221,11 @@ def stain_reference_record(sdata: SpatialData) -> dict[str, Any] | None:
     images were not normalised, or the reference image is not in ``sdata``.
     """
     import numpy as np
-    import squidpy.experimental.im as sqi
 
+    from bitro.pp._squidpy import import_squidpy
     from bitro.pp._stain import _ensure_tissue_mask
+
+    sqi = import_squidpy().experimental.im
 
     records = sdata.attrs.get(Key.UNS, {}).get(Key.NORMALIZE_STAIN, {})
     if not records:
@@ -256,7 +258,9 @@ def stain_reference(model: BitroModel) -> Any:
     record = model.config.get("stain_reference")
     if not record:
         return None
-    import squidpy.experimental.im as sqi
+    from bitro.pp._squidpy import import_squidpy
+
+    sqi = import_squidpy().experimental.im
 
     arrays = {
         k: np.asarray(record[k], dtype=float)

@@ -55,9 +55,10 @@ def spatial_graph(
     >>> bt.pp.spatial_graph(cells, n_neighs=8)  # doctest: +SKIP
     >>> cells.obsp["spatial_connectivities"]  # doctest: +SKIP
     """
-    import squidpy as sq
-
     from bitro._checks import check_anndata, check_finite_array, check_int, check_unique_index
+    from bitro.pp._squidpy import import_squidpy
+
+    sq = import_squidpy()
 
     check_anndata(data, "`data`", "pass the cell table from `bt.pp.extract_cells` (e.g. `sdata['cells']`)")
     check_key(data.obs, library_key, "`.obs` column")

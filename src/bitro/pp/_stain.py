@@ -8,6 +8,7 @@ image element with the source's transformations, chunks and pyramid.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -72,6 +73,10 @@ def tissue_labels(image):
     from spatialdata import SpatialData
     from spatialdata.models import Image2DModel, Labels2DModel
     from spatialdata.transformations import get_transformation
+
+    from bitro.pp._squidpy import import_squidpy
+
+    import_squidpy()  # before squidpy's own modules: without its import-time SyntaxWarnings
     from squidpy._utils import _get_scale_factors
     from squidpy.experimental.im import detect_tissue
     from squidpy.experimental.im._detect_tissue import _get_scaling_matrix
@@ -81,7 +86,11 @@ def tissue_labels(image):
     work = SpatialData(
         images={"coarsest": Image2DModel.parse(coarse.data, dims=("c", "y", "x"), c_coords=coarse.coords["c"].values)}
     )
-    low = detect_tissue(work, "coarsest", inplace=False)  # at the coarsest level's size: the identity upscaling
+    with warnings.catch_warnings():
+        # squidpy calls skimage's remove_small_holes(area_threshold=...), deprecated in scikit-image 0.26: a
+        # FutureWarning per image that only squidpy can act on. Exactly that message is hidden, nothing else.
+        warnings.filterwarnings("ignore", r"Parameter `area_threshold` is deprecated", FutureWarning)
+        low = detect_tissue(work, "coarsest", inplace=False)  # at the coarsest level's size: the identity upscaling
     target = (int(full.sizes["y"]), int(full.sizes["x"]))
     # squidpy's _affine_upscale_nearest, minus its final np.asarray
     labels = affine_transform(
@@ -219,12 +228,14 @@ def normalize_stain(
     >>> bt.pp.normalize_stain(sdata, method="macenko")  # doctest: +SKIP
     >>> bt.pp.segment_nuclei(sdata, image_key="C2_image_normalized")  # doctest: +SKIP
     """
-    import squidpy.experimental.im as sqi
     from spatialdata import SpatialData
     from spatialdata.models import Image2DModel
     from spatialdata.transformations import get_transformation
 
     from bitro.io import get_sections
+    from bitro.pp._squidpy import import_squidpy
+
+    sqi = import_squidpy().experimental.im
 
     if method not in _METHODS:
         msg = f"Unknown stain normalisation `method={method!r}`; choose one of {list(_METHODS)}."
