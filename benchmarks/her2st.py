@@ -26,7 +26,7 @@ cores). Run from the repository root::
 
     python benchmarks/her2st.py --threads 2            # default model + baselines on both scales (~14 min)
     python benchmarks/her2st.py --quick                # default model + baselines, cp10k only
-    python benchmarks/her2st.py --ablations --set n_seeds=1   # every ablation row on cp10k (single models)
+    python benchmarks/her2st.py --ablations --set n_members=1   # every ablation row on cp10k (single models)
     python benchmarks/her2st.py --quick --configs bitro "no context" --held-out C2   # one fold, two rows
 """
 

@@ -176,7 +176,7 @@ def run_seed(seed: int, args) -> dict[str, float | str]:
         score = bt.tl.evaluate(test, layer=layer, scale=model.scale, groupby=None, key_added=f"{layer}_eval")
         out[f"{name}_gene"] = float(score["pcc_gene"].iloc[0])
         out[f"{name}_overall"] = float(score["pcc_overall"].iloc[0])
-    expr.uns["bitro"]["readout"] = model.config["architecture"]["readout"]
+    expr.uns["bitro"]["readout"] = model.config.architecture.readout
     out.update(cell_scores(sdata, expr, tissue, test, model.genes, ridge_cells(cells, train, expr, model.genes)))
     out["fit_s"] = fit_s
     out["epochs"] = "/".join(str(h["best_epoch"]) for h in model.history)

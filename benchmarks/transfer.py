@@ -76,7 +76,7 @@ def main() -> None:
     s_truth = to_scale(dense(spots.X), "cp10k")[:, gi]
     b_truth = to_scale(dense(bulk.X), "cp10k")[:, gi]
     is_block = (bulk.obs[Key.BLOCK] != "section").to_numpy()
-    fit_kw = {"genes": genes, "epochs": args.epochs, "n_seeds": args.seeds}
+    fit_kw = {"genes": genes, "epochs": args.epochs, "n_members": args.seeds}
     # rows whose bag has cells: every model is scored on these (the held-out section's spots / blocks with cells)
     with_cells = set(zip(cells.obs[Key.SAMPLE].astype(str), cells.obs[Key.SPOT_ID].astype(str), strict=True))
     s_ok = np.array([k in with_cells for k in zip(s_sample, spots.obs[Key.SPOT_ID].astype(str), strict=True)])
@@ -141,12 +141,12 @@ def main() -> None:
                 "epochs": args.ft_epochs or args.epochs,
             }
             tuned, t_ft = timed(bt.tl.transfer, model=bulk_model, adata=s_train, target="spot", cells=fold_cells, **kw)
-            info = tuned.config["transfer"]
+            info = tuned.config.transfer
             share = 100 * info["n_trained"] / info["n_parameters"]
             score_spot(f"bulk -> spot {method}", predict(tuned, spots, s_test, fold_cells), t_ft, share)
             cost.append(("bulk -> spot", method, held, t_ft, t_spot, share, info["n_trained"], info["n_parameters"]))
             tuned, t_ft = timed(bt.tl.transfer, model=spot_model, adata=b_train, target="bulk", cells=fold_cells, **kw)
-            info = tuned.config["transfer"]
+            info = tuned.config.transfer
             share = 100 * info["n_trained"] / info["n_parameters"]
             score_bulk(f"spot -> bulk {method}", predict(tuned, bulk, b_test, fold_cells), t_ft, share)
             cost.append(("spot -> bulk", method, held, t_ft, t_bulk, share, info["n_trained"], info["n_parameters"]))

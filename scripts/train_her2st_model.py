@@ -170,8 +170,8 @@ def fit_and_save(spots, cells, genes, samples, out, sdata=None):
     if sdata is not None:  # new slides are normalised to the same stain reference (`bitro predict`)
         from bitro._pipeline import stain_reference_record
 
-        model.config["stain_reference"] = stain_reference_record(sdata)
-    model.config["training_data"] = {
+        model.config.stain_reference = stain_reference_record(sdata)
+    model.config.training_data = {
         "dataset": "HER2ST (Andersson et al., Nat. Commun. 12, 6012, 2021), bundled with bitro",
         "sections": samples,
         "n_spots": int(spots.n_obs),

@@ -29,7 +29,7 @@ pytest.importorskip("torch")
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"dim": 16, "heads": 2, "ff_dim": 32, "max_context": 16, "context_radius": 60.0, "batch_size": 8, "n_seeds": 1}
+TINY = {"dim": 16, "heads": 2, "ff_dim": 32, "max_context": 16, "context_radius": 60.0, "batch_size": 8, "n_members": 1}
 
 
 @dataclass
@@ -1025,7 +1025,7 @@ def trained(_toy_tl_cache, tmp_path_factory):
 
     torch.set_num_threads(1)
     spots, cells = _toy_tl_cache
-    model = bt.tl.fit(spots.copy(), cells=cells.copy(), **{**TINY, "n_seeds": 2, "epochs": 2})
+    model = bt.tl.fit(spots.copy(), cells=cells.copy(), **{**TINY, "n_members": 2, "epochs": 2})
     folder = model.save(tmp_path_factory.mktemp("model") / "m")
     return model, folder
 
@@ -1155,12 +1155,12 @@ def test_checkpoint_killed_at_each_stage_resumes_to_the_same_model(stage, toy_tl
     """
     import safetensors.torch
 
-    import bitro.tl._persist as persist
+    import bitro.tl._train as train_module
 
     spots, cells = toy_tl
     full = bt.tl.fit(spots, cells=cells, checkpoint_dir=tmp_path / "full", **CKPT)
     calls = {"n": 0}
-    save_file, replace, save_checkpoint = safetensors.torch.save_file, Path.replace, persist.save_checkpoint
+    save_file, replace, save_checkpoint = safetensors.torch.save_file, Path.replace, train_module.save_checkpoint
 
     def counting_save_checkpoint(*a, **kw):
         calls["n"] += 1
@@ -1182,7 +1182,7 @@ def test_checkpoint_killed_at_each_stage_resumes_to_the_same_model(stage, toy_tl
             raise Killed
         return out
 
-    monkeypatch.setattr(persist, "save_checkpoint", counting_save_checkpoint)
+    monkeypatch.setattr(train_module, "save_checkpoint", counting_save_checkpoint)
     monkeypatch.setattr(safetensors.torch, "save_file", partial_save_file)
     monkeypatch.setattr(Path, "replace", failing_replace)
     with pytest.raises(Killed):
@@ -1501,7 +1501,7 @@ def markdown_table() -> str:
     rows = ["| # | area | bad input | error | message |", "|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as d:
         spots, cells = base[0].copy(), base[1].copy()
-        model = bt.tl.fit(spots, cells=cells, **{**TINY, "n_seeds": 2, "epochs": 2})
+        model = bt.tl.fit(spots, cells=cells, **{**TINY, "n_members": 2, "epochs": 2})
         folder = model.save(Path(d) / "model0")
         for i, c in enumerate(CASES, 1):
             tmp = Path(d) / f"case{i}"

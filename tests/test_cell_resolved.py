@@ -52,7 +52,7 @@ def test_train_on_pseudo_spots_score_true_cells(xenium):
     bt.pp.spatial_graph(cells)
     spots = sdata["spots"]
     held = (spots.obs["sample"] == "synth2").to_numpy()
-    model = bt.tl.fit(spots[~held].copy(), cells=cells, epochs=15, validation=None, readout="cell", n_seeds=1, dim=32)
+    model = bt.tl.fit(spots[~held].copy(), cells=cells, epochs=15, validation=None, readout="cell", n_members=1, dim=32)
     expr = bt.tl.predict(model, spots[held].copy(), cells=cells, coverage="spots")
     scores = bt.tl.evaluate_cells(expr, sdata["table"]).set_index("method")
     assert set(scores["sample"]) == {"synth2"}

@@ -246,7 +246,7 @@ def test_unknown_model_name_lists_the_bundled_ones(tmp_path, capsys):
 
 def test_bundled_model_loads_by_name_in_a_fresh_process():
     code = (
-        "import bitro as bt; m = bt.tl.load_model('her2st'); s = m.config['gene_scores']; "
+        "import bitro as bt; m = bt.tl.load_model('her2st'); s = m.config.gene_scores; "
         "assert all(len(v) == len(m.genes) for v in s.values()); "
         "print(len(m.genes), len(m.nets), sorted(s), 'ERBB2' in m.genes)"
     )

@@ -68,7 +68,7 @@ def test_evaluate_log1p_matches_hand_computation(spots):
     assert spots.obs[f"{Key.EVALUATION}_pcc"].iloc[0] == pytest.approx(_pearson(pred[0, :4], truth[0]))
     assert spots.uns[Key.EVALUATION]["mean"]["pcc_gene"] == pytest.approx(table["pcc_gene"].mean())
     assert list(spots.uns[Key.EVALUATION]["genes"]) == ["EPCAM", "ERBB2", "const", "KRT19"]
-    assert spots.uns[Key.UNS]["evaluate"]["scale"] == "log1p"
+    assert spots.uns[Key.UNS][Key.EVALUATE][Key.EVALUATION]["scale"] == "log1p"  # the record of this key_added
 
 
 def test_evaluate_cp10k_uses_library_size_of_all_genes(spots):

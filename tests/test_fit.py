@@ -10,7 +10,7 @@ import bitro as bt
 pytest.importorskip("torch")
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-TINY = {"dim": 16, "heads": 2, "ff_dim": 32, "max_context": 16, "context_radius": 60.0, "batch_size": 8, "n_seeds": 1}
+TINY = {"dim": 16, "heads": 2, "ff_dim": 32, "max_context": 16, "context_radius": 60.0, "batch_size": 8, "n_members": 1}
 
 
 def _fit(spots, cells, **kw):
@@ -22,7 +22,7 @@ def test_fit_predict_writes_slots(toy_tl):
     model = _fit(spots, cells)
     assert model.genes and len(model.genes) == spots.n_vars  # 12 genes < n_top_genes: all of them
     assert len(model.history[0]["train_loss"]) == 3 and len(model.history[0]["val_pcc_gene"]) == 3
-    assert len(model.config["members"][0]["validation_samples"]) == 1
+    assert len(model.config.members[0]["validation_samples"]) == 1
     assert set(model.history[0]) == {
         "train_loss",
         "train_mse",
@@ -63,7 +63,7 @@ def test_fit_predict_writes_slots(toy_tl):
     means = pd.DataFrame(expr_shares.X, index=expr_shares.obs_names, columns=model.genes).groupby(key).mean()
     pred_shares = spots_shares.obsm["bitro_predicted"]
     np.testing.assert_allclose(means.loc[pred_shares.index], pred_shares, rtol=1e-4, atol=1e-5)
-    assert expr.uns["bitro"]["predict"]["coverage"] == "spots"
+    assert expr.uns["bitro"]["predict"]["X"]["coverage"] == "spots"
     # coverage="tissue" (the default): every cell, from virtual spots of the training spot size
     everywhere = bt.tl.predict(model, spots, cells=cells)
     assert everywhere.n_obs == cells.n_obs and np.isfinite(everywhere.X).all() and (everywhere.obs["n_bags"] >= 1).all()
@@ -100,7 +100,7 @@ def test_tiny_model_overfits_a_few_bags(toy_tl):
 
 def test_genes_scale_and_ensemble(toy_tl):
     spots, cells = toy_tl
-    model = _fit(spots, cells, genes=["G3", "G1"], scale="log1p", n_seeds=2, validation=0.25, refit=True, epochs=2)
+    model = _fit(spots, cells, genes=["G3", "G1"], scale="log1p", n_members=2, validation=0.25, refit=True, epochs=2)
     assert model.genes == ["G3", "G1"] and len(model.nets) == 2 and "refit_train_loss" in model.history[0]
     sub = spots[:, ["G1"]].copy()  # a table with only one of the model's genes
     bt.tl.predict(model, sub, cells=cells)
@@ -207,7 +207,7 @@ def _x_with(spots, value):
         (lambda s, c: (s, c), {"readout": "mlp"}, ValueError, "readout"),
         (lambda s, c: (s, c), {"lr": 0.0}, ValueError, "lr"),
         (lambda s, c: (s[s.obs["sample"] == "S0"].copy(), c), {}, ValueError, "only"),
-        (lambda s, c: (s, c[:, :]), {"feature_key": "X_missing"}, KeyError, "X_missing"),
+        (lambda s, c: (s, c[:, :]), {"use_rep": "X_missing"}, KeyError, "X_missing"),
         (
             lambda s, c: (
                 s,
@@ -248,7 +248,7 @@ def test_synthetic_held_out_slide():
     spots = sdata["spots"]
     test = spots[spots.obs["sample"] == "synth2"].copy()
     train = spots[spots.obs["sample"] != "synth2"].copy()
-    model = bt.tl.fit(train, cells=cells, validation=None, epochs=20, lr=3e-3, dim=32, n_seeds=1)
+    model = bt.tl.fit(train, cells=cells, validation=None, epochs=20, lr=3e-3, dim=32, n_members=1)
     expr = bt.tl.predict(model, test, cells=cells, coverage="spots")
     pred = test.obsm["bitro_predicted"]
     truth = to_scale(dense(test.X), "cp10k")[:, test.var_names.get_indexer(pred.columns)]
@@ -280,7 +280,7 @@ def test_center_samples_removes_sample_means():
 def test_center_samples_default_and_stored_mean(toy_tl):
     spots, cells = toy_tl
     centred = _fit(spots, cells, epochs=1)
-    assert centred.config["training"]["center_samples"] is None  # default: on for spots
+    assert centred.config.training["center_samples"] is None  # default: on for spots
     plain = _fit(spots, cells, epochs=1, center_samples=False)
     # the stored z-score mean is the overall training mean either way; the spread differs (sample means removed)
     np.testing.assert_allclose(centred.zscore.mean, plain.zscore.mean, rtol=1e-6)
@@ -289,8 +289,8 @@ def test_center_samples_default_and_stored_mean(toy_tl):
 
 def test_ensemble_members_validate_on_different_samples(toy_tl):
     spots, cells = toy_tl
-    model = _fit(spots, cells, epochs=1, n_seeds=3)
-    held = [tuple(m["validation_samples"]) for m in model.config["members"]]
+    model = _fit(spots, cells, epochs=1, n_members=3)
+    held = [tuple(m["validation_samples"]) for m in model.config.members]
     assert len(set(held)) == 3  # three training samples: each validates one member
 
 
@@ -318,18 +318,18 @@ def test_cell_values_do_not_depend_on_the_bag_size(toy_tl):
     import torch
 
     from bitro.tl._bags import cell_data, spot_bags
-    from bitro.tl._predict import predict_bags
+    from bitro.tl.models._base import predict_ensemble
 
     spots, cells = toy_tl
-    model = _fit(spots, cells, n_seeds=1)
+    model = _fit(spots, cells, n_members=1)
     net = model.nets[0]
     assert net.arch.readout == "cell" and net.arch.bag_size
     data = cell_data(cells)
     bags = [b for b in spot_bags(spots, data, context_radius=0.0, max_context=0) if b is not None]
-    y, values, n_bags = predict_bags([net], bags, data, cell_scale=lambda z: z)
+    y, values, n_bags = predict_ensemble([net], bags, data, cell_scale=lambda z: z)
     with torch.no_grad():
         net.gene_size.mul_(10.0)  # a much stronger bag-size term
-    y_big, values_big, _ = predict_bags([net], bags, data, cell_scale=lambda z: z)
+    y_big, values_big, _ = predict_ensemble([net], bags, data, cell_scale=lambda z: z)
     np.testing.assert_allclose(values_big, values, atol=1e-5)  # the cells' values did not move
     assert np.abs(y_big - y).max() > 1e-3  # the bags' predictions did
 
@@ -339,7 +339,7 @@ def test_predictions_are_floored_at_zero(toy_tl):
     import torch
 
     spots, cells = toy_tl
-    model = _fit(spots, cells, n_seeds=1)
+    model = _fit(spots, cells, n_members=1)
     before = spots.copy()
     bt.tl.predict(model, before, cells=cells, coverage="spots")
     with torch.no_grad():  # push the first gene's predictions far below 0 on its target scale

@@ -7,13 +7,13 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 from bitro.tl._bags import cell_data, collate, spot_bags  # noqa: E402
-from bitro.tl._model import Architecture, BitroNet, cluster_loss, combine_parts  # noqa: E402
-from bitro.tl._predict import predict_bags  # noqa: E402
+from bitro.tl.models._base import predict_ensemble  # noqa: E402
+from bitro.tl.models._bitro import BitroArchitecture, BitroNet, cluster_loss, combine_parts  # noqa: E402
 
 
 def _net(n_features=8, n_genes=5, readout="gene", **kw):
     torch.manual_seed(0)
-    arch = Architecture(n_features=n_features, n_genes=n_genes, dim=16, gat_heads=2, transformer_heads=2, ff_dim=32, readout=readout, **kw)
+    arch = BitroArchitecture(n_features=n_features, n_genes=n_genes, dim=16, gat_heads=2, transformer_heads=2, ff_dim=32, readout=readout, **kw)
     return BitroNet(arch).eval()
 
 
@@ -30,8 +30,8 @@ def test_prediction_does_not_depend_on_batch_mates(bags_cells):
     net = _net()
     with torch.no_grad():
         alone = [net(collate([bags[i]], data))[0][0] for i in (0, 5)]
-        together, att, _ = net(collate(bags[:12], data))
-        swapped, _, _ = net(collate([bags[5], *bags[6:12], bags[0]], data))
+        together, att, _ = net.outputs(collate(bags[:12], data))
+        swapped, _, _ = net.outputs(collate([bags[5], *bags[6:12], bags[0]], data))
     torch.testing.assert_close(together[0], alone[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(together[5], alone[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(swapped[-1], alone[0], rtol=1e-5, atol=1e-5)
@@ -44,15 +44,15 @@ def test_prediction_does_not_depend_on_batch_mates(bags_cells):
 def test_predict_bags_independent_of_packing(bags_cells):
     bags, data = bags_cells
     net = _net()
-    big, cells_big, n_big = predict_bags([net], bags, data, cell_scale=lambda y: y)
-    small, cells_small, n_small = predict_bags([net], bags, data, tokens_per_batch=50, cell_scale=lambda y: y)
+    big, cells_big, n_big = predict_ensemble([net], bags, data, cell_scale=lambda y: y)
+    small, cells_small, n_small = predict_ensemble([net], bags, data, tokens_per_batch=50, cell_scale=lambda y: y)
     np.testing.assert_allclose(big, small, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(n_big, n_small)
     np.testing.assert_allclose(cells_big, cells_small, rtol=1e-5, atol=1e-6)
     # each pooled cell gets n_pool x its attention x its bag's prediction, as the network's own forward pass gives
     with torch.no_grad():
         for bag in bags[:5]:
-            y, att, _ = net(collate([bag], data))
+            y, att, _ = net.outputs(collate([bag], data))
             rows = bag[0].cells[: bag[0].n_pool]
             expected = bag[0].n_pool * att.numpy() * y.numpy()[0]
             row_of = np.cumsum(n_big > 0) - 1  # the cell values hold the covered cells only, in cell order
@@ -88,7 +88,7 @@ def test_gradients_reach_every_parameter(bags_cells, readout, gat_layers, transf
     bags, data = bags_cells
     net = _net(readout=readout, gat_layers=gat_layers, transformer_layers=transformer_layers).train()
     batch = collate(bags[:6], data)
-    y, _, cell_expr = net(batch)
+    y, cell_expr = net(batch)
     loss = (y**2).mean() + cluster_loss(cell_expr, batch.phenotype[batch.pool])
     loss.backward()
     missing = [n for n, p in net.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
@@ -121,7 +121,7 @@ def test_cells_average_to_their_bag(bags_cells, readout):
     net = _net(readout=readout)
     batch = collate(bags[:6], data)
     with torch.no_grad():
-        y, att, cell = net(batch)
+        y, att, cell = net.outputs(batch)
     bag = batch.pooled_bag
     if readout == "cell":
         mean = torch.zeros_like(y).index_add(0, bag, att * cell)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 def trained(toy_tl):
     spots, cells = toy_tl
     model = bt.tl.fit(
-        spots, cells=cells, dim=16, heads=2, ff_dim=32, max_context=16, context_radius=60.0, epochs=2, n_seeds=2
+        spots, cells=cells, dim=16, heads=2, ff_dim=32, max_context=16, context_radius=60.0, epochs=2, n_members=2
     )
     return model, spots, cells
 
@@ -42,7 +42,7 @@ def test_save_load_same_predictions(trained, tmp_path):
         np.testing.assert_array_equal(
             loaded.cell_reference["extract_cells"]["reducer"][name], cells.uns["bitro"]["extract_cells"]["reducer"][name]
         )
-    assert loaded.config["features"]["fingerprint"] == cells.uns["bitro"]["extract_cells"]["fingerprint"]
+    assert loaded.config.features["fingerprint"] == cells.uns["bitro"]["extract_cells"]["fingerprint"]
 
 
 def test_truncated_or_corrupted_files(trained, tmp_path):

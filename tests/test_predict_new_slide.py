@@ -14,7 +14,7 @@ import bitro as bt
 pytest.importorskip("torch")
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-TINY = {"dim": 16, "heads": 2, "ff_dim": 32, "epochs": 3, "n_seeds": 2, "validation": None}
+TINY = {"dim": 16, "heads": 2, "ff_dim": 32, "epochs": 3, "n_members": 2, "validation": None}
 
 
 def _without_spots(sdata):
@@ -85,8 +85,8 @@ expr.write_h5ad({str(tmp_path / "expr.h5ad")!r})
     TableModel().validate(new.tables["bitro_cells"])
     circles = new.shapes["synth0_virtual_spots"]
     assert len(circles) == spots.n_obs and set(spots.obs["spot_id"]) == set(circles.index)
-    np.testing.assert_allclose(circles["radius"] * 0.5, model.config["bags"]["spot_radius"])  # 0.5 um/px
-    assert spots.uns["bitro"]["predict"]["coverage"] == "tissue"
+    np.testing.assert_allclose(circles["radius"] * 0.5, model.config.bags.spot_radius)  # 0.5 um/px
+    assert spots.uns["bitro"]["predict"]["X"]["coverage"] == "tissue"
     assert bt.io.get_sections(new)[0].spots_key is None  # virtual spots are never taken for measured ones
     # the mean over a virtual spot's cells of its own share is its prediction: the slide's cell mean is close
     np.testing.assert_allclose(expr.X.mean(0), spots.X.mean(0), rtol=0.15, atol=0.05)

@@ -12,8 +12,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-TINY = {"dim": 16, "heads": 2, "ff_dim": 32, "max_context": 16, "context_radius": 60.0, "batch_size": 8, "n_seeds": 1}
-GENE_PARAMS = pytest.importorskip("bitro.tl._model").GENE_PARAMS
+TINY = {"dim": 16, "heads": 2, "ff_dim": 32, "max_context": 16, "context_radius": 60.0, "batch_size": 8, "n_members": 1}
+GENE_PARAMS = pytest.importorskip("bitro.tl.models._bitro").BitroNet.gene_params
 
 
 def _with_array(spots):
@@ -105,7 +105,7 @@ def test_region_bags_hold_the_cells_of_their_spots(toy):
 
 # -- transfer ---------------------------------------------------------------------------------------------
 def test_lora_trains_only_adapters_and_head(bulk_model, toy, caplog_bitro):
-    fingerprint = bt.tl._transfer.model_fingerprint(bulk_model)
+    fingerprint = bt.tl._adapters.model_fingerprint(bulk_model)
     base = {k: v.clone() for k, v in bulk_model.nets[0].state_dict().items()}
     tuned = _transfer(bulk_model, toy)
     assert tuned.target == "spot" and tuned.has_adapters and tuned.genes == bulk_model.genes
@@ -129,8 +129,8 @@ def test_lora_trains_only_adapters_and_head(bulk_model, toy, caplog_bitro):
     assert any(not torch.equal(after[n], base[n]) for n in GENE_PARAMS)
     lora_b = {n: p for n, p in net.named_parameters() if "lora_B" in n}
     assert all(p.abs().sum() > 0 for p in lora_b.values())  # every adapter (attention output o included) got gradients
-    assert bt.tl._transfer.model_fingerprint(bulk_model) == fingerprint  # the source model is untouched
-    info = tuned.config["transfer"]
+    assert bt.tl._adapters.model_fingerprint(bulk_model) == fingerprint  # the source model is untouched
+    info = tuned.config.transfer
     assert info["source_target"] == "bulk" and 0 < info["n_trained"] < info["n_parameters"]
     spots, cells = toy
     sub = spots.copy()
@@ -148,7 +148,7 @@ def test_gene_carry_over_by_symbol(bulk_model, toy, caplog_bitro):
         for name in GENE_PARAMS:
             if g in bulk_model.genes:  # carried: the source's row of the same gene, unchanged
                 assert torch.equal(net[name][i], src[name][bulk_model.genes.index(g)]), (g, name)
-    fresh = bt.tl._transfer.carry_genes(bulk_model.nets[0], bulk_model.genes, genes, seed=0)
+    fresh = bt.tl._adapters.carry_genes(bulk_model.nets[0], bulk_model.genes, genes, seed=0)
     new_rows = [genes.index("G9"), genes.index("G11")]
     assert not torch.equal(
         net["gene_queries"][new_rows], fresh.state_dict()["gene_queries"][new_rows]
@@ -161,19 +161,19 @@ def test_gene_carry_over_by_symbol(bulk_model, toy, caplog_bitro):
 
 def test_merged_equals_unmerged(bulk_model, toy):
     from bitro.tl._bags import cell_data, collate, spot_bags
-    from bitro.tl._predict import predict_bags
+    from bitro.tl.models._base import predict_ensemble
 
     tuned = _transfer(bulk_model, toy, dropout=0.0, cell_dropout=0.0)
     merged = tuned.merge()
-    assert tuned.has_adapters and not bt.tl._transfer.has_adapters(merged.nets[0])
+    assert tuned.has_adapters and not bt.tl._adapters.has_adapters(merged.nets[0])
     spots, cells = toy
     data = cell_data(cells)
     bags = [b for b in spot_bags(spots, data, context_radius=150.0, max_context=128) if b is not None]
-    y_a, cells_a, _ = predict_bags(tuned.nets, bags, data, cell_scale=lambda y: y)
-    y_b, cells_b, _ = predict_bags(merged.nets, bags, data, cell_scale=lambda y: y)
+    y_a, cells_a, _ = predict_ensemble(tuned.nets, bags, data, cell_scale=lambda y: y)
+    y_b, cells_b, _ = predict_ensemble(merged.nets, bags, data, cell_scale=lambda y: y)
     np.testing.assert_allclose(y_a, y_b, atol=1e-5)
     np.testing.assert_allclose(cells_a, cells_b, atol=1e-5)
-    base_y, _, _ = predict_bags(_transfer_untrained(bulk_model, toy).nets, bags, data)
+    base_y, _, _ = predict_ensemble(_transfer_untrained(bulk_model, toy).nets, bags, data)
     assert not np.allclose(y_a, base_y, atol=1e-3)  # the adapters do change the predictions
     batch = collate(bags[:8], data)
     with torch.no_grad():
@@ -217,7 +217,7 @@ def test_full_fine_tuning_and_spot_to_bulk(toy):
     tuned = bt.tl.transfer(spot_model, bulk, "bulk", cells=cells.copy(), method="full", epochs=2)
     assert tuned.target == "bulk" and not tuned.has_adapters
     assert all(p.requires_grad for p in tuned.nets[0].parameters())
-    assert tuned.config["transfer"]["n_trained"] == tuned.config["transfer"]["n_parameters"]
+    assert tuned.config.transfer["n_trained"] == tuned.config.transfer["n_parameters"]
     with pytest.raises(ValueError, match="no LoRA adapters"):
         tuned.save_adapters("unused")
     b = bulk.copy()

@@ -18,6 +18,10 @@ class TrainingDivergedError(RuntimeError):
     """Training stopped because its loss or predictions exploded; nothing was returned or written."""
 
 
+class ConfigError(ValueError):
+    """A saved model config that is not valid (edited, truncated or not written by bitro)."""
+
+
 class StainFitError(ValueError):
     """No haematoxylin and eosin stain vectors could be fitted on an image (no or too little stained tissue)."""
 
@@ -41,6 +45,13 @@ def check_int(name: str, value: Any, *, minimum: int | None = None) -> None:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         msg = f"`{name}` must be {what}, got {value!r}."
         raise ValueError(msg)
+
+
+def check_bool(name: str, value: Any, *, allow_none: bool = False) -> None:
+    """Raise unless ``value`` is ``True`` or ``False`` (or ``None`` when allowed)."""
+    if not (isinstance(value, bool | np.bool_) or (allow_none and value is None)):
+        msg = f"`{name}` must be True or False{' or None' if allow_none else ''}, got {value!r}."
+        raise TypeError(msg)
 
 
 def check_number(

@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> None:
         )
         stain = _pipeline.stain_reference_record(sdata)
         if stain is not None:  # `bitro cells --reference` / `bitro predict` normalise new slides to it
-            model.config["stain_reference"] = stain
+            model.config.stain_reference = stain
         model.save(args.model)
     elif args.command == "predict":
         _predict(args)

@@ -89,7 +89,12 @@ class Key:
     UNS: Final = "bitro"
     EXTRACT_CELLS: Final = "extract_cells"
     PHENOTYPES: Final = "phenotypes"
+    #: ``.uns["bitro"]["predict"]``: one record per place predictions were written (``key_added``, or
+    #: ``PREDICTIONS_IN_X`` for the tables whose ``.X`` holds them), so scores and plots find the scale of each.
     PREDICT: Final = "predict"
+    PREDICTIONS_IN_X: Final = "X"
+    #: ``.uns["bitro"]["evaluate"]``: the parameters of each ``bt.tl.evaluate`` run, keyed by its ``key_added``.
+    EVALUATE: Final = "evaluate"
     EVALUATION: Final = "bitro_eval"
     COLOUR_STATS: Final = "bitro_colour"
     BASELINE_MEAN: Final = "bitro_baseline_mean"

@@ -217,7 +217,7 @@ def stain_reference_record(sdata: SpatialData) -> dict[str, Any] | None:
 
     Refitted on the recorded reference image (deterministic: the same stain matrix), because the record keeps
     only the stain matrix and applying a reference needs its white point too. A model keeps it as
-    ``config["stain_reference"]``, so that new slides are normalised to the same colours. ``None`` when the
+    ``config.stain_reference``, so that new slides are normalised to the same colours. ``None`` when the
     images were not normalised, or the reference image is not in ``sdata``.
     """
     import numpy as np
@@ -252,10 +252,10 @@ def stain_reference_record(sdata: SpatialData) -> dict[str, Any] | None:
 
 
 def stain_reference(model: BitroModel) -> Any:
-    """The stain reference the model's training images were normalised to (``config["stain_reference"]``), or ``None``."""
+    """The stain reference the model's training images were normalised to (``config.stain_reference``), or ``None``."""
     import numpy as np
 
-    record = model.config.get("stain_reference")
+    record = model.config.stain_reference
     if not record:
         return None
     from bitro.pp._squidpy import import_squidpy
@@ -350,7 +350,7 @@ def figure_genes(model: BitroModel, genes: Sequence[str] | None = None) -> list[
     shown = [g for g in DEMO_GENES if g in model.genes]
     if shown:
         return shown
-    scores = model.config.get("gene_scores") or {}
+    scores = model.config.gene_scores or {}
     if scores:
         values = np.asarray(next(iter(scores.values())), dtype=float)
         order = np.argsort(-np.nan_to_num(values, nan=-np.inf), kind="stable")

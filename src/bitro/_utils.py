@@ -27,6 +27,22 @@ def check_key(container: Mapping[str, Any] | Iterable[str], key: str, what: str)
         raise KeyError(msg)
 
 
+def get_table(data: Any, table_key: str, what: str = "Table") -> Any:
+    """The AnnData itself, or the table ``table_key`` of a SpatialData (the one table resolver of bitro)."""
+    from anndata import AnnData
+
+    if isinstance(data, AnnData):
+        return data
+    tables = getattr(data, "tables", None)
+    if tables is None:
+        msg = f"Expected an AnnData or a SpatialData, got {type(data).__name__}."
+        raise TypeError(msg)
+    if table_key not in tables:
+        msg = f"{what} {table_key!r} not found in the SpatialData. Available tables: {sorted(tables) or 'none'}."
+        raise KeyError(msg)
+    return tables[table_key]
+
+
 def resolve_device(device: str | None = None) -> torch.device:
     """``device``, else ``bitro.settings.device``; ``"auto"`` is CUDA when available, else the CPU."""
     import torch

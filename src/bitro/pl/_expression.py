@@ -120,10 +120,11 @@ def expression(
     >>> import bitro as bt
     >>> bt.pl.expression(sdata, "EPCAM", sample="B4", cells=True)  # doctest: +SKIP
     """
-    from bitro.tl._evaluate import observed_on_scale, prediction_matrix, prediction_scale
+    from bitro.tl._evaluate import observed_on_scale, prediction_matrix, prediction_record, prediction_scale
 
     sdata, adata = split_data(data, table_key)
-    if adata.uns.get(Key.UNS, {}).get(Key.PREDICT, {}).get("predictions") == "X":
+    in_x = prediction_record(adata, Key.PREDICTIONS_IN_X) is not None
+    if in_x:
         # a prediction table of `bt.tl.predict` (e.g. "bitro_spots"): predictions in .X, nothing observed
         check_gene(gene, adata.var_names, "the prediction table")
         cols, pred_all, observed_too = np.arange(adata.n_vars), None, False
@@ -140,7 +141,7 @@ def expression(
             "Fit the model on this gene (`bt.tl.fit(..., genes=...)`) and run `bt.tl.predict`."
         )
         raise KeyError(msg)
-    scale = prediction_scale(adata, scale)
+    scale = prediction_scale(adata, scale, Key.PREDICTIONS_IN_X if in_x else layer)
     t = tissue(adata, sdata, sample)
     cell_xy = cell_values = None
     if cells:

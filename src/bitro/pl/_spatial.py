@@ -34,9 +34,9 @@ class Tissue:
 
 def split_data(data: AnnData | SpatialData, table_key: str) -> tuple[SpatialData | None, AnnData]:
     """``(sdata, table)`` from an AnnData (``sdata`` is None) or from a SpatialData's table ``table_key``."""
-    from bitro.tl._evaluate import resolve_table
+    from bitro._utils import get_table
 
-    adata = resolve_table(data, table_key)
+    adata = get_table(data, table_key)
     return (None if adata is data else data), adata
 
 

@@ -4,6 +4,7 @@ torch and torch_geometric are imported inside the functions, not here.
 """
 
 from bitro._checks import TrainingDivergedError
+from bitro.tl._adapters import TransferredModel, load_adapters
 from bitro.tl._baselines import add_baselines, colour_statistics
 from bitro.tl._cross_validate import cross_validate
 from bitro.tl._evaluate import evaluate
@@ -12,7 +13,7 @@ from bitro.tl._fit import fit
 from bitro.tl._persist import BitroModel, bundled_models, load_model
 from bitro.tl._predict import predict
 from bitro.tl._pseudobulk import pseudobulk
-from bitro.tl._transfer import TransferredModel, load_adapters, transfer
+from bitro.tl._transfer import transfer
 
 __all__ = [
     "BitroModel",

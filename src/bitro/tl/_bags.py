@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -27,8 +27,15 @@ from anndata import AnnData
 
 from bitro._checks import check_finite_array, check_unique_index, duplicates
 from bitro._constants import Key
+from bitro._features import FEATURE_SETTINGS, FIX, differences, fingerprint, plain, record_of
 from bitro._logging import logger
 from bitro._utils import check_key
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+    from bitro.tl._config import BagSettings
+    from bitro.tl._persist import BitroModel
 
 
 @dataclass
@@ -62,18 +69,31 @@ def _missing(values: pd.Series) -> np.ndarray:
     return values.isna().to_numpy() | (values.astype(str).to_numpy() == "")
 
 
-def cell_data(cells: AnnData, *, feature_key: str = Key.FEATURES, need_phenotype: bool = False) -> CellData:
-    """Check the cell table and read it into a :class:`CellData` (raises before any work on bad input)."""
+def cell_data(
+    cells: AnnData,
+    *,
+    use_rep: str = Key.FEATURES,
+    graph_key: str = Key.GRAPH,
+    phenotype_key: str = Key.PHENOTYPE,
+    need_phenotype: bool = False,
+) -> CellData:
+    """Check the cell table and read it into a :class:`CellData` (raises before any work on bad input).
+
+    ``use_rep``, ``graph_key`` and ``phenotype_key`` name what ``bt.pp.extract_cells``, ``bt.pp.spatial_graph``
+    (``.obsp[f"{graph_key}_connectivities"]``) and ``bt.pp.phenotypes`` wrote.
+    """
+    feature_key = use_rep
+    connectivities = f"{graph_key}_connectivities"
     if not isinstance(cells, AnnData):
         msg = f"The cell table must be an AnnData, got {type(cells).__name__}. Pass `cells=sdata['cells']`."
         raise TypeError(msg)
     check_key(cells.obsm, feature_key, "Cell features .obsm")
     check_key(cells.obsm, Key.SPATIAL, "Cell centroids .obsm")
     check_key(cells.obs.columns, Key.SAMPLE, "Cell table column .obs")
-    check_key(cells.obsp, Key.CONNECTIVITIES, "Cell kNN graph .obsp (run `bt.pp.spatial_graph`)")
+    check_key(cells.obsp, connectivities, "Cell kNN graph .obsp (run `bt.pp.spatial_graph`)")
     if need_phenotype:
         what = "Cell phenotypes .obs (run `bt.pp.phenotypes` or set cluster_weight=0)"
-        check_key(cells.obs.columns, Key.PHENOTYPE, what)
+        check_key(cells.obs.columns, phenotype_key, what)
     check_unique_index(
         cells.obs_names,
         "The cell table (.obs_names)",
@@ -96,7 +116,7 @@ def cell_data(cells: AnnData, *, feature_key: str = Key.FEATURES, need_phenotype
         "drop those cells or segment again",
     )
     samples = cells.obs[Key.SAMPLE].astype(str).to_numpy()
-    sizes = cells.uns.get(Key.UNS, {}).get("pixel_size", {})
+    sizes = cells.uns.get(Key.UNS, {}).get(Key.PIXEL_SIZE, {})
     lacking = sorted(set(samples) - set(map(str, sizes)))
     if lacking:
         msg = (
@@ -109,11 +129,11 @@ def cell_data(cells: AnnData, *, feature_key: str = Key.FEATURES, need_phenotype
     xy_um = xy * np.array([pixel_size[s] for s in samples])[:, None]
     spot = cells.obs[Key.SPOT_ID] if Key.SPOT_ID in cells.obs else pd.Series([""] * cells.n_obs, index=cells.obs_names)
     spot_id = np.where(_missing(spot), "", spot.astype(str).to_numpy()).astype(object)
-    if Key.PHENOTYPE in cells.obs:
-        ph = cells.obs[Key.PHENOTYPE].astype("category").cat.codes.to_numpy().astype(np.int64)
+    if phenotype_key in cells.obs:
+        ph = cells.obs[phenotype_key].astype("category").cat.codes.to_numpy().astype(np.int64)
     else:
         ph = np.full(cells.n_obs, -1, dtype=np.int64)
-    adjacency = sp.csr_matrix(cells.obsp[Key.CONNECTIVITIES])
+    adjacency = sp.csr_matrix(cells.obsp[connectivities])
     return CellData(features, xy_um, samples, spot_id, ph, adjacency, pixel_size)
 
 
@@ -318,12 +338,6 @@ def log_cell_count(bag: Sequence[Seq]) -> float:
     return float(np.log1p(sum(s.n_pool for s in bag)))
 
 
-def size_stats(sizes: Sequence[float]) -> dict[str, float]:
-    """Mean and standard deviation of the training bags' sizes (the model standardises its bag-size input)."""
-    std = float(np.std(sizes))
-    return {"size_mean": float(np.mean(sizes)), "size_std": std if std > 1e-6 else 1.0}
-
-
 def _drop(seq: Seq, rate: float, rng: np.random.Generator) -> Seq:
     keep = rng.random(len(seq.cells)) >= rate
     keep[: seq.n_pool] |= ~keep[: seq.n_pool].any() & (np.arange(seq.n_pool) == 0)  # keep one pooled cell
@@ -338,14 +352,14 @@ def collate(
     cell_dropout: float = 0.0,
     max_cells: int | None = None,
 ):
-    """Flat :class:`~bitro.tl._model.Batch` of ``bags``.
+    """Flat :class:`~bitro.tl.models._base.Batch` of ``bags``.
 
     With ``rng`` (training): each bag keeps a random subset of its sequences of at most ``max_cells``
     cells (bulk), and each cell is dropped with probability ``cell_dropout`` (one pooled cell always stays).
     """
     import torch
 
-    from bitro.tl._model import Batch
+    from bitro.tl.models._base import Batch
 
     seqs, seq_bag = [], []
     size = np.array([log_cell_count(bag) for bag in bags])
@@ -380,3 +394,96 @@ def collate(
         cell=torch.from_numpy(idx),
         size=torch.from_numpy(size.astype(np.float32)),
     )
+
+
+def resolve_tables(
+    data: AnnData | SpatialData,
+    target: str,
+    *,
+    cells: AnnData | None,
+    table_key: str | None,
+    cells_key: str = Key.CELLS_TABLE,
+) -> tuple[AnnData, AnnData]:
+    """The expression table and the cell table, from an AnnData + ``cells`` or from a SpatialData.
+
+    ``table_key`` defaults to ``"spots"`` for ``target="spot"`` and ``"bulk"`` otherwise.
+    """
+    from bitro._utils import get_table
+
+    if not isinstance(data, AnnData):
+        from spatialdata import SpatialData
+
+        if not isinstance(data, SpatialData):
+            msg = f"`data` must be an AnnData or a SpatialData, got {type(data).__name__}."
+            raise TypeError(msg)
+        if cells is None:
+            cells = get_table(data, cells_key, "Cell table")
+        data = get_table(data, table_key or (Key.SPOTS_TABLE if target == "spot" else Key.BULK_TABLE))
+    if cells is None:
+        msg = f"Give the cell table: `cells=` (an AnnData), or pass a SpatialData holding a {cells_key!r} table."
+        raise ValueError(msg)
+    return data, cells
+
+
+def make_bags(
+    table: AnnData, cells: CellData, target: str, settings: BagSettings, *, for_what: str
+) -> tuple[list[list[Seq]], np.ndarray]:
+    """The training bags of the rows of ``table`` that have cells, and which rows those are (``keep``).
+
+    Raises when fewer than 2 rows have cells (``for_what``: ``"train"`` or ``"fine-tune"``, for the message).
+    """
+    if target == "spot":
+        check_cells_match_spots(table, cells)
+        all_bags = spot_bags(table, cells, context_radius=settings.context_radius, max_context=settings.max_context)
+    else:
+        all_bags = bulk_bags(table, cells, chunk_size=settings.chunk_size)
+    keep = np.array([b is not None for b in all_bags])
+    if keep.sum() < 2:
+        msg = f"Only {int(keep.sum())} {target} rows have cells; at least 2 are needed to {for_what}."
+        raise ValueError(msg)
+    return [b for b in all_bags if b is not None], keep
+
+
+def feature_config(cells: AnnData, use_rep: str) -> dict[str, Any]:
+    """What a model records of its training cells' features: the settings that define them and the fingerprint."""
+    record = record_of(cells)
+    if record is None:
+        msg = (
+            f"The cell table has no extraction record `.uns[{Key.UNS!r}][{Key.EXTRACT_CELLS!r}]`, so nothing says what "
+            "its features mean and new slides could not be matched to them. Build the cell table with "
+            "`bt.pp.extract_cells` (any encoder, including your own callable)."
+        )
+        raise ValueError(msg)
+    check_key(cells.obsm, use_rep, "Cell features .obsm")
+    return {
+        **{k: plain(record.get(k)) for k in FEATURE_SETTINGS},
+        "feature_key": use_rep,
+        "n_features": int(np.shape(cells.obsm[use_rep])[1]),
+        "feature_names": plain(record.get("feature_names", [])),
+        "fingerprint": fingerprint(record),
+    }
+
+
+def check_features(model: BitroModel, cells: AnnData) -> None:
+    """Raise, in one line, when the cell table's features do not mean what the model was trained on."""
+    key, dim = model.config.feature_key, model.config.architecture.n_features
+    check_key(cells.obsm, key, "Cell features .obsm")
+    record = record_of(cells)
+    if record is None:
+        msg = (
+            f"The cell table has no extraction record `.uns[{Key.UNS!r}][{Key.EXTRACT_CELLS!r}]`, so its features "
+            f"cannot be checked against the model's. {FIX}."
+        )
+        raise ValueError(msg)
+    trained = model.config.features
+    if fingerprint(record) != trained["fingerprint"]:
+        why = differences(model.cell_reference.get(Key.EXTRACT_CELLS, trained), record)
+        why = why or "the scaler + PCA differs from the model's"
+        msg = f"The cell features do not match the model's: {why}. {FIX}."
+        raise ValueError(msg)
+    got = np.shape(cells.obsm[key])[1]
+    if got != dim:
+        msg = (
+            f"The model was trained on {dim}-dimensional cell features .obsm[{key!r}], the cell table has {got}. {FIX}."
+        )
+        raise ValueError(msg)

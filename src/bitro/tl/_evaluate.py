@@ -11,6 +11,7 @@ import scipy.sparse as sp
 
 from bitro._constants import Key
 from bitro._logging import logger
+from bitro._utils import get_table
 from bitro.tl._metrics import js_divergence, pcc_per_gene, pcc_per_obs
 from bitro.tl._targets import SCALES, Scale, check_counts, check_scale, dense, to_scale
 
@@ -20,22 +21,6 @@ if TYPE_CHECKING:
 
 #: Rows transformed at a time when bringing raw counts to the prediction's scale (bounds memory).
 _CHUNK_ROWS = 512
-
-
-def resolve_table(data: AnnData | SpatialData, table_key: str) -> AnnData:
-    """The AnnData itself, or the table ``table_key`` of a SpatialData."""
-    from anndata import AnnData
-
-    if isinstance(data, AnnData):
-        return data
-    tables = getattr(data, "tables", None)
-    if tables is None:
-        msg = f"Expected an AnnData or a SpatialData, got {type(data).__name__}."
-        raise TypeError(msg)
-    if table_key not in tables:
-        msg = f"Table {table_key!r} not found in the SpatialData. Available tables: {sorted(tables) or 'none'}."
-        raise KeyError(msg)
-    return tables[table_key]
 
 
 def prediction_matrix(adata: AnnData, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -63,14 +48,28 @@ def prediction_matrix(adata: AnnData, key: str) -> tuple[np.ndarray, np.ndarray]
     raise KeyError(msg)
 
 
-def prediction_scale(adata: AnnData, scale: str | None) -> str:
-    """The target scale of the predictions: ``scale`` when given, else the one recorded by ``bt.tl.predict``."""
+def prediction_record(adata: AnnData, where: str) -> dict[str, Any] | None:
+    """The record ``bt.tl.predict`` kept of the predictions at ``where`` (its ``key_added``, or ``"X"``), if any.
+
+    Records of bitro < 0.2 (one per table, the last ``predict``'s) are read for any ``where``.
+    """
+    records = adata.uns.get(Key.UNS, {}).get(Key.PREDICT)
+    if not isinstance(records, dict):
+        return None
+    if "scale" in records:  # the one record of an older bitro
+        return records if where != Key.PREDICTIONS_IN_X or records.get("predictions") == "X" else None
+    record = records.get(where)
+    return record if isinstance(record, dict) else None
+
+
+def prediction_scale(adata: AnnData, scale: str | None, where: str = Key.PREDICTIONS_IN_X) -> str:
+    """The target scale of the predictions at ``where``: ``scale`` when given, else the one ``bt.tl.predict`` recorded."""
     if scale is None:
-        scale = adata.uns.get(Key.UNS, {}).get("predict", {}).get("scale")
+        scale = (prediction_record(adata, where) or {}).get("scale")
     if scale is None:
         msg = (
-            "The scale of the predictions is unknown: it is not recorded in `.uns['bitro']['predict']['scale']`. "
-            f"Pass it as `scale=` (one of {SCALES})."
+            f"The scale of the predictions {where!r} is unknown: `bt.tl.predict` recorded none in "
+            f"`.uns[{Key.UNS!r}][{Key.PREDICT!r}][{where!r}]`. Pass it as `scale=` (one of {SCALES})."
         )
         raise ValueError(msg)
     check_scale(str(scale))
@@ -129,7 +128,7 @@ def evaluate(
         Observations whose predictions are not all finite are not scored.
     scale
         Target scale of the predictions, ``"cp10k"`` or ``"log1p"``. By default the scale
-        recorded by :func:`bitro.tl.predict` in ``.uns["bitro"]["predict"]["scale"]``.
+        recorded by :func:`bitro.tl.predict` in ``.uns["bitro"]["predict"][layer]["scale"]``.
     truth
         A layer holding the observed expression already on the prediction's scale, used instead
         of transforming ``.X``.
@@ -152,7 +151,7 @@ def evaluate(
     - ``.obs["{key_added}_pcc"]``: the correlation over genes of each observation.
     - ``.uns[key_added]``: ``"summary"`` (the returned frame), ``"mean"`` (each metric averaged
       over groups), ``"scale"`` and ``"genes"``.
-    - ``.uns["bitro"]["evaluate"]``: the parameters.
+    - ``.uns["bitro"]["evaluate"][key_added]``: the parameters.
 
     Examples
     --------
@@ -160,7 +159,7 @@ def evaluate(
     >>> scores = bt.tl.evaluate(adata, scale="cp10k")  # doctest: +SKIP
     >>> scores[["sample", "pcc_overall", "pcc_gene"]]  # doctest: +SKIP
     """
-    adata = resolve_table(data, table_key)
+    adata = get_table(data, table_key)
     if not key_added:
         msg = "`key_added` must be a non-empty string."
         raise ValueError(msg)
@@ -171,7 +170,7 @@ def evaluate(
     if truth is not None and truth not in adata.layers:
         msg = f"Truth layer {truth!r} not found. Available layers: {sorted(adata.layers) or 'none'}."
         raise KeyError(msg)
-    scale = prediction_scale(adata, scale) if truth is None or scale is not None else None
+    scale = prediction_scale(adata, scale, layer) if truth is None or scale is not None else None
     if groupby is not None and groupby not in adata.obs:
         msg = f"`groupby={groupby!r}` is not a column of `.obs` (columns: {list(adata.obs.columns)}). Use `groupby=None` to score all rows together."
         raise KeyError(msg)
@@ -243,7 +242,10 @@ def evaluate(
         "table_key": table_key,
         "key_added": key_added,
     }
-    adata.uns.setdefault(Key.UNS, {})["evaluate"] = params
+    runs = adata.uns.setdefault(Key.UNS, {}).get(Key.EVALUATE)
+    if not isinstance(runs, dict) or "layer" in runs:  # none yet, or the one record of bitro < 0.2
+        runs = {}
+    adata.uns[Key.UNS][Key.EVALUATE] = {**runs, key_added: params}
     logger.info(
         "Scored %d observations x %d genes in %d group(s): PCC_overall %.3f, PCC_gene %.3f, JS %.3f.",
         len(rows),

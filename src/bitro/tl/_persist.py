@@ -14,32 +14,23 @@ import numpy as np
 from bitro._constants import Key
 from bitro._features import file_digest, plain
 from bitro._logging import logger
+from bitro.tl._config import FORMAT_VERSION, ModelConfig
 from bitro.tl._targets import ZScore
 
 if TYPE_CHECKING:
-    from bitro.tl._model import BitroNet
+    from bitro.tl.models._base import CellBagNetwork
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 #: The arrays of the model's cell reference (scaler + PCA, phenotype centroids), ``"{record}.{array}"`` keys.
 REFERENCE_FILE = "reference.safetensors"
-FORMAT_VERSION = 2
 MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, REFERENCE_FILE)
 #: Config entry with the checksums of the weights, of the reference arrays and of the fields giving them meaning.
 CHECKSUMS = "checksums"
 #: The config fields that give the weights their meaning; their digest is stored in the config and in the weights.
 MEANING_FIELDS = ("target", "scale", "genes", "zscore_mean", "zscore_std", "architecture", "n_members", "feature_key")
-_REQUIRED = (
-    "format_version",
-    "target",
-    "scale",
-    "genes",
-    "zscore_mean",
-    "zscore_std",
-    "architecture",
-    "bags",
-    "features",
-)
+#: Entries of ``config.json`` written beside the :class:`~bitro.tl._config.ModelConfig` fields.
+SAVED_BESIDE = ("n_members", "history", "cell_reference", CHECKSUMS)
 #: The arrays of each record of a cell reference (kept in :data:`REFERENCE_FILE`, not in the JSON config).
 _REFERENCE_ARRAYS = {Key.EXTRACT_CELLS: "reducer", Key.PHENOTYPES: "centroids"}
 
@@ -74,7 +65,7 @@ class BitroModel:
     history
         Per ensemble member, the training history: a dict of lists per epoch (``"train_loss"``,
         ``"train_mse"``, ``"train_cluster"``, ``"val_mse"``, ``"val_pcc_gene"``; ``"refit_train_*"`` after a
-        refit), plus ``"best_epoch"``. Each member's seed and validation samples are in ``config["members"]``.
+        refit), plus ``"best_epoch"``. Each member's seed and validation samples are in ``config.members``.
     cell_reference
         What the model keeps of its training cell table: ``"extract_cells"`` (the extraction record with the
         fitted scaler + PCA) and ``"phenotypes"`` (the phenotype centroids). Pass the model as ``reference=`` to
@@ -83,8 +74,8 @@ class BitroModel:
 
     def __init__(
         self,
-        nets: list[BitroNet],
-        config: dict[str, Any],
+        nets: list[CellBagNetwork],
+        config: ModelConfig,
         history: list[dict[str, Any]],
         cell_reference: dict[str, Any] | None = None,
     ):
@@ -96,28 +87,28 @@ class BitroModel:
     @property
     def genes(self) -> list[str]:
         """The genes the model predicts, in output order."""
-        return list(self.config["genes"])
+        return list(self.config.genes)
 
     @property
     def zscore(self) -> ZScore:
         """Gene-wise z-score statistics of the training targets."""
-        return ZScore(np.asarray(self.config["zscore_mean"]), np.asarray(self.config["zscore_std"]))
+        return ZScore(np.asarray(self.config.zscore_mean), np.asarray(self.config.zscore_std))
 
     @property
     def target(self) -> str:
         """``"spot"`` or ``"bulk"``."""
-        return str(self.config["target"])
+        return self.config.target
 
     @property
     def scale(self) -> str:
         """Target scale: ``"cp10k"`` or ``"log1p"``."""
-        return str(self.config["scale"])
+        return self.config.scale
 
     def __repr__(self) -> str:
         n_par = sum(p.numel() for p in self.nets[0].parameters()) if self.nets else 0
         return (
-            f"BitroModel(target={self.target!r}, scale={self.scale!r}, n_genes={len(self.genes)}, "
-            f"n_seeds={len(self.nets)}, n_parameters={n_par})"
+            f"BitroModel(model={self.config.model!r}, target={self.target!r}, scale={self.scale!r}, n_genes={len(self.genes)}, "
+            f"n_members={len(self.nets)}, n_parameters={n_par})"
         )
 
     def save(self, path: str | Path) -> Path:
@@ -157,8 +148,7 @@ class BitroModel:
                 arrays[f"{name}.{field}.{k}".rstrip(".")] = torch.as_tensor(
                     np.asarray(v, dtype=np.float64)
                 ).contiguous()
-        config = dict(self.config, n_members=len(self.nets), history=self.history, cell_reference=records)
-        config.pop(CHECKSUMS, None)
+        config = dict(self.config.to_dict(), n_members=len(self.nets), history=self.history, cell_reference=records)
         meaning = meaning_digest(config)
 
         def write(folder: Path) -> None:
@@ -301,15 +291,18 @@ def load_model(path: str | Path, *, device: str | None = None) -> BitroModel:
         msg = f"{str(path)!r} is a file, not a model folder; give the folder that holds {CONFIG_FILE}."
         raise FileNotFoundError(msg)
     finish_save(path)
-    config = read_config(path)
-    check_config(config, path / CONFIG_FILE)
+    raw = read_config(path)
+    config = ModelConfig.from_dict({k: v for k, v in raw.items() if k not in SAVED_BESIDE}, path / CONFIG_FILE)
+    n_members = raw.get("n_members", 1)
+    if not (isinstance(n_members, int) and n_members >= 1):
+        msg = f"The model config {path / CONFIG_FILE} is invalid: n_members must be a positive integer, got {n_members!r}."
+        raise ValueError(msg)
     states = read_weights(path / WEIGHTS_FILE)
-    verify_checksums(path, config)
-    check_members(states, config, path / WEIGHTS_FILE)
-    nets = build_nets(config, states, device=device)
-    reference = read_reference(path, config.get("cell_reference", {}))
-    kept = {k: v for k, v in config.items() if k not in ("history", "n_members", "cell_reference", CHECKSUMS)}
-    return BitroModel(nets, kept, config.get("history", []), reference)
+    verify_checksums(path, raw)
+    check_members(states, raw, path / WEIGHTS_FILE)
+    nets = build_nets(config, n_members, states, device=device)
+    reference = read_reference(path, raw.get("cell_reference", {}))
+    return BitroModel(nets, config, raw.get("history", []), reference)
 
 
 def read_reference(path: Path, records: dict[str, Any]) -> dict[str, Any]:
@@ -351,9 +344,8 @@ def read_config(path: Path) -> dict[str, Any]:
             "Update bitro." if newer else "The model was saved by an older bitro: train it again."
         )
         raise ValueError(msg)
-    missing = [k for k in _REQUIRED if k not in config] if isinstance(config, dict) else list(_REQUIRED)
-    if missing:
-        msg = f"The model config {file} lacks {missing}; it was not written by `BitroModel.save`."
+    if not isinstance(config, dict):
+        msg = f"The model config {file} is not a JSON object; it was not written by `BitroModel.save`."
         raise ValueError(msg)
     return config
 
@@ -361,13 +353,16 @@ def read_config(path: Path) -> dict[str, Any]:
 def meaning_digest(config: dict[str, Any]) -> str:
     """SHA-256 of the config fields that give the weights their meaning (:data:`MEANING_FIELDS`, feature fingerprint)."""
     parts = {k: plain(config.get(k)) for k in MEANING_FIELDS}
+    if config.get("model", "bitro") != "bitro":  # BiTro models were saved before other models existed
+        parts["model"] = config["model"]
     parts["features"] = (
         (config.get("features") or {}).get("fingerprint") if isinstance(config.get("features"), dict) else None
     )
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _metadata(file: Path) -> dict[str, str]:
+def safetensors_metadata(file: Path) -> dict[str, str]:
+    """The metadata of a safetensors file, with a clear error when its header cannot be read."""
     from safetensors import safe_open
 
     try:
@@ -413,83 +408,12 @@ def verify_checksums(path: Path, config: dict[str, Any]) -> None:
         )
         raise ValueError(msg)
     meaning = meaning_digest(config)
-    if meaning != sums["meaning_sha256"] or meaning != _metadata(weights).get("meaning_sha256"):
+    if meaning != sums["meaning_sha256"] or meaning != safetensors_metadata(weights).get("meaning_sha256"):
         msg = (
             f"The genes, z-score statistics or architecture in {path / CONFIG_FILE} were changed after the model was "
             "saved, so its predictions would be labelled or scaled wrongly; use the config.json saved with the weights."
         )
         raise ValueError(msg)
-
-
-def _fail(file: Path, what: str) -> None:
-    msg = f"The model config {file} is invalid: {what}; it was not written by `BitroModel.save` or was edited. Save the model again."
-    raise ValueError(msg)
-
-
-def check_config(config: dict[str, Any], file: Path) -> None:
-    """Validate a model config against its schema: types, allowed values and lengths that agree with each other."""
-    from bitro._checks import duplicates, is_int, is_number
-    from bitro.tl._fit import TARGETS
-    from bitro.tl._model import READOUTS, Architecture
-    from bitro.tl._targets import SCALES
-
-    if config["target"] not in TARGETS:
-        _fail(file, f"target {config['target']!r} is not one of {TARGETS}")
-    if config["scale"] not in SCALES:
-        _fail(file, f"scale {config['scale']!r} is not one of {SCALES}")
-    genes = config["genes"]
-    if not isinstance(genes, list) or not genes or not all(isinstance(g, str) and g for g in genes):
-        _fail(file, "genes must be a non-empty list of gene names")
-    if duplicates(genes):
-        _fail(file, f"genes {duplicates(genes)[:3]} occur more than once")
-    for key in ("zscore_mean", "zscore_std"):
-        v = config[key]
-        if not isinstance(v, list) or len(v) != len(genes) or not all(is_number(x) and np.isfinite(x) for x in v):
-            _fail(file, f"{key} must be {len(genes)} finite numbers, one per gene")
-    if not all(x > 0 for x in config["zscore_std"]):
-        _fail(file, "zscore_std must be positive")
-    arch = config["architecture"]
-    fields = set(Architecture.__dataclass_fields__)
-    if not isinstance(arch, dict) or set(arch) - fields or {"n_features", "n_genes"} - set(arch):
-        _fail(file, f"architecture must be a dict of {sorted(fields)}")
-    for key in ("n_features", "n_genes", "dim", "gat_heads", "transformer_heads", "ff_dim", "readout_hidden"):
-        if key in arch and not (is_int(arch[key]) and arch[key] >= 1):
-            _fail(file, f"architecture {key} must be a positive integer, got {arch[key]!r}")
-    for key in ("gat_layers", "transformer_layers"):
-        if key in arch and not (is_int(arch[key]) and arch[key] >= 0):
-            _fail(file, f"architecture {key} must be an integer >= 0, got {arch[key]!r}")
-    if arch["n_genes"] != len(genes):
-        _fail(file, f"architecture n_genes is {arch['n_genes']} but {len(genes)} genes are listed")
-    if arch.get("readout", "gene") not in READOUTS:
-        _fail(file, f"architecture readout {arch.get('readout')!r} is not one of {READOUTS}")
-    n = config.get("n_members", 1)
-    if not (is_int(n) and n >= 1):
-        _fail(file, f"n_members must be a positive integer, got {n!r}")
-    bags = config["bags"]
-    if not isinstance(bags, dict):
-        _fail(file, "bags must be a dict")
-    for key in ("context_radius", "spot_radius"):
-        v = bags.get(key)
-        if v is not None and not (is_number(v) and np.isfinite(v) and v >= 0):
-            _fail(file, f"bags {key} must be a number >= 0, got {v!r}")
-    for key, low in (("max_context", 0), ("chunk_size", 1)):
-        if key in bags and not (is_int(bags[key]) and bags[key] >= low):
-            _fail(file, f"bags {key} must be an integer >= {low}, got {bags[key]!r}")
-    features = config["features"]
-    if not isinstance(features, dict) or not isinstance(features.get("fingerprint"), str):
-        _fail(file, "features must be a dict with the features' fingerprint")
-    if features.get("n_features", arch["n_features"]) != arch["n_features"]:
-        _fail(
-            file,
-            f"features n_features {features.get('n_features')} differs from the architecture's {arch['n_features']}",
-        )
-    if not isinstance(config.get("feature_key", ""), str):
-        _fail(file, "feature_key must be a string")
-    scores = config.get("gene_scores")
-    if scores is not None and (
-        not isinstance(scores, dict) or not all(isinstance(v, list) and len(v) == len(genes) for v in scores.values())
-    ):
-        _fail(file, f"gene_scores must map each score name to {len(genes)} values, one per gene")
 
 
 def check_members(states: dict[str, Any], config: dict[str, Any], file: Path) -> None:
@@ -528,16 +452,17 @@ def read_weights(file: Path) -> dict[str, Any]:
         raise ValueError(msg) from e
 
 
-def build_nets(config: dict[str, Any], states: dict[str, Any] | None, *, device: str | None = None) -> list[BitroNet]:
-    """Networks of ``config``'s architecture, loaded with ``states`` (``"{member}.{name}"`` keys) when given."""
+def build_nets(
+    config: ModelConfig, n_members: int, states: dict[str, Any] | None, *, device: str | None = None
+) -> list[CellBagNetwork]:
+    """``n_members`` networks of the config's model and architecture, loaded with ``states`` (``"{member}.{name}"``)."""
     from bitro._utils import resolve_device
-    from bitro.tl._model import Architecture, BitroNet
+    from bitro.tl.models import get_model
 
-    arch = Architecture(**config["architecture"])
-    n = int(config.get("n_members", 1))
+    network = get_model(config.model).network
     nets = []
-    for k in range(n):
-        net = BitroNet(arch)
+    for k in range(n_members):
+        net = network(config.architecture)
         if states is not None:
             prefix = f"{k}."
             own = {name[len(prefix) :]: t for name, t in states.items() if name.startswith(prefix)}
@@ -548,100 +473,3 @@ def build_nets(config: dict[str, Any], states: dict[str, Any] | None, *, device:
                 raise ValueError(msg) from e
         nets.append(net.to(resolve_device(device)).eval())
     return nets
-
-
-# -- checkpoints of an interrupted fit --------------------------------------------------------------------
-#: One file per checkpoint: the tensors, with the training state (JSON) and their checksum in its metadata.
-CHECKPOINT_FILE = "checkpoint.safetensors"
-#: Files of the checkpoints of bitro < 0.3 (state and weights apart, which a stop between them could mix).
-LEGACY_CHECKPOINT_FILES = ("checkpoint.json",)
-
-
-def _tensor_digest(tensors: dict[str, Any]) -> str:
-    """SHA-256 of named tensors: names, dtypes, shapes and bytes."""
-    import torch
-
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        t = tensors[k].detach().cpu().contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def save_checkpoint(folder: Path, *, net, optimizer, best_state: dict | None, state: dict[str, Any]) -> None:
-    """Write the training state after an epoch: weights, best weights, Adam moments, counters and history.
-
-    Everything goes into one file (the state as JSON in its metadata, with a checksum of the tensors), written
-    to a temporary file and renamed over the previous checkpoint: a fit stopped at any moment leaves either the
-    previous complete checkpoint or the new one, never a mix.
-    """
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    if best_state is not None:
-        tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best_state.items()})
-    for i, moments in optimizer.state_dict()["state"].items():
-        tensors.update({f"opt.{i}.{k}": v.detach().cpu().contiguous() for k, v in moments.items()})
-    metadata = {"format": "bitro-checkpoint", "state": json.dumps(state), "sha256": _tensor_digest(tensors)}
-    tmp = folder / (CHECKPOINT_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(folder / CHECKPOINT_FILE)
-    for name in LEGACY_CHECKPOINT_FILES:
-        (folder / name).unlink(missing_ok=True)
-
-
-def load_checkpoint(
-    folder: Path, *, net, optimizer, fingerprint: str, epochs: int | None = None
-) -> tuple[dict[str, Any], dict | None] | None:
-    """Restore ``net`` and ``optimizer`` from ``folder``.
-
-    Returns ``(state, best_state)``, or ``None`` when ``folder`` holds no checkpoint. Raises when the checkpoint
-    is corrupted, belongs to another fit, or is further along than ``epochs`` (a longer run's).
-    """
-    from safetensors.torch import load_file
-
-    file = folder / CHECKPOINT_FILE
-    if not file.is_file():
-        if any((folder / name).exists() for name in LEGACY_CHECKPOINT_FILES):
-            msg = f"The checkpoint in {folder} was written by an older bitro and cannot be resumed; delete {folder} to start afresh."
-            raise ValueError(msg)
-        return None
-    fix = f"delete {folder} to start afresh"
-    meta = _metadata(file)
-    if meta.get("format") != "bitro-checkpoint":
-        msg = f"{file} is not a checkpoint of this bitro (written by an older one?); {fix}."
-        raise ValueError(msg)
-    try:
-        tensors = load_file(str(file))
-        state = json.loads(meta["state"])
-    except (ValueError, KeyError, OSError) as e:
-        msg = f"The checkpoint {file} is corrupted or truncated ({e}); {fix}."
-        raise ValueError(msg) from e
-    if meta.get("sha256") != _tensor_digest(tensors):
-        msg = f"The checkpoint {file} does not match its checksum (corrupted on disk); {fix}."
-        raise ValueError(msg)
-    if state.get("fingerprint") != fingerprint:
-        msg = (
-            f"The checkpoint in {folder} belongs to a different fit (other data or parameters). "
-            "Give a new `checkpoint_dir`, or delete this one to start afresh."
-        )
-        raise ValueError(msg)
-    if epochs is not None and state["epoch"] > epochs:
-        msg = (
-            f"The checkpoint in {folder} is from a longer run (epoch {state['epoch']}) than epochs={epochs} asks for, "
-            f"and its state at epoch {epochs} is gone; give a new `checkpoint_dir`, delete this one, or pass "
-            f"epochs>={state['epoch']}."
-        )
-        raise ValueError(msg)
-    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
-    opt_state: dict[int, dict[str, Any]] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, i, name = k.split(".", 2)
-            opt_state.setdefault(int(i), {})[name] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": optimizer.state_dict()["param_groups"]})
-    logger.info(f"Resuming from the checkpoint in {folder} (epoch {state['epoch']}).")
-    return state, best

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -11,182 +10,15 @@ import pandas as pd
 from anndata import AnnData
 
 from bitro._constants import Key
-from bitro._features import FEATURE_SETTINGS, FIX, differences, fingerprint, plain, record_of
+from bitro._features import record_of
 from bitro._logging import logger
-from bitro._settings import settings
 from bitro._utils import release_memory
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
-    from bitro.tl._bags import CellData, Seq
-    from bitro.tl._model import BitroNet
+    from bitro.tl._bags import CellData
     from bitro.tl._persist import BitroModel
-
-
-def _groups(parts: list[tuple[int, Seq]], tokens_per_batch: int) -> list[list[tuple[int, Seq]]]:
-    groups, cur, n = [], [], 0
-    for p in parts:
-        if cur and n + len(p[1].cells) > tokens_per_batch:
-            groups.append(cur)
-            cur, n = [], 0
-        cur.append(p)
-        n += len(p[1].cells)
-    if cur:
-        groups.append(cur)
-    return groups
-
-
-def predict_bags(
-    nets: Sequence[BitroNet],
-    bags: Sequence[Sequence[Seq]],
-    cells: CellData,
-    *,
-    tokens_per_batch: int = 8192,
-    cell_scale: Callable[[np.ndarray], np.ndarray] | None = None,
-    desc: str | None = None,
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Predictions (z-scores, ensemble mean) of ``bags``, and optionally the cell expression they imply.
-
-    Every sequence is encoded on its own and the pooling of a bag is combined over its sequences
-    exactly (:func:`~bitro.tl._model.combine_parts`), so memory is bounded by ``tokens_per_batch``
-    whatever the bag size, and a bag's result does not depend on how sequences are packed.
-
-    With ``cell_scale`` (a map from z-scores ``(n, n_genes)`` to the target scale), each pooled cell ``i`` of
-    a bag ``b`` gets a value on the target scale: with the ``"cell"`` readout its own readout at the training's
-    mean bag size (so it does not depend on how many cells share the bag; the attention-weighted mean of a bag's
-    cells plus the bag's size term is the bag's prediction); otherwise ``n_b * A[g, i] * y[b, g]``,
-    its attention relative to an equal share of the bag's ``n_b`` pooled cells times the bag's prediction,
-    whose plain mean is the bag's prediction. These are summed over the bags that pool the cell and averaged
-    over the ensemble.
-
-    Returns
-    -------
-    ``y`` ``(n_bags, n_genes)``; with ``cell_scale`` also the cell values, averaged over the bags that pool each
-    cell, for the cells pooled by at least one bag only ``(n_covered, n_genes)`` (float32, in cell order), and how
-    many bags pooled each cell ``(n_cells,)``; else ``None, None``.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    from bitro.tl._bags import collate, log_cell_count
-    from bitro.tl._model import combine_parts
-
-    parts = [(b, s) for b, bag in enumerate(bags) for s in bag]
-    groups = _groups(parts, tokens_per_batch)
-    last_group = {}
-    for gi, group in enumerate(groups):
-        for b, _ in group:
-            last_group[b] = gi
-    n_genes, n_cells = nets[0].arch.n_genes, len(cells.features)
-    n_pool = np.array([sum(s.n_pool for s in bag) for bag in bags], dtype=np.float32)
-    y_sum = np.zeros((len(bags), n_genes))
-    cell_sum = row_of = n_bags = None
-    if cell_scale is not None:  # rows only for the cells some bag pools: a slide's uncovered cells cost nothing
-        n_bags = np.bincount(
-            np.concatenate([np.zeros(0, np.int64), *(s.cells[: s.n_pool] for bag in bags for s in bag)]),
-            minlength=n_cells,
-        )
-        row_of = np.cumsum(n_bags > 0) - 1
-        cell_sum = np.zeros((int((n_bags > 0).sum()), n_genes), dtype=np.float32)
-    device = next(nets[0].parameters()).device
-    sizes = torch.tensor([log_cell_count(bag) for bag in bags], dtype=torch.float32, device=device)
-    bar = tqdm(total=len(nets) * len(groups), desc=desc or "predict", disable=not settings.progress or desc is None)
-    for net in nets:
-        net.eval()
-        pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        tokens: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # bag -> [(cell rows, logits)]
-        with torch.no_grad():
-            for gi, group in enumerate(groups):
-                batch = collate([[s] for _, s in group], cells).to(device)
-                h = net.encode(batch)
-                logits, lse, z = net.attend(h[batch.pool], batch.pooled_bag, batch.n_bags)
-                bag_ids = np.array([b for b, _ in group])
-                uniq, local = np.unique(bag_ids, return_inverse=True)
-                lse_b, z_b = combine_parts(lse, z, torch.as_tensor(local, device=device), len(uniq))
-                if cell_sum is not None:
-                    token_bag = torch.as_tensor(local, device=device)[batch.pooled_bag]
-                    rows = batch.cell[batch.pool]
-                    own = net.cell_readout(h[batch.pool]) if net.arch.readout == "cell" else logits
-                for j, b in enumerate(uniq):
-                    cur = (lse_b[j : j + 1], z_b[j : j + 1])
-                    if b in pending:
-                        prev = pending.pop(b)
-                        both = torch.zeros(2, dtype=torch.long, device=device)
-                        cur = combine_parts(torch.cat([prev[0], cur[0]]), torch.cat([prev[1], cur[1]]), both, 1)
-                    if cell_sum is not None:
-                        mine = token_bag == j
-                        tokens.setdefault(b, []).append((rows[mine].cpu(), own[mine].cpu()))
-                    if last_group[b] != gi:
-                        pending[b] = cur
-                        continue
-                    yz = net.readout(cur[1], sizes[b : b + 1])[0].cpu().numpy()
-                    y_sum[b] += yz
-                    if cell_sum is not None:
-                        r = row_of[torch.cat([t[0] for t in tokens[b]]).numpy()]
-                        own_b = torch.cat([t[1] for t in tokens.pop(b)])
-                        if net.arch.readout == "cell":  # the cells' own readout, at the training's mean bag size
-                            cell_sum[r] += cell_scale(own_b.numpy()).astype(np.float32)
-                        else:  # attention relative to an equal share, times the bag's prediction
-                            att = torch.exp(own_b - cur[0][0].cpu()).numpy()
-                            cell_sum[r] += n_pool[b] * att * cell_scale(yz[None])[0].astype(np.float32)
-                bar.update()
-    bar.close()
-    y = y_sum / len(nets)
-    if cell_sum is None:
-        return y, None, None
-    # the mean over the ensemble and over the bags pooling each cell, in place (the table's own memory)
-    np.divide(cell_sum, (len(nets) * n_bags[n_bags > 0])[:, None].astype(np.float32), out=cell_sum)
-    return y, cell_sum, n_bags
-
-
-def feature_config(cells: AnnData, feature_key: str) -> dict[str, Any]:
-    """What a model records of its training cells' features: the settings that define them and the fingerprint."""
-    from bitro._utils import check_key
-
-    record = record_of(cells)
-    if record is None:
-        msg = (
-            f"The cell table has no extraction record `.uns[{Key.UNS!r}][{Key.EXTRACT_CELLS!r}]`, so nothing says what "
-            "its features mean and new slides could not be matched to them. Build the cell table with "
-            "`bt.pp.extract_cells` (any encoder, including your own callable)."
-        )
-        raise ValueError(msg)
-    check_key(cells.obsm, feature_key, "Cell features .obsm")
-    return {
-        **{k: plain(record.get(k)) for k in FEATURE_SETTINGS},
-        "feature_key": feature_key,
-        "n_features": int(np.shape(cells.obsm[feature_key])[1]),
-        "feature_names": plain(record.get("feature_names", [])),
-        "fingerprint": fingerprint(record),
-    }
-
-
-def check_features(model: BitroModel, cells: AnnData) -> None:
-    """Raise, in one line, when the cell table's features do not mean what the model was trained on."""
-    from bitro._utils import check_key
-
-    key, dim = model.config["feature_key"], model.config["architecture"]["n_features"]
-    check_key(cells.obsm, key, "Cell features .obsm")
-    record = record_of(cells)
-    if record is None:
-        msg = (
-            f"The cell table has no extraction record `.uns[{Key.UNS!r}][{Key.EXTRACT_CELLS!r}]`, so its features "
-            f"cannot be checked against the model's. {FIX}."
-        )
-        raise ValueError(msg)
-    trained = model.config["features"]
-    if fingerprint(record) != trained["fingerprint"]:
-        why = differences(model.cell_reference.get(Key.EXTRACT_CELLS, trained), record)
-        why = why or "the scaler + PCA differs from the model's"
-        msg = f"The cell features do not match the model's: {why}. {FIX}."
-        raise ValueError(msg)
-    got = np.shape(cells.obsm[key])[1]
-    if got != dim:
-        msg = (
-            f"The model was trained on {dim}-dimensional cell features .obsm[{key!r}], the cell table has {got}. {FIX}."
-        )
-        raise ValueError(msg)
 
 
 def _resolve(model: BitroModel, data: Any, cells: AnnData | None, table_key: str | None, cells_key: str):
@@ -231,11 +63,11 @@ def _predicted_table(
 ) -> AnnData:
     """An AnnData of predictions (rows x the model's genes), annotating the elements ``attrs`` names.
 
-    ``.var`` holds the model's per-gene scores (``config["gene_scores"]``: column -> one value per gene), if any.
+    ``.var`` holds the model's per-gene scores (``config.gene_scores``: column -> one value per gene), if any.
     """
     from spatialdata.models import TableModel
 
-    var = pd.DataFrame(model.config.get("gene_scores", {}), index=pd.Index(model.genes))
+    var = pd.DataFrame(model.config.gene_scores or {}, index=pd.Index(model.genes))
     out = AnnData(np.asarray(values, dtype=np.float32), obs=obs, var=var)
     if xy is not None:
         out.obsm[Key.SPATIAL] = np.asarray(xy, dtype=np.float64)
@@ -265,6 +97,8 @@ def predict(
     coverage: Literal["tissue", "spots"] = "tissue",
     table_key: str | None = None,
     cells_key: str = Key.CELLS_TABLE,
+    graph_key: str = Key.GRAPH,
+    phenotype_key: str = Key.PHENOTYPE,
     key_added: str = Key.PREDICTED,
     spots_key_added: str = Key.PREDICTED_SPOTS_TABLE,
     cells_key_added: str = Key.PREDICTED_CELLS_TABLE,
@@ -296,6 +130,10 @@ def predict(
         The spot / bulk table of a SpatialData (default ``"spots"`` / ``"bulk"``; none is needed).
     cells_key
         The cell table of a SpatialData.
+    graph_key
+        The cell graph, as ``bt.pp.spatial_graph(key_added=...)`` wrote it.
+    phenotype_key
+        The cell phenotypes column (copied into the cell expression table), as ``bt.pp.phenotypes`` wrote it.
     key_added
         Where the measured spots' (or bulk rows') predictions go in the input table's ``.obsm``.
     spots_key_added, cells_key_added
@@ -332,7 +170,8 @@ def predict(
     >>> sc.tl.rank_genes_groups(expr, "phenotype")  # doctest: +SKIP
     """
     from bitro.pp._virtual import virtual_spots
-    from bitro.tl._bags import bulk_bags, cell_data, check_cells_match_spots, spot_bags
+    from bitro.tl._bags import bulk_bags, cell_data, check_cells_match_spots, check_features, spot_bags
+    from bitro.tl.models._base import predict_ensemble
 
     sdata, table, cells = _resolve(model, data, cells, table_key, cells_key)
     if coverage not in ("tissue", "spots"):
@@ -342,11 +181,11 @@ def predict(
         msg = f"tokens_per_batch must be a positive integer, got {tokens_per_batch!r}."
         raise ValueError(msg)
     check_features(model, cells)
-    genes, bag_cfg = model.genes, model.config["bags"]
+    genes, bag_cfg = model.genes, model.config.bags
     if cells.n_obs == 0:
         warnings.warn("The cell table is empty (no tissue found?): nothing is predicted.", UserWarning, stacklevel=2)
         return _predicted_table(np.zeros((0, len(genes))), pd.DataFrame(index=pd.Index([])), None, model, None)
-    feats = cell_data(cells, feature_key=model.config["feature_key"])
+    feats = cell_data(cells, use_rep=model.config.feature_key, graph_key=graph_key, phenotype_key=phenotype_key)
     if model.target == "spot" and table is not None:
         check_cells_match_spots(table, feats)  # cells and spots of the same slide, not only the same names
     scale = model.zscore.inverse
@@ -354,7 +193,7 @@ def predict(
     def run(bags, desc, *, with_cells=True):
         keep = np.array([b is not None for b in bags], dtype=bool)
         kept = [b for b in bags if b is not None]
-        y, cell_sum, n_bags = predict_bags(
+        y, cell_sum, n_bags = predict_ensemble(
             model.nets,
             kept,
             feats,
@@ -375,7 +214,7 @@ def predict(
 
     spot_out = None
     if model.target == "spot":
-        context = {"context_radius": bag_cfg["context_radius"], "max_context": bag_cfg["max_context"]}
+        context = {"context_radius": bag_cfg.context_radius, "max_context": bag_cfg.max_context}
         if table is not None:
             bags = spot_bags(table, feats, empty="context", **context)
             # with tissue coverage the cells' values come from the virtual spots below: not computed twice
@@ -402,12 +241,12 @@ def predict(
         if table is None:
             samples = pd.unique(cells.obs[Key.SAMPLE].astype(str))
             table = AnnData(obs=pd.DataFrame({Key.SAMPLE: samples}, index=pd.Index(samples)))
-        keep, y, cell_sum, n_bags = run(bulk_bags(table, feats, chunk_size=bag_cfg["chunk_size"]), "predict slides")
+        keep, y, cell_sum, n_bags = run(bulk_bags(table, feats, chunk_size=bag_cfg.chunk_size), "predict slides")
         spot_out = _write_rows(table, keep, y, genes, key_added)
 
     covered = n_bags > 0
     values = cell_sum  # the covered cells only, in cell order
-    obs_cols = [c for c in (Key.SAMPLE, Key.PHENOTYPE, Key.SPOT_ID) if c in cells.obs]
+    obs_cols = [c for c in (Key.SAMPLE, phenotype_key, Key.SPOT_ID) if c in cells.obs]
     attrs = _table_attrs(cells)
     if attrs:
         obs_cols += [c for c in (attrs["region_key"], attrs["instance_key"]) if c not in obs_cols]
@@ -421,9 +260,9 @@ def predict(
         "n_cells": int(covered.sum()),
         "n_cells_left_out": int((~covered).sum()),
         "n_genes": len(genes),
-        "features": model.config["features"]["fingerprint"],
+        "features": model.config.features["fingerprint"],
     }
-    in_x = {**params, "predictions": "X"}  # marks the tables whose .X holds predictions
+    in_x = {Key.PREDICTIONS_IN_X: params}  # the records of predictions, keyed by where they are: here .X
     expr.uns[Key.UNS] = {Key.PIXEL_SIZE: dict(cells.uns[Key.UNS][Key.PIXEL_SIZE]), Key.PREDICT: in_x}
     if (~covered).any():
         logger.info(f"{int((~covered).sum())} of {cells.n_obs} cells lie in no spot's bag and are left out.")
@@ -438,16 +277,19 @@ def predict(
         sdata.tables[spots_key_added] = spot_table
         sdata.tables[cells_key_added] = expr
     if table is not None and key_added in table.obsm:
-        table.uns.setdefault(Key.UNS, {})[Key.PREDICT] = params
+        records = table.uns.setdefault(Key.UNS, {}).get(Key.PREDICT)
+        if not isinstance(records, dict) or "scale" in records:  # none yet, or one record of bitro < 0.2
+            records = {}
+        table.uns[Key.UNS][Key.PREDICT] = {**records, key_added: params}
     logger.info(f"Predicted {len(genes)} genes for {int(covered.sum())} cells ({model.target} model).")
     release_memory()
     return expr
 
 
 def _spot_radius(model: BitroModel) -> float:
-    radius = model.config["bags"].get("spot_radius")
+    radius = model.config.bags.spot_radius
     if not radius:
-        msg = "The model records no spot size (`config['bags']['spot_radius']`); it cannot lay virtual spots."
+        msg = "The model records no spot size (`config.bags.spot_radius`); it cannot lay virtual spots."
         raise ValueError(msg)
     return float(radius)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -119,7 +119,7 @@ class ZScore:
         return z * self.std + self.mean
 
 
-def standardise_targets(y: np.ndarray, samples: np.ndarray, *, center_samples: bool) -> tuple[ZScore, np.ndarray]:
+def standardize_targets(y: np.ndarray, samples: np.ndarray, *, center_samples: bool) -> tuple[ZScore, np.ndarray]:
     """The z-score statistics of training targets ``y`` and the float32 z-scores.
 
     With ``center_samples`` each sample's rows are first centred on the overall mean profile
@@ -129,3 +129,79 @@ def standardise_targets(y: np.ndarray, samples: np.ndarray, *, center_samples: b
         y = ZScore.center_groups(y, samples)
     zscore = ZScore.fit(y)
     return zscore, zscore.transform(y).astype(np.float32)
+
+
+def check_table(table: Any, target: str) -> np.ndarray:
+    """Raise when the spot / bulk table cannot be trained on; else its expression as a dense array.
+
+    Refused: not an AnnData, no rows or genes, duplicated gene names, no ``.obs["sample"]``, spot data without spot
+    centers, bulk data with several whole-slide rows per sample, NaN / infinite / negative values.
+    """
+    from anndata import AnnData
+
+    from bitro._checks import check_unique_index
+    from bitro._constants import Key
+
+    if not isinstance(table, AnnData):
+        msg = f"The {target} table must be an AnnData, got {type(table).__name__}."
+        raise TypeError(msg)
+    if table.n_obs == 0 or table.n_vars == 0:
+        msg = f"The {target} table is empty ({table.n_obs} rows x {table.n_vars} genes); give rows with measured genes."
+        raise ValueError(msg)
+    check_unique_index(
+        table.var_names,
+        f"The {target} table's genes (.var_names)",
+        "make them unique with `adata.var_names_make_unique()` or sum the duplicated genes first",
+    )
+    if Key.SAMPLE not in table.obs:
+        msg = (
+            f"The {target} table has no .obs[{Key.SAMPLE!r}] naming the section of each row; add it (one section "
+            "name per row)."
+        )
+        raise KeyError(msg)
+    if target == "spot" and Key.SPATIAL not in table.obsm:
+        msg = (
+            f"target='spot' needs spot data: spot centers in .obsm[{Key.SPATIAL!r}] and spot ids matching the cells' "
+            f".obs[{Key.SPOT_ID!r}]. This table has no spot centers; for slide-level (bulk) profiles use target='bulk'."
+        )
+        raise ValueError(msg)
+    if target == "bulk":
+        whole = table.obs[Key.SAMPLE].astype(str)  # whole-slide rows (region rows name their spots)
+        if Key.SPOT_IDS in table.obs:
+            ids = table.obs[Key.SPOT_IDS]
+            whole = whole[(ids.isna() | (ids.astype(str) == "")).to_numpy()]
+        repeated = sorted(whole[whole.duplicated()].unique())
+        if repeated:
+            msg = (
+                f"target='bulk' needs one row per slide (or region rows with .obs[{Key.SPOT_IDS!r}]), but samples "
+                f"{repeated[:5]} have several whole-slide rows: this looks like spot data. Use target='spot', or make "
+                "region-level bulk samples with `bt.tl.pseudobulk`."
+            )
+            raise ValueError(msg)
+    counts = dense(table.X)
+    check_counts(counts, f"The {target} expression (.X)")
+    return counts
+
+
+def training_targets(
+    counts: np.ndarray,
+    var_names: Sequence[str],
+    samples: np.ndarray,
+    *,
+    scale: str,
+    genes: Sequence[str] | None,
+    n_top_genes: int,
+    center: bool,
+) -> tuple[list[str], ZScore, np.ndarray]:
+    """The genes to predict, their z-score statistics and the z-scored float32 targets of the training rows.
+
+    ``genes``: the genes asked for (checked against ``var_names``), else the ``n_top_genes`` most variable on the
+    target ``scale``; ``center``: center each sample's rows on the overall mean profile first.
+    """
+    import pandas as pd
+
+    values = to_scale(counts, scale)
+    names = pd.Index(var_names)
+    chosen = select_genes(values, names, genes=genes, n_top_genes=n_top_genes)
+    zscore, yz = standardize_targets(values[:, names.get_indexer(chosen)], samples, center_samples=center)
+    return chosen, zscore, yz

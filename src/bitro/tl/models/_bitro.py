@@ -11,13 +11,21 @@ so a bag's prediction does not depend on which bags share its batch.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch_geometric.nn import GATConv
 from torch_geometric.utils import to_dense_batch
+
+from bitro.tl.models._base import Architecture, Batch, CellBagNetwork, token_groups
+
+if TYPE_CHECKING:
+    from bitro.tl._bags import CellData, Seq
 
 #: Wavelengths (micrometres) of the Fourier position features.
 POSITION_WAVELENGTHS_UM: tuple[float, ...] = (12.5, 25.0, 50.0, 100.0, 200.0, 400.0)
@@ -25,12 +33,21 @@ POSITION_WAVELENGTHS_UM: tuple[float, ...] = (12.5, 25.0, 50.0, 100.0, 200.0, 40
 POSITION_UNIT_UM: float = 100.0
 
 
-@dataclass
-class Architecture:
-    """Hyper-parameters of :class:`BitroNet` (stored in the model's JSON config)."""
+#: ``"gene"``: a linear output per gene on the attention-pooled embedding (LayerNorm first); ``"shared"``: the
+#: paper's MLP shared by all genes; ``"cell"``: the same per-gene linear output applied to every cell's own
+#: embedding, the bag's prediction being the attention-weighted mean of its cells' (so each cell has a value of
+#: its own, on the bag's scale, independent of how many cells share the bag).
+READOUTS: tuple[str, ...] = ("gene", "shared", "cell")
 
-    n_features: int
-    n_genes: int
+
+@dataclass
+class BitroArchitecture(Architecture):
+    """Hyper-parameters of :class:`BitroNet` and of its loss (stored in the model's JSON config).
+
+    ``size_mean`` / ``size_std``: the training bags' ``log1p`` cell counts, which the bag-size term standardises;
+    ``cluster_weight``: the weight of the paper's cluster loss (0: none).
+    """
+
     dim: int = 64
     gat_layers: int = 1
     gat_heads: int = 4
@@ -38,75 +55,54 @@ class Architecture:
     transformer_heads: int = 4
     ff_dim: int = 128
     dropout: float = 0.1
-    readout: str = "gene"
+    readout: str = "cell"
     readout_hidden: int = 64
     bag_size: bool = True
     size_mean: float = 0.0
     size_std: float = 1.0
+    cluster_weight: float = 0.1
 
-    def to_dict(self) -> dict:
-        """JSON-able dict."""
-        return asdict(self)
+    def validate(self) -> None:
+        """Readout, widths and rates in range."""
+        if self.readout not in READOUTS:
+            msg = f"readout={self.readout!r} is not supported; use one of {READOUTS}."
+            raise ValueError(msg)
+        for name in ("dim", "gat_heads", "transformer_heads", "ff_dim", "readout_hidden"):
+            if getattr(self, name) < 1:
+                msg = f"`{name}` must be at least 1, got {getattr(self, name)!r}."
+                raise ValueError(msg)
+        for heads in ("gat_heads", "transformer_heads"):
+            if self.dim % getattr(self, heads):
+                msg = f"`dim` ({self.dim}) must be divisible by `{heads}` ({getattr(self, heads)}); e.g. dim={getattr(self, heads) * 16}."
+                raise ValueError(msg)
+        if not 0 <= self.dropout < 1:
+            msg = f"`dropout` must be in [0, 1), got {self.dropout!r}."
+            raise ValueError(msg)
+        if self.cluster_weight < 0 or self.size_std <= 0:
+            msg = f"`cluster_weight` must be >= 0 and `size_std` > 0, got {self.cluster_weight!r} and {self.size_std!r}."
+            raise ValueError(msg)
 
+    @classmethod
+    def for_data(cls, *, n_features: int, n_genes: int, bag_sizes, **options) -> BitroArchitecture:
+        """The architecture with the training bags' size statistics (``heads`` sets both kinds of attention heads)."""
+        heads = options.pop("heads", None)
+        if heads is not None:
+            from bitro._checks import check_int
 
-#: ``"gene"``: a linear output per gene on the attention-pooled embedding (LayerNorm first); ``"shared"``: the
-#: paper's MLP shared by all genes; ``"cell"``: the same per-gene linear output applied to every cell's own
-#: embedding, the bag's prediction being the attention-weighted mean of its cells' (so each cell has a value of
-#: its own, on the bag's scale, independent of how many cells share the bag).
-READOUTS: tuple[str, ...] = ("gene", "shared", "cell")
-#: Parameters with one row per gene (carried over by gene symbol in :func:`bitro.tl.transfer`).
-GENE_PARAMS: tuple[str, ...] = ("gene_queries", "gene_weight", "gene_bias", "gene_size")
-
-
-@dataclass
-class Batch:
-    """A batch of bags as flat tensors.
-
-    Attributes
-    ----------
-    x
-        ``(n_tokens, n_features)`` cell features; tokens are ordered by sequence, sequences by bag.
-    pos
-        ``(n_tokens, 2)`` cell position relative to its sequence's centre, in micrometres.
-    edge_index
-        ``(2, n_edges)`` kNN edges between tokens of the same sequence.
-    seq
-        ``(n_tokens,)`` sequence of each token (sorted).
-    pool
-        ``(n_tokens,)`` True for tokens pooled into the bag's prediction (False: context only).
-    bag
-        ``(n_sequences,)`` bag of each sequence (sorted).
-    n_bags
-        Number of bags.
-    phenotype
-        ``(n_tokens,)`` phenotype code of each token (-1: unknown).
-    cell
-        ``(n_tokens,)`` row of each token in the cell table.
-    size
-        ``(n_bags,)`` bag size: ``log1p`` of the number of pooled cells of the whole bag (before any
-        sampling or cell dropout).
-    """
-
-    x: torch.Tensor
-    pos: torch.Tensor
-    edge_index: torch.Tensor
-    seq: torch.Tensor
-    pool: torch.Tensor
-    bag: torch.Tensor
-    n_bags: int
-    phenotype: torch.Tensor
-    cell: torch.Tensor
-    size: torch.Tensor
-
-    def to(self, device: torch.device | str) -> Batch:
-        """The batch on ``device``."""
-        kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
-        return Batch(**kw)
+            check_int("heads", heads, minimum=1)
+            dim = options.get("dim", cls.dim)
+            if isinstance(dim, int) and dim % heads:
+                msg = f"`dim` ({dim}) must be divisible by `heads` ({heads}); e.g. dim={heads * 16}."
+                raise ValueError(msg)
+            options = {"gat_heads": heads, "transformer_heads": heads, **options}
+        std = float(np.std(bag_sizes))
+        stats = {"size_mean": float(np.mean(bag_sizes)), "size_std": std if std > 1e-6 else 1.0}
+        return cls.from_dict({"n_features": n_features, "n_genes": n_genes, **stats, **options}, what="option")
 
     @property
-    def pooled_bag(self) -> torch.Tensor:
-        """Bag of each pooled token."""
-        return self.bag[self.seq][self.pool]
+    def needs_phenotype(self) -> bool:
+        """The cluster loss groups cells by phenotype."""
+        return self.cluster_weight > 0
 
 
 class TransformerLayer(nn.Module):
@@ -165,7 +161,7 @@ def position_features(pos_um: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.sin(ang).flatten(1), torch.cos(ang).flatten(1), pos_um / POSITION_UNIT_UM], dim=1)
 
 
-class BitroNet(nn.Module):
+class BitroNet(CellBagNetwork):
     """The BiTro network.
 
     cells -> ``in_proj`` -> GAT layers (kNN graph) -> + position embedding (um) -> Transformer layers
@@ -177,12 +173,16 @@ class BitroNet(nn.Module):
     library size and composition).
     """
 
-    def __init__(self, arch: Architecture):
-        super().__init__()
-        if arch.readout not in READOUTS:
-            msg = f"readout={arch.readout!r} is not supported; use one of {READOUTS}."
-            raise ValueError(msg)
-        self.arch = arch
+    architecture_class = BitroArchitecture
+    gene_params = ("gene_queries", "gene_weight", "gene_bias", "gene_size")
+    #: The shared readout MLP (``readout="shared"``): part of the gene head, but not one row per gene.
+    shared_head = "readout_mlp"
+    #: The layers :func:`bitro.tl.transfer` puts LoRA adapters on by default: input projection, attention
+    #: ``q``/``k``/``v``/``o`` and feed-forward layers of every Transformer layer.
+    lora_targets = ("in_proj", "q", "k", "v", "o", "ff1", "ff2")
+
+    def __init__(self, arch: BitroArchitecture):
+        super().__init__(arch)
         d, g = arch.dim, arch.n_genes
         self.in_proj = nn.Linear(arch.n_features, d)
         self.in_drop = nn.Dropout(arch.dropout)
@@ -275,7 +275,7 @@ class BitroNet(nn.Module):
         n_per_bag = torch.bincount(bag, minlength=y.shape[0]).to(y.dtype)
         return att * y[bag] * n_per_bag[bag][:, None]
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def outputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Predictions ``(n_bags, n_genes)``, and the attention and expression of every pooled token.
 
         Both ``(n_pooled, n_genes)``; the expression as :meth:`cell_expression` gives it.
@@ -286,6 +286,94 @@ class BitroNet(nn.Module):
         logits, lse, z = self.attend(h_pooled, bag, batch.n_bags)
         y, att = self.readout(z, batch.size), torch.exp(logits - lse[bag])
         return y, att, self.cell_expression(h_pooled, att, y, bag, batch.size)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictions of the bags ``(n_bags, n_genes)`` and the expression of the pooled cells (:meth:`outputs`)."""
+        y, _, cell_expr = self.outputs(batch)
+        return y, cell_expr
+
+    def loss(self, batch: Batch, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """MSE of the bags plus ``cluster_weight`` times the paper's cluster loss on the cells (Eq. 12)."""
+        y, cell_expr = self(batch)
+        mse = F.mse_loss(y, target)
+        cw = self.arch.cluster_weight
+        cl = cluster_loss(cell_expr, batch.phenotype[batch.pool]) if cw > 0 else y.new_zeros(())
+        return mse + cw * cl, {"mse": mse, "cluster": cl}
+
+    def _parts(self, bags: Sequence[Sequence[Seq]], tokens_per_batch: int) -> list[list[tuple[int, Seq]]]:
+        return token_groups([(b, s) for b, bag in enumerate(bags) for s in bag], tokens_per_batch)
+
+    def n_batches(self, bags: Sequence[Sequence[Seq]], tokens_per_batch: int) -> int:
+        """How many batches :meth:`predict_bags` runs."""
+        return len(self._parts(bags, tokens_per_batch))
+
+    def predict_bags(
+        self,
+        bags: Sequence[Sequence[Seq]],
+        cells: CellData,
+        *,
+        tokens_per_batch: int,
+        cell_scale: Callable[[np.ndarray], np.ndarray] | None = None,
+        cell_rows: np.ndarray | None = None,
+        cell_out: np.ndarray | None = None,
+        progress: Any = None,
+    ) -> np.ndarray:
+        """The bags' predictions, each sequence encoded on its own and a bag's pooling combined over its sequences.
+
+        The combination is exact (:func:`combine_parts`), so memory is bounded by ``tokens_per_batch`` whatever the
+        bag size (a slide), and a bag's result does not depend on how sequences are packed. With ``cell_scale``,
+        each pooled cell ``i`` of a bag ``b`` adds its value on the target scale to ``cell_out[cell_rows[i]]``:
+        with the ``"cell"`` readout its own readout at the training's mean bag size (so it does not depend on how
+        many cells share the bag); otherwise ``n_b * A[g, i] * y[b, g]``, its attention relative to an equal share
+        of the bag's ``n_b`` pooled cells times the bag's prediction, whose plain mean is the bag's prediction.
+        """
+        from bitro.tl._bags import collate, log_cell_count
+
+        groups = self._parts(bags, tokens_per_batch)
+        last_group = {b: gi for gi, group in enumerate(groups) for b, _ in group}
+        n_pool = np.array([sum(s.n_pool for s in bag) for bag in bags], dtype=np.float32)
+        device = next(self.parameters()).device
+        sizes = torch.tensor([log_cell_count(bag) for bag in bags], dtype=torch.float32, device=device)
+        y_out = np.zeros((len(bags), self.arch.n_genes))
+        own_cells = self.arch.readout == "cell"
+        pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        tokens: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # bag -> [(cell rows, values or logits)]
+        with torch.no_grad():
+            for gi, group in enumerate(groups):
+                batch = collate([[s] for _, s in group], cells).to(device)
+                h = self.encode(batch)
+                logits, lse, z = self.attend(h[batch.pool], batch.pooled_bag, batch.n_bags)
+                uniq, local = np.unique(np.array([b for b, _ in group]), return_inverse=True)
+                lse_b, z_b = combine_parts(lse, z, torch.as_tensor(local, device=device), len(uniq))
+                if cell_scale is not None:
+                    token_bag = torch.as_tensor(local, device=device)[batch.pooled_bag]
+                    rows = batch.cell[batch.pool]
+                    own = self.cell_readout(h[batch.pool]) if own_cells else logits
+                for j, b in enumerate(uniq):
+                    cur = (lse_b[j : j + 1], z_b[j : j + 1])
+                    if b in pending:
+                        prev = pending.pop(b)
+                        both = torch.zeros(2, dtype=torch.long, device=device)
+                        cur = combine_parts(torch.cat([prev[0], cur[0]]), torch.cat([prev[1], cur[1]]), both, 1)
+                    if cell_scale is not None:
+                        mine = token_bag == j
+                        tokens.setdefault(b, []).append((rows[mine].cpu(), own[mine].cpu()))
+                    if last_group[b] != gi:
+                        pending[b] = cur
+                        continue
+                    yz = self.readout(cur[1], sizes[b : b + 1])[0].cpu().numpy()
+                    y_out[b] = yz
+                    if cell_scale is not None:
+                        r = cell_rows[torch.cat([t[0] for t in tokens[b]]).numpy()]
+                        own_b = torch.cat([t[1] for t in tokens.pop(b)])
+                        if own_cells:  # the cells' own readout, at the training's mean bag size
+                            cell_out[r] += cell_scale(own_b.numpy()).astype(np.float32)
+                        else:  # attention relative to an equal share, times the bag's prediction
+                            att = torch.exp(own_b - cur[0][0].cpu()).numpy()
+                            cell_out[r] += n_pool[b] * att * cell_scale(yz[None])[0].astype(np.float32)
+                if progress is not None:
+                    progress.update()
+        return y_out
 
 
 def combine_parts(lse: torch.Tensor, z: torch.Tensor, part_bag: torch.Tensor, n_bags: int):

@@ -1,0 +1,285 @@
+"""What every model trained on bags of cells shares: its architecture record, its batches and its prediction driver.
+
+A model (see :mod:`bitro.tl.models`) is a network class derived from :class:`CellBagNetwork`, built from its
+``architecture_class``, a dataclass derived from :class:`Architecture` (its hyper-parameters, stored in the saved
+model's JSON config and validated when created or read back). The network must implement
+:meth:`CellBagNetwork.forward`; the training loss and the prediction over bags of any size have general versions
+here that a model may replace (BiTro does, to pool slides of any size in parts).
+
+Only imported from inside :mod:`bitro.tl` functions (it imports torch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from bitro.tl._bags import CellData, Seq
+
+
+@dataclass
+class Architecture:
+    """Hyper-parameters of a network: at least its input and output widths. Subclass it with the model's own.
+
+    Every field must be JSON-able (numbers, strings, booleans); :meth:`validate` checks the values and runs when the
+    dataclass is made, so a bad option or an edited saved config fails in one sentence before any work.
+    """
+
+    n_features: int
+    n_genes: int
+
+    def __post_init__(self) -> None:
+        from bitro._checks import check_int, is_number
+
+        for f in fields(self):  # annotations are strings here (``from __future__ import annotations``)
+            value = getattr(self, f.name)
+            if f.type == "int":
+                check_int(f.name, value, minimum=1 if f.name.startswith("n_") else 0)
+            elif f.type == "bool" and not isinstance(value, bool | np.bool_):
+                msg = f"`{f.name}` must be True or False, got {value!r}."
+                raise TypeError(msg)
+            elif f.type == "float" and not (is_number(value) and np.isfinite(value)):
+                msg = f"`{f.name}` must be a finite number, got {value!r}."
+                raise TypeError(msg)
+            elif f.type == "str" and not isinstance(value, str):
+                msg = f"`{f.name}` must be a string, got {value!r}."
+                raise TypeError(msg)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the values beyond their types (a subclass adds its own rules)."""
+
+    @classmethod
+    def for_data(cls, *, n_features: int, n_genes: int, bag_sizes: Sequence[float], **options: Any) -> Architecture:
+        """The architecture for the training data and the user's ``options`` (unknown names fail with the valid ones).
+
+        ``n_features`` cell features, ``n_genes`` genes, ``bag_sizes`` the training bags' ``log1p`` cell counts.
+        """
+        return cls.from_dict({"n_features": n_features, "n_genes": n_genes, **options}, what="option")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, what: str = "architecture field") -> Architecture:
+        """An architecture from a dict (a saved config or the user's options), refusing unknown names."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            msg = f"Unknown {what}{'s' if len(unknown) > 1 else ''} {unknown} for {cls.__name__}; known: {sorted(known)}."
+            raise TypeError(msg)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict."""
+        return asdict(self)
+
+    @property
+    def needs_phenotype(self) -> bool:
+        """Whether training reads the cells' phenotypes (``.obs["phenotype"]``)."""
+        return False
+
+
+@dataclass
+class Batch:
+    """A batch of bags as flat tensors.
+
+    Attributes
+    ----------
+    x
+        ``(n_tokens, n_features)`` cell features; tokens are ordered by sequence, sequences by bag.
+    pos
+        ``(n_tokens, 2)`` cell position relative to its sequence's centre, in micrometres.
+    edge_index
+        ``(2, n_edges)`` kNN edges between tokens of the same sequence.
+    seq
+        ``(n_tokens,)`` sequence of each token (sorted).
+    pool
+        ``(n_tokens,)`` True for tokens pooled into the bag's prediction (False: context only).
+    bag
+        ``(n_sequences,)`` bag of each sequence (sorted).
+    n_bags
+        Number of bags.
+    phenotype
+        ``(n_tokens,)`` phenotype code of each token (-1: unknown).
+    cell
+        ``(n_tokens,)`` row of each token in the cell table.
+    size
+        ``(n_bags,)`` bag size: ``log1p`` of the number of pooled cells of the whole bag (before any
+        sampling or cell dropout).
+    """
+
+    x: torch.Tensor
+    pos: torch.Tensor
+    edge_index: torch.Tensor
+    seq: torch.Tensor
+    pool: torch.Tensor
+    bag: torch.Tensor
+    n_bags: int
+    phenotype: torch.Tensor
+    cell: torch.Tensor
+    size: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The batch on ``device``."""
+        kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return Batch(**kw)
+
+    @property
+    def pooled_bag(self) -> torch.Tensor:
+        """Bag of each pooled token."""
+        return self.bag[self.seq][self.pool]
+
+
+class CellBagNetwork(nn.Module):
+    """Base of the networks that predict a bag of cells (a spot, a slide) and each of its pooled cells.
+
+    A subclass sets :attr:`architecture_class` and implements :meth:`forward`.
+    """
+
+    #: The dataclass of the network's hyper-parameters.
+    architecture_class: ClassVar[type[Architecture]] = Architecture
+    #: Parameters with one row per gene (carried over by gene symbol in :func:`bitro.tl.transfer`).
+    gene_params: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, arch: Architecture):
+        super().__init__()
+        if not isinstance(arch, self.architecture_class):
+            msg = f"{type(self).__name__} needs a {self.architecture_class.__name__}, got {type(arch).__name__}."
+            raise TypeError(msg)
+        self.arch = arch
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predictions of the batch's bags ``(n_bags, n_genes)`` and of its pooled cells ``(n_pooled, n_genes)``.
+
+        Both on the z-scored target scale; a cell's value must not depend on how many cells share its bag.
+        """
+        raise NotImplementedError
+
+    def loss(self, batch: Batch, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss of a batch against the bags' z-scored targets, and its named parts (for the history).
+
+        Default: the mean squared error of the bags' predictions.
+        """
+        y, _ = self(batch)
+        mse = F.mse_loss(y, target)
+        return mse, {"mse": mse}
+
+    def predict_bags(
+        self,
+        bags: Sequence[Sequence[Seq]],
+        cells: CellData,
+        *,
+        tokens_per_batch: int,
+        cell_scale: Callable[[np.ndarray], np.ndarray] | None = None,
+        cell_rows: np.ndarray | None = None,
+        cell_out: np.ndarray | None = None,
+        progress: Any = None,
+    ) -> np.ndarray:
+        """The bags' predictions ``(n_bags, n_genes)`` (z-scores), in evaluation mode and without gradients.
+
+        With ``cell_scale``, each pooled cell's value on the target scale is added to ``cell_out[cell_rows[cell]]``.
+        Default: whole bags, batched up to ``tokens_per_batch`` cells (a bag larger than that is a batch of its
+        own); ``progress`` (a tqdm bar) is advanced once per batch.
+        """
+        from bitro.tl._bags import collate
+
+        device = next(self.parameters()).device
+        y = np.zeros((len(bags), self.arch.n_genes))
+        for group in token_groups([(b, list(bag)) for b, bag in enumerate(bags)], tokens_per_batch):
+            index = [b for b, _ in group]
+            batch = collate([bag for _, bag in group], cells).to(device)
+            with torch.no_grad():
+                yb, cell_values = self(batch)
+            y[index] = yb.cpu().numpy()
+            if cell_scale is not None:
+                rows = cell_rows[batch.cell[batch.pool].cpu().numpy()]
+                np.add.at(cell_out, rows, cell_scale(cell_values.cpu().numpy()).astype(np.float32))
+            if progress is not None:
+                progress.update()
+        return y
+
+    def n_batches(self, bags: Sequence[Sequence[Seq]], tokens_per_batch: int) -> int:
+        """How many batches :meth:`predict_bags` runs (for a progress bar)."""
+        return len(token_groups([(b, list(bag)) for b, bag in enumerate(bags)], tokens_per_batch))
+
+
+def token_groups(parts: list[tuple[int, Any]], tokens_per_batch: int) -> list[list[tuple[int, Any]]]:
+    """Consecutive ``(bag, part)`` items grouped into batches of at most ``tokens_per_batch`` cells.
+
+    A part is a :class:`~bitro.tl._bags.Seq` or a list of them; one larger than the limit is a batch of its own.
+    """
+
+    def size(part: Any) -> int:
+        return sum(len(s.cells) for s in part) if isinstance(part, list) else len(part.cells)
+
+    groups, cur, n = [], [], 0
+    for p in parts:
+        if cur and n + size(p[1]) > tokens_per_batch:
+            groups.append(cur)
+            cur, n = [], 0
+        cur.append(p)
+        n += size(p[1])
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def predict_ensemble(
+    nets: Sequence[CellBagNetwork],
+    bags: Sequence[Sequence[Seq]],
+    cells: CellData,
+    *,
+    tokens_per_batch: int = 8192,
+    cell_scale: Callable[[np.ndarray], np.ndarray] | None = None,
+    desc: str | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Predictions (z-scores, ensemble mean) of ``bags``, and optionally the cell values they imply.
+
+    With ``cell_scale`` (a map from z-scores ``(n, n_genes)`` to the target scale) every pooled cell gets its
+    networks' values on the target scale, averaged over the ensemble and over the bags that pool it.
+
+    Returns
+    -------
+    ``y`` ``(n_bags, n_genes)``; with ``cell_scale`` also the cell values for the cells pooled by at least one bag
+    only ``(n_covered, n_genes)`` (float32, in cell order) and how many bags pooled each cell ``(n_cells,)``; else
+    ``None, None``.
+    """
+    from tqdm.auto import tqdm
+
+    from bitro._settings import settings
+
+    n_genes, n_cells = nets[0].arch.n_genes, len(cells.features)
+    cell_out = cell_rows = n_bags = None
+    if cell_scale is not None:  # rows only for the cells some bag pools: a slide's uncovered cells cost nothing
+        n_bags = np.bincount(
+            np.concatenate([np.zeros(0, np.int64), *(s.cells[: s.n_pool] for bag in bags for s in bag)]),
+            minlength=n_cells,
+        )
+        cell_rows = np.cumsum(n_bags > 0) - 1
+        cell_out = np.zeros((int((n_bags > 0).sum()), n_genes), dtype=np.float32)
+    total = sum(net.n_batches(bags, tokens_per_batch) for net in nets)
+    bar = tqdm(total=total, desc=desc or "predict", disable=not settings.progress or desc is None)
+    y = np.zeros((len(bags), n_genes))
+    for net in nets:
+        net.eval()
+        y += net.predict_bags(
+            bags,
+            cells,
+            tokens_per_batch=tokens_per_batch,
+            cell_scale=cell_scale,
+            cell_rows=cell_rows,
+            cell_out=cell_out,
+            progress=bar,
+        )
+    bar.close()
+    y /= len(nets)
+    if cell_out is None:
+        return y, None, None
+    # the mean over the ensemble and over the bags pooling each cell, in place (the table's own memory)
+    np.divide(cell_out, (len(nets) * n_bags[n_bags > 0])[:, None].astype(np.float32), out=cell_out)
+    return y, cell_out, n_bags
