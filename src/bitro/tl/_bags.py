@@ -32,10 +32,10 @@ from bitro._logging import logger
 from bitro._utils import check_key
 
 if TYPE_CHECKING:
+    import torch
     from spatialdata import SpatialData
 
-    from bitro.tl._config import BagSettings
-    from bitro.tl._persist import BitroModel
+    from bitro.tl._config import BagSettings, ModelConfig
 
 
 @dataclass
@@ -63,6 +63,59 @@ class CellData:
     def n_features(self) -> int:
         """Feature dimension."""
         return int(self.features.shape[1])
+
+
+@dataclass
+class Batch:
+    """A batch of bags as flat tensors.
+
+    Attributes
+    ----------
+    x
+        ``(n_tokens, n_features)`` cell features; tokens are ordered by sequence, sequences by bag.
+    pos
+        ``(n_tokens, 2)`` cell position relative to its sequence's centre, in micrometres.
+    edge_index
+        ``(2, n_edges)`` kNN edges between tokens of the same sequence.
+    seq
+        ``(n_tokens,)`` sequence of each token (sorted).
+    pool
+        ``(n_tokens,)`` True for tokens pooled into the bag's prediction (False: context only).
+    bag
+        ``(n_sequences,)`` bag of each sequence (sorted).
+    n_bags
+        Number of bags.
+    phenotype
+        ``(n_tokens,)`` phenotype code of each token (-1: unknown).
+    cell
+        ``(n_tokens,)`` row of each token in the cell table.
+    size
+        ``(n_bags,)`` bag size: ``log1p`` of the number of pooled cells of the whole bag (before any
+        sampling or cell dropout).
+    """
+
+    x: torch.Tensor
+    pos: torch.Tensor
+    edge_index: torch.Tensor
+    seq: torch.Tensor
+    pool: torch.Tensor
+    bag: torch.Tensor
+    n_bags: int
+    phenotype: torch.Tensor
+    cell: torch.Tensor
+    size: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The batch on ``device``."""
+        import torch
+
+        kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return Batch(**kw)
+
+    @property
+    def pooled_bag(self) -> torch.Tensor:
+        """Bag of each pooled token."""
+        return self.bag[self.seq][self.pool]
 
 
 def _missing(values: pd.Series) -> np.ndarray:
@@ -352,14 +405,12 @@ def collate(
     cell_dropout: float = 0.0,
     max_cells: int | None = None,
 ):
-    """Flat :class:`~bitro.tl.models._base.Batch` of ``bags``.
+    """Flat :class:`Batch` of ``bags``.
 
     With ``rng`` (training): each bag keeps a random subset of its sequences of at most ``max_cells``
     cells (bulk), and each cell is dropped with probability ``cell_dropout`` (one pooled cell always stays).
     """
     import torch
-
-    from bitro.tl.models._base import Batch
 
     seqs, seq_bag = [], []
     size = np.array([log_cell_count(bag) for bag in bags])
@@ -464,9 +515,12 @@ def feature_config(cells: AnnData, use_rep: str) -> dict[str, Any]:
     }
 
 
-def check_features(model: BitroModel, cells: AnnData) -> None:
-    """Raise, in one line, when the cell table's features do not mean what the model was trained on."""
-    key, dim = model.config.feature_key, model.config.architecture.n_features
+def check_features(config: ModelConfig, reference: dict[str, Any], cells: AnnData) -> None:
+    """Raise, in one line, when the cell table's features do not mean what a model was trained on.
+
+    ``config`` and ``reference``: the model's :class:`~bitro.tl._config.ModelConfig` and cell reference.
+    """
+    key, dim = config.feature_key, config.architecture.n_features
     check_key(cells.obsm, key, "Cell features .obsm")
     record = record_of(cells)
     if record is None:
@@ -475,9 +529,9 @@ def check_features(model: BitroModel, cells: AnnData) -> None:
             f"cannot be checked against the model's. {FIX}."
         )
         raise ValueError(msg)
-    trained = model.config.features
+    trained = config.features
     if fingerprint(record) != trained["fingerprint"]:
-        why = differences(model.cell_reference.get(Key.EXTRACT_CELLS, trained), record)
+        why = differences(reference.get(Key.EXTRACT_CELLS, trained), record)
         why = why or "the scaler + PCA differs from the model's"
         msg = f"The cell features do not match the model's: {why}. {FIX}."
         raise ValueError(msg)

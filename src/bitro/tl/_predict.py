@@ -180,7 +180,7 @@ def predict(
     if not (isinstance(tokens_per_batch, int | np.integer) and tokens_per_batch >= 1):
         msg = f"tokens_per_batch must be a positive integer, got {tokens_per_batch!r}."
         raise ValueError(msg)
-    check_features(model, cells)
+    check_features(model.config, model.cell_reference, cells)
     genes, bag_cfg = model.genes, model.config.bags
     if cells.n_obs == 0:
         warnings.warn("The cell table is empty (no tissue found?): nothing is predicted.", UserWarning, stacklevel=2)

@@ -192,7 +192,7 @@ def transfer(
     _check_params(params)
     table, cells = resolve_tables(data, target, cells=cells, table_key=table_key, cells_key=cells_key)
     counts = check_table(table, target)
-    check_features(model, cells)
+    check_features(model.config, model.cell_reference, cells)
 
     source_genes = model.genes
     if genes is None:

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from bitro.tl._bags import CellData, Seq
+from bitro.tl._bags import Batch, CellData, Seq, collate
 
 
 @dataclass
@@ -84,57 +83,6 @@ class Architecture:
         return False
 
 
-@dataclass
-class Batch:
-    """A batch of bags as flat tensors.
-
-    Attributes
-    ----------
-    x
-        ``(n_tokens, n_features)`` cell features; tokens are ordered by sequence, sequences by bag.
-    pos
-        ``(n_tokens, 2)`` cell position relative to its sequence's centre, in micrometres.
-    edge_index
-        ``(2, n_edges)`` kNN edges between tokens of the same sequence.
-    seq
-        ``(n_tokens,)`` sequence of each token (sorted).
-    pool
-        ``(n_tokens,)`` True for tokens pooled into the bag's prediction (False: context only).
-    bag
-        ``(n_sequences,)`` bag of each sequence (sorted).
-    n_bags
-        Number of bags.
-    phenotype
-        ``(n_tokens,)`` phenotype code of each token (-1: unknown).
-    cell
-        ``(n_tokens,)`` row of each token in the cell table.
-    size
-        ``(n_bags,)`` bag size: ``log1p`` of the number of pooled cells of the whole bag (before any
-        sampling or cell dropout).
-    """
-
-    x: torch.Tensor
-    pos: torch.Tensor
-    edge_index: torch.Tensor
-    seq: torch.Tensor
-    pool: torch.Tensor
-    bag: torch.Tensor
-    n_bags: int
-    phenotype: torch.Tensor
-    cell: torch.Tensor
-    size: torch.Tensor
-
-    def to(self, device: torch.device | str) -> Batch:
-        """The batch on ``device``."""
-        kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
-        return Batch(**kw)
-
-    @property
-    def pooled_bag(self) -> torch.Tensor:
-        """Bag of each pooled token."""
-        return self.bag[self.seq][self.pool]
-
-
 class CellBagNetwork(nn.Module):
     """Base of the networks that predict a bag of cells (a spot, a slide) and each of its pooled cells.
 
@@ -186,8 +134,6 @@ class CellBagNetwork(nn.Module):
         Default: whole bags, batched up to ``tokens_per_batch`` cells (a bag larger than that is a batch of its
         own); ``progress`` (a tqdm bar) is advanced once per batch.
         """
-        from bitro.tl._bags import collate
-
         device = next(self.parameters()).device
         y = np.zeros((len(bags), self.arch.n_genes))
         for group in token_groups([(b, list(bag)) for b, bag in enumerate(bags)], tokens_per_batch):
