@@ -80,7 +80,7 @@ def build_cache(section: str) -> Path:
         out["spot_id"] = np.asarray(spot.astype(object).where(spot.notna(), "").astype(str), dtype=str)
         out["pixel_size"] = np.array(cells.uns[Key.UNS]["pixel_size"][section])
     spots = sdata[Key.SPOTS_TABLE]
-    stats = bt.tl.colour_statistics(sdata)
+    stats = bt.tl.color_statistics(sdata)
     out["colour"] = stats
     out["colour_spot_id"] = np.asarray(spots.obs[Key.SPOT_ID].astype(str), dtype=str)
     np.savez_compressed(file, **out)

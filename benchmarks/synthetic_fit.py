@@ -75,7 +75,7 @@ def prepare(seed: int, size: int):
     cells = bt.pp.extract_cells(sdata, shapes_key={s: f"{s}_true_nuclei" for s in SAMPLES})
     bt.pp.phenotypes(cells, n_clusters=4)
     bt.pp.spatial_graph(cells)
-    bt.tl.colour_statistics(sdata)
+    bt.tl.color_statistics(sdata)
     return sdata, cells
 
 

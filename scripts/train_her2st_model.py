@@ -49,7 +49,7 @@ def per_gene_scores(sdata, cells, genes: list[str], scale: str, folds: list[str]
     from bitro.tl._targets import dense, to_scale
 
     spots = sdata[Key.SPOTS_TABLE]
-    colour = bt.tl.colour_statistics(sdata)
+    colour = bt.tl.color_statistics(sdata)
     truth_all = to_scale(dense(spots.X), scale)[:, spots.var_names.get_indexer(genes)]
     sample = spots.obs[Key.SAMPLE].astype(str).to_numpy()
     cell_sample = cells.obs[Key.SAMPLE].astype(str).to_numpy()

@@ -520,7 +520,7 @@ def _(ctx):
     return bt.pp.spatial_graph(ctx.cells)
 
 
-# -- images: bt.tl.colour_statistics --------------------------------------------------------------------------------
+# -- images: bt.tl.color_statistics --------------------------------------------------------------------------------
 def _image_sdata(kind: str):
     """A one-section synthetic SpatialData whose H&E image is made grayscale, RGBA, uint16 or float."""
     from spatialdata.models import Image2DModel
@@ -544,8 +544,8 @@ def _image_sdata(kind: str):
 
 
 for _kind in ("grayscale", "rgba", "uint16", "float"):
-    case(f"colour_statistics_{_kind}", "images", f"`colour_statistics` on a {_kind} image", ValueError, "8-bit RGB")(
-        lambda ctx, kind=_kind: bt.tl.colour_statistics(_image_sdata(kind))
+    case(f"color_statistics_{_kind}", "images", f"`color_statistics` on a {_kind} image", ValueError, "8-bit RGB")(
+        lambda ctx, kind=_kind: bt.tl.color_statistics(_image_sdata(kind))
     )
 
 
@@ -565,11 +565,11 @@ for _id, _what, _call, _exc, _words in [
         ("No predictions", "bt.tl.predict"),
     ),
     (
-        "evaluate_groupby_unknown",
-        "`evaluate(groupby=...)` naming no column",
-        lambda ctx: bt.tl.evaluate(_predicted(ctx), groupby="patient"),
+        "evaluate_library_key_unknown",
+        "`evaluate(library_key=...)` naming no column",
+        lambda ctx: bt.tl.evaluate(_predicted(ctx), library_key="patient"),
         KeyError,
-        ("groupby='patient'", "groupby=None"),
+        ("library_key='patient'", "library_key=None"),
     ),
     (
         "evaluate_key_added_empty",
@@ -614,11 +614,11 @@ for _id, _what, _call, _exc, _words in [
         ("at least 3",),
     ),
     (
-        "cross_validate_groupby_unknown",
-        "`cross_validate(groupby=...)` naming no column",
-        lambda ctx: bt.tl.cross_validate(ctx.spots, cells=ctx.cells, groupby="patient"),
+        "cross_validate_library_key_unknown",
+        "`cross_validate(library_key=...)` naming no column",
+        lambda ctx: bt.tl.cross_validate(ctx.spots, cells=ctx.cells, library_key="patient"),
         KeyError,
-        ("groupby='patient'",),
+        ("library_key='patient'",),
     ),
     (
         "cross_validate_no_cells",
@@ -1102,7 +1102,7 @@ _MUTATING = {
     "phenotypes_nan_features",
     "graph_nan_centroids",
     "graph_duplicated_cells",
-    "evaluate_groupby_unknown",  # predicted first, then evaluated badly
+    "evaluate_library_key_unknown",  # predicted first, then evaluated badly
     "evaluate_key_added_empty",
     "pl_expression_gene_unknown",
     "pl_expression_sample_unknown",

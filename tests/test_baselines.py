@@ -12,16 +12,16 @@ from bitro._constants import Key
 GENES = ["EPCAM", "ERBB2", "KRT19", "extra"]
 
 
-def _table(n: int, seed: int, *, colour: bool = True) -> ad.AnnData:
-    """``n`` spots x 4 genes of Poisson counts; gene ``KRT19`` follows the first colour statistic."""
+def _table(n: int, seed: int, *, color: bool = True) -> ad.AnnData:
+    """``n`` spots x 4 genes of Poisson counts; gene ``KRT19`` follows the first color statistic."""
     rng = np.random.default_rng(seed)
     stats = rng.normal(size=(n, 45))
     counts = rng.poisson(200, (n, len(GENES))).astype(float)
     counts[:, 2] = np.round(np.exp(2 + stats[:, 0]))
     obs = pd.DataFrame({Key.SAMPLE: f"s{seed}"}, index=[f"s{seed}_{i}" for i in range(n)])
     adata = ad.AnnData(sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=GENES))
-    if colour:
-        adata.obsm[Key.COLOUR_STATS] = stats
+    if color:
+        adata.obsm[Key.COLOR_STATS] = stats
     return adata
 
 
@@ -45,18 +45,18 @@ def test_add_baselines_mean_and_ridge(scale):
 
     ridge = test.obsm[Key.BASELINE_RIDGE]
     assert list(ridge.columns) == genes and np.isfinite(ridge.to_numpy()).all()
-    # the colour-driven gene is followed by the ridge baseline, not by the mean
+    # the color-driven gene is followed by the ridge baseline, not by the mean
     truth = on_scale(test.X.toarray())[:, 2]
     assert np.corrcoef(ridge["KRT19"], truth)[0, 1] > 0.8
-    scores = bt.tl.evaluate(test, layer=Key.BASELINE_RIDGE, scale=scale, groupby=None, key_added="ridge_eval")
+    scores = bt.tl.evaluate(test, layer=Key.BASELINE_RIDGE, scale=scale, library_key=None, key_added="ridge_eval")
     assert scores.loc[0, "n_genes"] == 3
     # the training table is not written to
     assert Key.BASELINE_MEAN not in train.obsm and Key.BASELINE_RIDGE not in train.obsm
 
 
-@pytest.mark.parametrize(("train_colour", "test_colour"), [(True, False), (False, True), (False, False)])
-def test_add_baselines_ridge_needs_colour_on_both(train_colour, test_colour):
-    train, test = _table(30, 0, colour=train_colour), _table(10, 1, colour=test_colour)
+@pytest.mark.parametrize(("train_color", "test_color"), [(True, False), (False, True), (False, False)])
+def test_add_baselines_ridge_needs_color_on_both(train_color, test_color):
+    train, test = _table(30, 0, color=train_color), _table(10, 1, color=test_color)
     bt.tl.add_baselines(train, test, genes=["EPCAM"], scale="log1p")
     assert Key.BASELINE_MEAN in test.obsm
     assert Key.BASELINE_RIDGE not in test.obsm
@@ -75,7 +75,7 @@ def test_add_baselines_bad_input():
     with pytest.raises(ValueError, match="`genes` is empty"):
         bt.tl.add_baselines(train, test, genes=[], scale="cp10k")
     other = test.copy()
-    other.obsm[Key.COLOUR_STATS] = other.obsm[Key.COLOUR_STATS][:, :10]
+    other.obsm[Key.COLOR_STATS] = other.obsm[Key.COLOR_STATS][:, :10]
     with pytest.raises(ValueError, match="columns"):
         bt.tl.add_baselines(train, other, genes=["EPCAM"], scale="cp10k")
     negative = train.copy()

@@ -20,12 +20,12 @@ def synthetic_cells():
     return sdata
 
 
-def test_colour_statistics_match_the_patch(synthetic_cells):
+def test_color_statistics_match_the_patch(synthetic_cells):
     sdata = synthetic_cells
-    stats = bt.tl.colour_statistics(sdata)
+    stats = bt.tl.color_statistics(sdata)
     spots = sdata[Key.SPOTS_TABLE]
     assert stats.shape == (spots.n_obs, 45)
-    assert np.array_equal(spots.obsm[Key.COLOUR_STATS], stats)
+    assert np.array_equal(spots.obsm[Key.COLOR_STATS], stats)
     # mean red of the first spot by hand
     from bitro._utils import scale0
 
@@ -54,7 +54,7 @@ def test_cross_validate_scores_model_and_baselines(synthetic_cells):
 def test_cross_validate_bad_input(synthetic_cells):
     sdata = synthetic_cells
     with pytest.raises(KeyError, match="not a column"):
-        bt.tl.cross_validate(sdata, groupby="patient")
+        bt.tl.cross_validate(sdata, library_key="patient")
     with pytest.raises(KeyError, match="not `sample` groups"):
         bt.tl.cross_validate(sdata, folds=["nope"])
     with pytest.raises(ValueError, match="cells="):

@@ -74,7 +74,7 @@ def test_evaluate_log1p_matches_hand_computation(spots):
 def test_evaluate_cp10k_uses_library_size_of_all_genes(spots):
     x = spots.X.toarray()
     spots.uns[Key.UNS] = {"predict": {"scale": "cp10k"}}  # as recorded by bt.tl.predict
-    table = bt.tl.evaluate(spots, groupby=None)
+    table = bt.tl.evaluate(spots, library_key=None)
     truth = np.log1p(1e4 * x / x.sum(axis=1, keepdims=True))[:, :4]
     pred = spots.layers[Key.PREDICTED][:, :4]
     expected = np.nanmean([_pearson(pred[:, j], truth[:, j]) for j in range(4)])
@@ -97,7 +97,7 @@ def test_evaluate_truth_layer_and_unpredicted_rows(spots):
 def test_evaluate_bulk_js(spots):
     bulk = ad.AnnData(np.array([[10.0, 30.0, 60.0], [5.0, 5.0, 90.0]]), obs=pd.DataFrame(index=["A1", "B1"]))
     bulk.layers[Key.PREDICTED] = np.log1p(np.array([[20.0, 20.0, 60.0], [5.0, 5.0, 90.0]]))
-    table = bt.tl.evaluate(bulk, scale="log1p", groupby=None)
+    table = bt.tl.evaluate(bulk, scale="log1p", library_key=None)
     expected = np.mean([_js(np.array([20.0, 20, 60]), np.array([10.0, 30, 60])), 0.0])
     assert table.loc[0, "js_divergence"] == pytest.approx(expected, abs=1e-9)
 
@@ -117,7 +117,7 @@ def test_evaluate_accepts_spatialdata(spots):
         ({"layer": "missing", "scale": "log1p"}, KeyError, r"bt\.tl\.predict"),
         ({}, ValueError, "scale="),
         ({"scale": "tpm"}, ValueError, "cp10k"),
-        ({"scale": "log1p", "groupby": "batch"}, KeyError, "groupby=None"),
+        ({"scale": "log1p", "library_key": "batch"}, KeyError, "library_key=None"),
         ({"truth": "nope"}, KeyError, "Truth layer"),
         ({"scale": "log1p", "key_added": ""}, ValueError, "key_added"),
     ],

@@ -95,8 +95,10 @@ class Key:
     PREDICTIONS_IN_X: Final = "X"
     #: ``.uns["bitro"]["evaluate"]``: the parameters of each ``bt.tl.evaluate`` run, keyed by its ``key_added``.
     EVALUATE: Final = "evaluate"
+    #: ``.uns["bitro"]["pseudobulk"]`` of a ``bt.tl.pseudobulk`` table: its parameters.
+    PSEUDOBULK: Final = "pseudobulk"
     EVALUATION: Final = "bitro_eval"
-    COLOUR_STATS: Final = "bitro_colour"
+    COLOR_STATS: Final = "bitro_color"
     BASELINE_MEAN: Final = "bitro_baseline_mean"
     BASELINE_RIDGE: Final = "bitro_baseline_ridge"
     # --- shapes columns and SpatialData.attrs[UNS] ----------------------------------------

@@ -4,8 +4,9 @@ torch and torch_geometric are imported inside the functions, not here.
 """
 
 from bitro._checks import TrainingDivergedError
+from bitro._deprecate import renamed_function
 from bitro.tl._adapters import TransferredModel, load_adapters
-from bitro.tl._baselines import add_baselines, colour_statistics
+from bitro.tl._baselines import add_baselines, color_statistics
 from bitro.tl._cross_validate import cross_validate
 from bitro.tl._evaluate import evaluate
 from bitro.tl._evaluate_cells import evaluate_cells
@@ -15,12 +16,15 @@ from bitro.tl._predict import predict
 from bitro.tl._pseudobulk import pseudobulk
 from bitro.tl._transfer import transfer
 
+colour_statistics = renamed_function(color_statistics, "colour_statistics")
+
 __all__ = [
     "BitroModel",
     "TrainingDivergedError",
     "TransferredModel",
     "add_baselines",
     "bundled_models",
+    "color_statistics",
     "colour_statistics",
     "cross_validate",
     "evaluate",

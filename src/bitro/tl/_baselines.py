@@ -1,7 +1,7 @@
 """The trivial baselines every accuracy claim is printed beside.
 
 - the training-mean profile: the same prediction for every spot (high PCC_overall, no PCC_gene);
-- ridge regression on colour statistics of each spot's image patch (RGB, HSV and optical density:
+- ridge regression on color statistics of each spot's image patch (RGB, HSV and optical density:
   mean, std and 10/50/90th percentiles of the pixels inside the spot circle, 45 numbers).
 
 A model that does not beat them has learned nothing from morphology.
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from bitro._checks import check_rgb_image
 from bitro._constants import Key
+from bitro._deprecate import renamed_args
 from bitro._settings import settings
 from bitro._utils import check_key, image_offset, scale0
 from bitro.tl._targets import Scale, check_scale
@@ -27,8 +28,8 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 
-def colour_features(pixels: np.ndarray) -> np.ndarray:
-    """Colour statistics of RGB pixels ``(n, 3)`` uint8: RGB, HSV and optical density; mean, std, percentiles."""
+def color_features(pixels: np.ndarray) -> np.ndarray:
+    """Color statistics of RGB pixels ``(n, 3)`` uint8: RGB, HSV and optical density; mean, std, percentiles."""
     from skimage.color import rgb2hsv
 
     rgb = pixels.reshape(-1, 3).astype(np.float64) / 255.0
@@ -40,19 +41,20 @@ def colour_features(pixels: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
-def colour_statistics(
-    sdata: SpatialData, *, table_key: str = Key.SPOTS_TABLE, key_added: str = Key.COLOUR_STATS
+@renamed_args(sdata="data")
+def color_statistics(
+    data: SpatialData, *, table_key: str = Key.SPOTS_TABLE, key_added: str = Key.COLOR_STATS
 ) -> np.ndarray:
-    """Colour statistics of the image patch under every spot, for the ridge baseline.
+    """Color statistics of the image patch under every spot, for the ridge baseline.
 
     Parameters
     ----------
-    sdata
+    data
         SpatialData with the section images, spot circles and the spot table.
     table_key
         The spot table.
     key_added
-        Written to ``sdata[table_key].obsm[key_added]``.
+        Written to ``data[table_key].obsm[key_added]``.
 
     Returns
     -------
@@ -60,9 +62,9 @@ def colour_statistics(
     """
     from bitro.io import get_sections
 
-    check_key(sdata.tables, table_key, "Table")
-    table = sdata.tables[table_key]
-    sections = {s.sample: s for s in get_sections(sdata) if s.spots_key is not None}
+    check_key(data.tables, table_key, "Table")
+    table = data.tables[table_key]
+    sections = {s.sample: s for s in get_sections(data) if s.spots_key is not None}
     samples = table.obs[Key.SAMPLE].astype(str).to_numpy()
     missing = sorted(set(samples) - set(sections))
     if missing:
@@ -70,14 +72,14 @@ def colour_statistics(
         raise ValueError(msg)
     for sample in dict.fromkeys(samples):
         key = sections[sample].image_key
-        check_rgb_image(scale0(sdata.images[key]), key, "computing the colour statistics")
+        check_rgb_image(scale0(data.images[key]), key, "computing the color statistics")
     check_key(table.obs.columns, Key.SPOT_ID, f"Spot ids of table {table_key!r}: column .obs")
     stats = np.zeros((table.n_obs, 45))
     spot_ids = table.obs[Key.SPOT_ID].astype(str).to_numpy()
-    for sample in tqdm(list(dict.fromkeys(samples)), desc="colour statistics", disable=not settings.progress):
+    for sample in tqdm(list(dict.fromkeys(samples)), desc="color statistics", disable=not settings.progress):
         section = sections[sample]
-        image = scale0(sdata.images[section.image_key])
-        circles = sdata.shapes[section.spots_key]
+        image = scale0(data.images[section.image_key])
+        circles = data.shapes[section.spots_key]
         rows = np.flatnonzero(samples == sample)
         found = circles.index.astype(str).get_indexer(spot_ids[rows])
         if (found < 0).any():
@@ -85,7 +87,7 @@ def colour_statistics(
                 f"Spots {list(spot_ids[rows][found < 0][:5])} of table {table_key!r} are not in {section.spots_key!r}."
             )
             raise ValueError(msg)
-        dx, dy = image_offset(sdata.images[section.image_key], section.coordinate_system)  # a cropped image
+        dx, dy = image_offset(data.images[section.image_key], section.coordinate_system)  # a cropped image
         xs, ys = circles.geometry.x.to_numpy()[found] - dx, circles.geometry.y.to_numpy()[found] - dy
         radii = circles["radius"].to_numpy()[found]
         for row, x, y, r in zip(rows, xs, ys, radii, strict=True):
@@ -93,7 +95,7 @@ def colour_statistics(
             crop = image.isel(y=slice(y0, int(y + r) + 1), x=slice(x0, int(x + r) + 1)).transpose("y", "x", "c").values
             yy, xx = np.mgrid[: crop.shape[0], : crop.shape[1]]
             inside = (xx + x0 + 0.5 - x) ** 2 + (yy + y0 + 0.5 - y) ** 2 <= r**2
-            stats[row] = colour_features(crop[inside])
+            stats[row] = color_features(crop[inside])
     table.obsm[key_added] = stats
     return stats
 
@@ -118,8 +120,8 @@ def add_baselines(train: AnnData, test: AnnData, *, genes: Sequence[str], scale:
       Its PCC_overall is high (highly expressed genes are high everywhere) but it cannot follow a
       gene across spots: its PCC_gene is 0.
     - **ridge**: a ridge regression (features standardised, ``alpha`` chosen by internal
-      cross-validation) from the colour statistics of each spot's image patch
-      (:func:`bitro.tl.colour_statistics`, ``.obsm["bitro_colour"]``) to its expression: what a
+      cross-validation) from the color statistics of each spot's image patch
+      (:func:`bitro.tl.color_statistics`, ``.obsm["bitro_color"]``) to its expression: what a
       trivial image model gets. Fitted only when both tables have these statistics.
 
     Score the predictions written here with :func:`bitro.tl.evaluate` (``layer=``), beside the model's
@@ -129,10 +131,10 @@ def add_baselines(train: AnnData, test: AnnData, *, genes: Sequence[str], scale:
     ----------
     train
         Training spots: raw counts in ``.X`` (all genes, for the library size of ``"cp10k"``) and,
-        for the ridge baseline, ``.obsm["bitro_colour"]``. At least 2 rows.
+        for the ridge baseline, ``.obsm["bitro_color"]``. At least 2 rows.
     test
         Spots to predict, e.g. a held-out section, with the same genes in ``.var_names`` and, for the
-        ridge baseline, ``.obsm["bitro_colour"]``. Written into.
+        ridge baseline, ``.obsm["bitro_color"]``. Written into.
     genes
         Genes to predict, e.g. ``model.genes`` of the model they are compared with.
     scale
@@ -146,12 +148,12 @@ def add_baselines(train: AnnData, test: AnnData, *, genes: Sequence[str], scale:
     - ``.obsm["bitro_baseline_mean"]``: the training-mean profile, on ``scale``, a :class:`pandas.DataFrame`
       of rows x ``genes`` (as :func:`bitro.tl.predict` writes its predictions).
     - ``.obsm["bitro_baseline_ridge"]``: the ridge baseline's predictions, likewise; only when
-      both ``train`` and ``test`` have ``.obsm["bitro_colour"]``.
+      both ``train`` and ``test`` have ``.obsm["bitro_color"]``.
 
     Examples
     --------
     >>> import bitro as bt
-    >>> bt.tl.colour_statistics(sdata)  # doctest: +SKIP
+    >>> bt.tl.color_statistics(sdata)  # doctest: +SKIP
     >>> spots = sdata["spots"]  # doctest: +SKIP
     >>> held_out = (spots.obs["sample"] == "C3").to_numpy()  # doctest: +SKIP
     >>> train, test = spots[~held_out].copy(), spots[held_out].copy()  # doctest: +SKIP
@@ -178,11 +180,11 @@ def add_baselines(train: AnnData, test: AnnData, *, genes: Sequence[str], scale:
     if train.n_obs < 2:
         msg = f"`train` has {train.n_obs} row(s); the baselines need at least 2 training spots."
         raise ValueError(msg)
-    ridge = Key.COLOUR_STATS in train.obsm and Key.COLOUR_STATS in test.obsm
-    if ridge and np.shape(train.obsm[Key.COLOUR_STATS])[1] != np.shape(test.obsm[Key.COLOUR_STATS])[1]:
+    ridge = Key.COLOR_STATS in train.obsm and Key.COLOR_STATS in test.obsm
+    if ridge and np.shape(train.obsm[Key.COLOR_STATS])[1] != np.shape(test.obsm[Key.COLOR_STATS])[1]:
         msg = (
-            f"`.obsm[{Key.COLOUR_STATS!r}]` has {np.shape(train.obsm[Key.COLOUR_STATS])[1]} columns in `train` but "
-            f"{np.shape(test.obsm[Key.COLOUR_STATS])[1]} in `test`; compute both with `bt.tl.colour_statistics`."
+            f"`.obsm[{Key.COLOR_STATS!r}]` has {np.shape(train.obsm[Key.COLOR_STATS])[1]} columns in `train` but "
+            f"{np.shape(test.obsm[Key.COLOR_STATS])[1]} in `test`; compute both with `bt.tl.color_statistics`."
         )
         raise ValueError(msg)
 
@@ -190,7 +192,7 @@ def add_baselines(train: AnnData, test: AnnData, *, genes: Sequence[str], scale:
     preds = {Key.BASELINE_MEAN: np.broadcast_to(train_y.mean(0), (test.n_obs, len(genes)))}
     if ridge:
         preds[Key.BASELINE_RIDGE] = ridge_predict(
-            np.asarray(train.obsm[Key.COLOUR_STATS]), train_y, np.asarray(test.obsm[Key.COLOUR_STATS])
+            np.asarray(train.obsm[Key.COLOR_STATS]), train_y, np.asarray(test.obsm[Key.COLOR_STATS])
         )
     for key, pred in preds.items():
         test.obsm[key] = pd.DataFrame(np.asarray(pred, dtype=np.float32), index=test.obs_names, columns=genes)

@@ -9,6 +9,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from bitro._constants import Key
+from bitro._deprecate import renamed_args
 from bitro._logging import logger
 from bitro._settings import settings
 
@@ -19,27 +20,32 @@ if TYPE_CHECKING:
 _METHOD_LAYERS = {"bitro": Key.PREDICTED, "mean": Key.BASELINE_MEAN, "ridge": Key.BASELINE_RIDGE}
 
 
-def _fold_cells(cells: AnnData, train: np.ndarray, n_clusters: int, seed: int) -> AnnData:
-    """A copy of the cell table whose PCA and phenotypes are fitted on the training cells only."""
+def _fold_cells(
+    cells: AnnData, train: np.ndarray, n_clusters: int, seed: int, *, use_rep: str, phenotype_key: str
+) -> AnnData:
+    """A copy of the cell table whose PCA (``.obsm[use_rep]``) and phenotypes are fitted on the training cells only."""
     from bitro.pp import phenotypes
     from bitro.pp._cells import _apply_reducer, _fit_reducer
 
     out = cells.copy()
     raw = np.asarray(out.obsm[Key.FEATURES_RAW], dtype=np.float64)
-    n_components = out.obsm[Key.FEATURES].shape[1]
+    n_components = out.obsm[use_rep].shape[1]
     reducer = _fit_reducer(raw[train], n_components, random_state=seed)
-    out.obsm[Key.FEATURES] = _apply_reducer(raw, reducer)
+    out.obsm[use_rep] = _apply_reducer(raw, reducer)
     reference = out[train].copy()
-    phenotypes(reference, n_clusters=n_clusters, random_state=seed)
-    phenotypes(out, reference=reference)
+    phenotypes(reference, n_clusters=n_clusters, use_rep=use_rep, key_added=phenotype_key, seed=seed)
+    phenotypes(out, reference=reference, use_rep=use_rep, key_added=phenotype_key)
     return out
 
 
+@renamed_args(groupby="library_key")
 def cross_validate(
     data: SpatialData | AnnData,
     *,
     cells: AnnData | None = None,
-    groupby: str = Key.SAMPLE,
+    table_key: str = Key.SPOTS_TABLE,
+    cells_key: str = Key.CELLS_TABLE,
+    library_key: str = Key.SAMPLE,
     folds: list[str] | None = None,
     genes: list[str] | None = None,
     scale: str = "cp10k",
@@ -51,15 +57,15 @@ def cross_validate(
 ) -> pd.DataFrame:
     """Leave-one-group-out evaluation of :func:`bitro.tl.fit`, beside the trivial baselines.
 
-    For each held-out group (a section, or a patient with ``groupby="patient"``), the model is fitted
+    For each held-out group (a section, or a patient with ``library_key="patient"``), the model is fitted
     on the other groups (early stopping on a validation section drawn from those, never from the
     held-out one; see ``validation`` of :func:`bitro.tl.fit`), predicts the held-out spots and is scored
     with :func:`bitro.tl.evaluate`. The cell features' scaler + PCA and the phenotypes are refitted
     on the training cells of each fold (``refit_features``), so nothing is learnt from the held-out group.
 
     Baselines, on the same genes and scale: ``"mean"``, the training-mean profile, and ``"ridge"``,
-    ridge regression on colour statistics of each spot's image patch (needs the images, i.e. a
-    SpatialData, or precomputed ``.obsm["bitro_colour"]``, see :func:`bitro.tl.colour_statistics`).
+    ridge regression on color statistics of each spot's image patch (needs the images, i.e. a
+    SpatialData, or precomputed ``.obsm["bitro_color"]``, see :func:`bitro.tl.color_statistics`).
 
     Parameters
     ----------
@@ -68,7 +74,11 @@ def cross_validate(
         or the spot table with ``cells=``.
     cells
         The cell table, when ``data`` is an AnnData.
-    groupby
+    table_key
+        The spot table of a SpatialData.
+    cells_key
+        The cell table of a SpatialData.
+    library_key
         Column of the spot table's ``.obs`` that defines the folds; each of its values must hold whole
         sections.
     folds
@@ -102,73 +112,67 @@ def cross_validate(
     """
     from anndata import AnnData
 
-    from bitro.tl._baselines import add_baselines, colour_statistics
+    from bitro.tl._bags import resolve_tables
+    from bitro.tl._baselines import add_baselines, color_statistics
     from bitro.tl._evaluate import evaluate
     from bitro.tl._fit import fit
     from bitro.tl._predict import predict
     from bitro.tl._targets import check_scale
 
     check_scale(scale)
-    if isinstance(data, AnnData):
-        spots = data
-        if cells is None:
-            msg = "With an AnnData of spots, pass the cell table as `cells=` (or pass the SpatialData)."
-            raise ValueError(msg)
-    else:
-        from bitro._utils import check_key
-
-        check_key(data.tables, Key.SPOTS_TABLE, "Table")
-        spots = data.tables[Key.SPOTS_TABLE]
-        if cells is None:
-            check_key(data.tables, Key.CELLS_TABLE, "Table")
-            cells = data.tables[Key.CELLS_TABLE]
-    if groupby not in spots.obs:
-        msg = f"`groupby={groupby!r}` is not a column of the spot table's `.obs` (columns: {list(spots.obs.columns)})."
+    spots, cells = resolve_tables(data, "spot", cells=cells, table_key=table_key, cells_key=cells_key)
+    if library_key not in spots.obs:
+        msg = f"`library_key={library_key!r}` is not a column of the spot table's `.obs` (columns: {list(spots.obs.columns)})."
         raise KeyError(msg)
-    group_of_sample = spots.obs.groupby(Key.SAMPLE, observed=True)[groupby].nunique()
+    group_of_sample = spots.obs.groupby(Key.SAMPLE, observed=True)[library_key].nunique()
     if (group_of_sample > 1).any():
-        msg = f"Sections {list(group_of_sample.index[group_of_sample > 1])} are split across `{groupby}` groups."
+        msg = f"Sections {list(group_of_sample.index[group_of_sample > 1])} are split across `{library_key}` groups."
         raise ValueError(msg)
-    groups = list(dict.fromkeys(spots.obs[groupby].astype(str)))
+    groups = list(dict.fromkeys(spots.obs[library_key].astype(str)))
     if len(groups) < 3:
-        msg = f"Cross-validation needs at least 3 `{groupby}` groups (train, validation, test); got {groups}."
+        msg = f"Cross-validation needs at least 3 `{library_key}` groups (train, validation, test); got {groups}."
         raise ValueError(msg)
     folds = groups if folds is None else list(folds)
     unknown = sorted(set(folds) - set(groups))
     if unknown:
-        msg = f"Folds {unknown} are not `{groupby}` groups; groups: {groups}."
+        msg = f"Folds {unknown} are not `{library_key}` groups; groups: {groups}."
         raise KeyError(msg)
     if refit_features and Key.FEATURES_RAW not in cells.obsm:
         msg = f"`refit_features=True` needs the raw features `.obsm[{Key.FEATURES_RAW!r}]` of `bt.pp.extract_cells`."
         raise KeyError(msg)
-    if baselines and Key.COLOUR_STATS not in spots.obsm:
+    if baselines and Key.COLOR_STATS not in spots.obsm:
         if isinstance(data, AnnData):
             msg = (
-                "The ridge baseline needs colour statistics of the spot patches: pass the SpatialData, or "
-                "run `bt.tl.colour_statistics(sdata)` first, or `baselines=False`."
+                "The ridge baseline needs color statistics of the spot patches: pass the SpatialData, or "
+                "run `bt.tl.color_statistics(sdata)` first, or `baselines=False`."
             )
             raise ValueError(msg)
-        colour_statistics(data)
+        color_statistics(data, table_key=table_key)
 
+    keys = {
+        "use_rep": fit_kwargs.get("use_rep", Key.FEATURES),
+        "phenotype_key": fit_kwargs.get("phenotype_key", Key.PHENOTYPE),
+    }
+    graph = {k: fit_kwargs[k] for k in ("graph_key", "phenotype_key") if k in fit_kwargs}
     rows = []
-    group = spots.obs[groupby].astype(str).to_numpy()
+    group = spots.obs[library_key].astype(str).to_numpy()
     cell_samples = cells.obs[Key.SAMPLE].astype(str).to_numpy()
     for held_out in tqdm(folds, desc="cross-validation", disable=not settings.progress):
         test_mask = group == held_out
         train, test = spots[~test_mask].copy(), spots[test_mask].copy()
         train_samples = set(train.obs[Key.SAMPLE].astype(str))
         fold_cells = (
-            _fold_cells(cells, np.isin(cell_samples, list(train_samples)), n_clusters, seed)
+            _fold_cells(cells, np.isin(cell_samples, list(train_samples)), n_clusters, seed, **keys)
             if refit_features
             else cells
         )
         model = fit(train, target="spot", cells=fold_cells, genes=genes, scale=scale, seed=seed, **fit_kwargs)
-        predict(model, test, cells=fold_cells, coverage="spots")  # only the spots are scored
+        predict(model, test, cells=fold_cells, coverage="spots", **graph)  # only the spots are scored
         if baselines:
             add_baselines(train, test, genes=model.genes, scale=scale)
         for method, layer in _METHOD_LAYERS.items():
             if layer in test.obsm:
-                score = evaluate(test, layer=layer, scale=scale, groupby=None, key_added=f"{layer}_eval")
+                score = evaluate(test, layer=layer, scale=scale, library_key=None, key_added=f"{layer}_eval")
                 rows.append({"held_out": held_out, "method": method, **score.iloc[0].to_dict()})
         logger.info(
             "Fold %s: %s",

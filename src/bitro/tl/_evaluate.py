@@ -10,6 +10,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from bitro._constants import Key
+from bitro._deprecate import renamed_args
 from bitro._logging import logger
 from bitro._utils import get_table
 from bitro.tl._metrics import js_divergence, pcc_per_gene, pcc_per_obs
@@ -87,13 +88,14 @@ def observed_on_scale(adata: AnnData, rows: np.ndarray, cols: np.ndarray, scale:
     return out
 
 
+@renamed_args(groupby="library_key")
 def evaluate(
     data: AnnData | SpatialData,
     *,
     layer: str = Key.PREDICTED,
     scale: Scale | None = None,
     truth: str | None = None,
-    groupby: str | None = Key.SAMPLE,
+    library_key: str | None = Key.SAMPLE,
     table_key: str = Key.SPOTS_TABLE,
     key_added: str = Key.EVALUATION,
 ) -> pd.DataFrame:
@@ -101,7 +103,7 @@ def evaluate(
 
     The observed raw counts in ``.X`` are brought to the scale of the predictions
     (``"cp10k"``: ``log1p`` of counts per 10,000 with the library size over all genes of ``.X``;
-    ``"log1p"``: ``log1p`` of raw counts) and compared, within each group of ``groupby``
+    ``"log1p"``: ``log1p`` of raw counts) and compared, within each group of ``library_key``
     (a held-out section), on the genes and observations that have predictions:
 
     - **PCC_overall**: for each observation (spot or bulk sample), the Pearson correlation over
@@ -132,7 +134,7 @@ def evaluate(
     truth
         A layer holding the observed expression already on the prediction's scale, used instead
         of transforming ``.X``.
-    groupby
+    library_key
         Column of ``.obs`` whose groups are scored separately (e.g. held-out sections).
         ``None`` scores all observations together, e.g. a bulk table of slides.
     table_key
@@ -171,8 +173,8 @@ def evaluate(
         msg = f"Truth layer {truth!r} not found. Available layers: {sorted(adata.layers) or 'none'}."
         raise KeyError(msg)
     scale = prediction_scale(adata, scale, layer) if truth is None or scale is not None else None
-    if groupby is not None and groupby not in adata.obs:
-        msg = f"`groupby={groupby!r}` is not a column of `.obs` (columns: {list(adata.obs.columns)}). Use `groupby=None` to score all rows together."
+    if library_key is not None and library_key not in adata.obs:
+        msg = f"`library_key={library_key!r}` is not a column of `.obs` (columns: {list(adata.obs.columns)}). Use `library_key=None` to score all rows together."
         raise KeyError(msg)
     rows = np.flatnonzero(np.isfinite(pred_all).all(axis=1))
     if len(rows) == 0:
@@ -184,11 +186,11 @@ def evaluate(
         dense(adata.layers[truth][:, cols])[rows] if truth is not None else observed_on_scale(adata, rows, cols, scale)
     )
     groups = (
-        pd.Series(np.asarray(adata.obs[groupby])[rows]).astype(str).to_numpy()
-        if groupby is not None
+        pd.Series(np.asarray(adata.obs[library_key])[rows]).astype(str).to_numpy()
+        if library_key is not None
         else np.full(len(rows), "all")
     )
-    group_col = groupby if groupby is not None else "group"
+    group_col = library_key if library_key is not None else "group"
 
     pcc_obs = pcc_per_obs(pred, obs)
     lin_pred, lin_obs = np.clip(np.expm1(pred), 0, None), np.expm1(obs)
@@ -238,7 +240,7 @@ def evaluate(
         "layer": layer,
         "scale": scale if scale is not None else "as given",
         "truth": truth if truth is not None else "X",
-        "groupby": groupby if groupby is not None else "none",
+        "library_key": library_key if library_key is not None else "none",
         "table_key": table_key,
         "key_added": key_added,
     }

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from bitro._constants import Key
+from bitro._deprecate import renamed_args
 from bitro._logging import logger
 from bitro.tl._metrics import pcc_per_gene, pcc_per_obs
 
@@ -34,12 +35,13 @@ def _scores(pred: np.ndarray, truth: np.ndarray, spot: np.ndarray, n_spots: int)
     }
 
 
+@renamed_args(groupby="library_key")
 def evaluate_cells(
     predicted: AnnData,
     observed: AnnData,
     *,
     scale: str | None = None,
-    groupby: str | None = Key.SAMPLE,
+    library_key: str | None = Key.SAMPLE,
     spot_key: str = Key.SPOT_ID,
 ) -> pd.DataFrame:
     """Score predicted cell expression against the cells' true expression, beside the equal split of each spot.
@@ -67,7 +69,7 @@ def evaluate_cells(
         by ``obs_names``. Brought to the predictions' scale with the library size over all its genes.
     scale
         ``"cp10k"`` or ``"log1p"``; by default the scale recorded by :func:`bitro.tl.predict`.
-    groupby
+    library_key
         Column of ``predicted.obs`` scored separately (``None``: all cells together).
     spot_key
         Column of ``predicted.obs`` with each cell's spot (missing outside every spot).
@@ -97,7 +99,7 @@ def evaluate_cells(
     if not genes:
         msg = f"The predictions and the observed table share no gene (e.g. {list(predicted.var_names[:3])} vs {list(observed.var_names[:3])})."
         raise KeyError(msg)
-    for column in [c for c in (groupby, spot_key) if c is not None]:
+    for column in [c for c in (library_key, spot_key) if c is not None]:
         if column not in predicted.obs:
             msg = f"`.obs[{column!r}]` is not a column of the predictions (columns: {list(predicted.obs.columns)})."
             raise KeyError(msg)
@@ -105,10 +107,10 @@ def evaluate_cells(
     pred = np.asarray(predicted[p_rows][:, genes].X, dtype=np.float64)
     truth = observed_on_scale(observed, o_rows, observed.var_names.get_indexer(genes), scale)
     obs = predicted.obs.iloc[p_rows]
-    groups = obs[groupby].astype(str).to_numpy() if groupby is not None else np.full(len(shared), "all")
+    groups = obs[library_key].astype(str).to_numpy() if library_key is not None else np.full(len(shared), "all")
     spot_col = obs[spot_key]
     in_spot = (spot_col.notna() & (spot_col.astype(str) != "")).to_numpy()
-    spot_label = (obs[groupby].astype(str) + "\x00" if groupby is not None else "") + spot_col.astype(str)
+    spot_label = (obs[library_key].astype(str) + "\x00" if library_key is not None else "") + spot_col.astype(str)
     rows = []
     for g in pd.unique(groups):
         m = (groups == g) & in_spot
@@ -136,4 +138,4 @@ def evaluate_cells(
             r["within_spot"],
             float(table[(table["group"] == r["group"]) & (table["method"] == "equal split")]["pcc_gene"].iloc[0]),
         )
-    return table.rename(columns={"group": groupby or "group"})
+    return table.rename(columns={"group": library_key or "group"})

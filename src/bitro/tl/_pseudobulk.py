@@ -10,8 +10,9 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from bitro._constants import Key
+from bitro._deprecate import renamed_args
 from bitro._logging import logger
-from bitro._utils import check_key
+from bitro._utils import check_key, get_table
 from bitro.tl._targets import check_counts, dense
 
 if TYPE_CHECKING:
@@ -35,9 +36,11 @@ def _blocks(obs: pd.DataFrame, xy: np.ndarray | None, *, method: str, block_size
     return np.array([f"k{k}" for k in labels], dtype=object)
 
 
+@renamed_args(spots="data")
 def pseudobulk(
-    spots: AnnData | SpatialData,
+    data: AnnData | SpatialData,
     *,
+    table_key: str = Key.SPOTS_TABLE,
     block_size: int = 4,
     method: Literal["grid", "kmeans"] = "grid",
     min_spots: int | None = None,
@@ -52,9 +55,11 @@ def pseudobulk(
 
     Parameters
     ----------
-    spots
+    data
         Spot table with raw counts in ``.X`` and ``.obs["sample"]``; ``.obs["array_row"]`` / ``.obs["array_col"]``
-        for ``method="grid"``, ``.obsm["spatial"]`` for ``method="kmeans"``. Or a SpatialData with a ``"spots"`` table.
+        for ``method="grid"``, ``.obsm["spatial"]`` for ``method="kmeans"``. Or a SpatialData holding it.
+    table_key
+        The spot table of a SpatialData.
     block_size
         ``"grid"``: blocks of ``block_size x block_size`` array positions; ``"kmeans"``: spatial K-means within each
         section with about ``block_size**2`` spots per block.
@@ -72,21 +77,14 @@ def pseudobulk(
     AnnData (blocks, then sections x genes) of summed counts, with ``.obs["sample"]`` (the section),
     ``.obs["block"]`` (``"section"`` for whole-section rows), ``.obs["n_spots"]`` and ``.obs["spot_ids"]`` (the block's
     spot ids joined by ``";"``; empty for whole-section rows, whose bag is every cell of the section); the
-    parameters are in ``.uns["bitro"]["pseudobulk"]``. ``spots`` is not modified.
+    parameters are in ``.uns["bitro"]["pseudobulk"]``. ``data`` is not modified.
 
     Examples
     --------
     >>> bulk = bt.tl.pseudobulk(sdata["spots"], block_size=4)  # doctest: +SKIP
     >>> model = bt.tl.fit(bulk, target="bulk", cells=sdata["cells"])  # doctest: +SKIP
     """
-    if not isinstance(spots, AnnData):
-        from spatialdata import SpatialData
-
-        if not isinstance(spots, SpatialData):
-            msg = f"`spots` must be an AnnData or a SpatialData, got {type(spots).__name__}."
-            raise TypeError(msg)
-        check_key(spots.tables, Key.SPOTS_TABLE, "Table")
-        spots = spots.tables[Key.SPOTS_TABLE]
+    spots = get_table(data, table_key, "Spot table")
     if method not in METHODS:
         msg = f"method={method!r} is not supported; use one of {METHODS}."
         raise ValueError(msg)
@@ -158,7 +156,7 @@ def pseudobulk(
         "sections": sections,
         "seed": seed,
     }
-    out.uns[Key.UNS] = {"pseudobulk": params}
+    out.uns[Key.UNS] = {Key.PSEUDOBULK: params}
     n_blocks = int((obs[Key.BLOCK] != SECTION_BLOCK).sum())
     logger.info(f"Pseudo-bulk: {n_blocks} blocks and {out.n_obs - n_blocks} whole sections from {spots.n_obs} spots.")
     return out
