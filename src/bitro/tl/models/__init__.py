@@ -1,8 +1,9 @@
 """The predictors bitro can train, by name: ``bt.tl.fit(data, model=name)``.
 
-Each entry names a network class (``"module:Class"``, imported only when used, so ``import bitro`` stays free of
-torch) derived from :class:`bitro.tl.models._base.CellBagNetwork`; its ``architecture_class`` is the dataclass
-of its hyper-parameters. :func:`bitro.tl.fit`, :func:`bitro.tl.predict`, saving and :func:`bitro.tl.load_model`
+Each entry names a network class (or its ``"module:Class"`` path, imported only when used, so ``import bitro`` stays
+free of torch) derived from :class:`CellBagNetwork`; its ``architecture_class`` is the dataclass of its
+hyper-parameters, derived from :class:`Architecture`. Both, and the :class:`Batch` a network reads, are importable
+from here (``from bitro.tl.models import Architecture, CellBagNetwork, register``). :func:`bitro.tl.fit`, :func:`bitro.tl.predict`, saving and :func:`bitro.tl.load_model`
 find a model here by the name stored in its config. Adding a model is its own module and one
 :func:`register` line below (see ``docs/contributing.md``).
 """
@@ -19,16 +20,18 @@ DEFAULT_MODEL = "bitro"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registered model: its name, its network class (``"module:Class"``) and a one-line description."""
+    """A registered model: its name, its network class (or ``"module:Class"``) and a one-line description."""
 
     name: str
-    network_path: str
+    network_ref: str | type
     description: str = ""
 
     @property
     def network(self) -> Any:
-        """The network class (imports its module, and torch, on first use)."""
-        module, _, cls = self.network_path.partition(":")
+        """The network class (a ``"module:Class"`` path is imported, with torch, on first use)."""
+        if not isinstance(self.network_ref, str):
+            return self.network_ref
+        module, _, cls = self.network_ref.partition(":")
         return getattr(importlib.import_module(module), cls)
 
     @property
@@ -38,6 +41,16 @@ class ModelSpec:
 
 
 MODELS: dict[str, ModelSpec] = {}
+
+#: What a model's own module builds on, loaded (with torch) on first access: ``from bitro.tl.models import ...``.
+_BASE = {"Architecture": "bitro.tl.models._base", "CellBagNetwork": "bitro.tl.models._base", "Batch": "bitro.tl._bags"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _BASE:
+        return getattr(importlib.import_module(_BASE[name]), name)
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)
 
 
 def register(name: str, network: str | type, description: str = "") -> ModelSpec:
@@ -49,15 +62,18 @@ def register(name: str, network: str | type, description: str = "") -> ModelSpec
     --------
     >>> from bitro.tl.models import register
     >>> register("mine", "my_package.my_module:MyNet", "my network")  # doctest: +SKIP
+    >>> register("toy", ToyNet)  # doctest: +SKIP
     """
     if not isinstance(name, str) or not name.isidentifier():
-        msg = f"A model name must be a simple lowercase identifier such as 'bitro', got {name!r}."
+        msg = f"A model name must be a simple identifier such as 'bitro', got {name!r}."
         raise ValueError(msg)
-    path = network if isinstance(network, str) else f"{network.__module__}:{network.__qualname__}"
-    if ":" not in path:
+    if isinstance(network, str) and ":" not in network:
         msg = f"Give the network as a class or as 'module:Class', got {network!r}."
         raise ValueError(msg)
-    MODELS[name] = ModelSpec(name, path, description)
+    if not isinstance(network, str) and not hasattr(network, "architecture_class"):
+        msg = f"{network!r} is not a network class: derive it from bitro.tl.models.CellBagNetwork."
+        raise TypeError(msg)
+    MODELS[name] = ModelSpec(name, network, description)
     return MODELS[name]
 
 
@@ -67,16 +83,6 @@ def get_model(name: Any) -> ModelSpec:
         msg = f"model={name!r} is not a registered model; use one of {sorted(MODELS)}."
         raise ValueError(msg)
     return MODELS[name]
-
-
-def model_name(network: Any) -> str:
-    """The registered name of a network's class (raises for an unregistered one)."""
-    path = f"{type(network).__module__}:{type(network).__qualname__}"
-    for spec in MODELS.values():
-        if spec.network_path == path:
-            return spec.name
-    msg = f"The network class {path} is not registered; register it with `bitro.tl.models.register`."
-    raise ValueError(msg)
 
 
 register(
