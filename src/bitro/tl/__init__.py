@@ -7,6 +7,7 @@ from bitro._checks import TrainingDivergedError
 from bitro._deprecate import renamed_function
 from bitro.tl._adapters import TransferredModel, load_adapters
 from bitro.tl._baselines import add_baselines, color_statistics
+from bitro.tl._config import ModelConfig
 from bitro.tl._cross_validate import cross_validate
 from bitro.tl._evaluate import evaluate
 from bitro.tl._evaluate_cells import evaluate_cells
@@ -20,6 +21,7 @@ colour_statistics = renamed_function(color_statistics, "colour_statistics")
 
 __all__ = [
     "BitroModel",
+    "ModelConfig",
     "TrainingDivergedError",
     "TransferredModel",
     "add_baselines",
