@@ -126,12 +126,12 @@ def fold_features(cells, train_mask, *, n_components=128, n_phenotypes=8, seed=0
 
     from bitro._constants import Key
     from bitro._features import fingerprint
-    from bitro.pp._cells import _apply_reducer, _fit_reducer
+    from bitro._reducer import apply_reducer, fit_reducer
 
     raw = cells.obsm[Key.FEATURES_RAW]
-    reducer = _fit_reducer(raw[train_mask], n_components, random_state=seed)
-    x = _apply_reducer(raw, reducer)
-    km = KMeans(n_phenotypes, n_init=3, random_state=seed).fit(x[train_mask][::4])
+    reducer = fit_reducer(raw[train_mask], n_components, seed=seed)
+    x = apply_reducer(raw, reducer)
+    km = KMeans(n_phenotypes, n_init=3, seed=seed).fit(x[train_mask][::4])
     out = cells.copy()
     out.obsm[Key.FEATURES] = x
     out.obs[Key.PHENOTYPE] = pd.Categorical(km.predict(x))

@@ -93,12 +93,12 @@ def _toy_tl_tables(n_samples: int = 3, n_genes: int = 12, n_features: int = 8, s
 def toy_record(cells, encoder: str = "toy"):
     """A real extraction record for toy features: the raw features go through the scaler + PCA of `bt.pp`."""
     from bitro._features import fingerprint
-    from bitro.pp._cells import _apply_reducer, _fit_reducer
+    from bitro._reducer import apply_reducer, fit_reducer
 
     raw = cells.obsm["X_bitro"]
     cells.obsm["X_bitro_raw"] = raw
-    reducer = _fit_reducer(raw, raw.shape[1])
-    cells.obsm["X_bitro"] = _apply_reducer(raw, reducer)
+    reducer = fit_reducer(raw, raw.shape[1])
+    cells.obsm["X_bitro"] = apply_reducer(raw, reducer)
     record = {
         "encoder": encoder,
         "weights_sha256": "",

@@ -349,3 +349,46 @@ def test_predictions_are_floored_at_zero(toy_tl):
     assert (after.obsm["bitro_predicted"].iloc[:, 0] == 0).all() and (expr.X[:, 0] == 0).all()
     assert (after.obsm["bitro_predicted"].to_numpy() >= 0).all() and (expr.X >= 0).all()
     np.testing.assert_allclose(after.obsm["bitro_predicted"].iloc[:, 1:], before.obsm["bitro_predicted"].iloc[:, 1:])
+
+
+def test_keys_written_by_pp_under_other_names_are_read(toy_tl):
+    """fit / predict read the graph, phenotypes and features under the names pp wrote them (key_added)."""
+    spots, cells = toy_tl
+    cells.obsp["knn_connectivities"] = cells.obsp.pop("spatial_connectivities")
+    cells.obs["types"] = cells.obs.pop("phenotype")
+    cells.obsm["X_other"] = cells.obsm["X_bitro"].copy()
+    with pytest.raises(KeyError, match="spatial_connectivities"):
+        _fit(spots, cells)
+    with pytest.raises(KeyError, match="'phenotype'"):
+        _fit(spots, cells, graph_key="knn")
+    model = _fit(spots, cells, graph_key="knn", phenotype_key="types", epochs=1)
+    expr = bt.tl.predict(model, spots, cells=cells, graph_key="knn", phenotype_key="types", coverage="spots")
+    assert "types" in expr.obs and np.isfinite(expr.X).all()
+
+
+def test_a_second_predict_keeps_the_first_record(toy_tl):
+    """Records are keyed by key_added: evaluate scores each layer on the scale its own predict recorded."""
+    spots, cells = toy_tl
+    cp10k = _fit(spots, cells, epochs=1)
+    log1p = _fit(spots, cells, epochs=1, scale="log1p")
+    bt.tl.predict(cp10k, spots, cells=cells, coverage="spots", key_added="pred_cp10k")
+    bt.tl.predict(log1p, spots, cells=cells, coverage="spots", key_added="pred_log1p")
+    records = spots.uns["bitro"]["predict"]
+    assert records["pred_cp10k"]["scale"] == "cp10k" and records["pred_log1p"]["scale"] == "log1p"
+    bt.tl.evaluate(spots, layer="pred_cp10k", key_added="eval_cp10k")
+    bt.tl.evaluate(spots, layer="pred_log1p", key_added="eval_log1p")
+    runs = spots.uns["bitro"]["evaluate"]
+    assert runs["eval_cp10k"]["scale"] == "cp10k" and runs["eval_log1p"]["scale"] == "log1p"
+
+
+def test_tables_of_a_spatialdata_by_any_name(toy_tl):
+    """spatialdata-io names the expression table "table": table_key / cells_key find tables by any name."""
+    from spatialdata import SpatialData
+
+    spots, cells = toy_tl
+    sdata = SpatialData(tables={"table": spots, "my_cells": cells})
+    with pytest.raises(KeyError, match="Cell table 'cells' not found.*Available tables: \\['my_cells', 'table'\\]"):
+        _fit(sdata, None)
+    model = _fit(sdata, None, table_key="table", cells_key="my_cells", epochs=1)
+    bt.tl.predict(model, sdata, table_key="table", cells_key="my_cells", coverage="spots")
+    assert "bitro_predicted" in sdata.tables["table"].obsm and "bitro_cells" in sdata.tables

@@ -24,6 +24,7 @@ from bitro._constants import Key
 from bitro._deprecate import renamed_args
 from bitro._features import differences, file_digest, fingerprint, record_of
 from bitro._logging import logger
+from bitro._reducer import apply_reducer, fit_reducer
 from bitro._settings import settings
 from bitro._utils import check_key, scale0
 from bitro.pp._encoders import Encoder, get_encoder
@@ -187,38 +188,6 @@ def _tile_features(
         feats.append(out)
         intensity.append(nucleus_stains(crops, job.radius[sl]))
     return job.cells, np.concatenate(feats), np.concatenate(intensity)
-
-
-# --- the fitted scaler + PCA -----------------------------------------------------------------
-
-
-def _fit_reducer(raw: np.ndarray, n_components: int, *, random_state: int = 0) -> dict[str, Any]:
-    from sklearn.decomposition import PCA
-    from sklearn.preprocessing import StandardScaler
-
-    scaler = StandardScaler().fit(raw)
-    k = min(n_components, raw.shape[1], raw.shape[0])
-    if k < n_components:
-        logger.info(
-            "PCA keeps %d components instead of n_components=%d (%d raw features, %d cells).",
-            k,
-            n_components,
-            raw.shape[1],
-            raw.shape[0],
-        )
-    pca = PCA(n_components=k, random_state=random_state).fit(scaler.transform(raw))
-    return {
-        "scaler_mean": scaler.mean_.astype(np.float64),
-        "scaler_scale": scaler.scale_.astype(np.float64),
-        "pca_mean": pca.mean_.astype(np.float64),
-        "pca_components": pca.components_.astype(np.float64),
-        "explained_variance_ratio": pca.explained_variance_ratio_.astype(np.float64),
-    }
-
-
-def _apply_reducer(raw: np.ndarray, reducer: Mapping[str, Any]) -> np.ndarray:
-    z = (raw - np.asarray(reducer["scaler_mean"])) / np.asarray(reducer["scaler_scale"])
-    return ((z - np.asarray(reducer["pca_mean"])) @ np.asarray(reducer["pca_components"]).T).astype(np.float32)
 
 
 def _reference_params(reference: Any) -> dict[str, Any]:
@@ -628,7 +597,7 @@ def extract_cells(
         reducer = {k: np.asarray(v) for k, v in ref["reducer"].items()}
     elif n_cells >= 2:
         raw_all = np.concatenate([_raw(p, add_morphology) for p in parts])
-        reducer = _fit_reducer(raw_all, n_components)
+        reducer = fit_reducer(raw_all, n_components)
     else:
         reducer = None
     if n_cells == 0:
@@ -689,7 +658,7 @@ def _build_table(parts: list[_SectionCells], add_morphology: bool, reducer: Mapp
         a.obsm[Key.SPATIAL] = p.xy
         a.obsm[Key.FEATURES_RAW] = raw
         a.obsm[Key.FEATURES] = (
-            _apply_reducer(raw, reducer) if reducer is not None else np.zeros((len(raw), 0), np.float32)
+            apply_reducer(raw, reducer) if reducer is not None else np.zeros((len(raw), 0), np.float32)
         )
         adatas.append(a)
     table = cells_table(

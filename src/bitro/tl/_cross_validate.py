@@ -24,14 +24,14 @@ def _fold_cells(
     cells: AnnData, train: np.ndarray, n_clusters: int, seed: int, *, use_rep: str, phenotype_key: str
 ) -> AnnData:
     """A copy of the cell table whose PCA (``.obsm[use_rep]``) and phenotypes are fitted on the training cells only."""
+    from bitro._reducer import apply_reducer, fit_reducer
     from bitro.pp import phenotypes
-    from bitro.pp._cells import _apply_reducer, _fit_reducer
 
     out = cells.copy()
     raw = np.asarray(out.obsm[Key.FEATURES_RAW], dtype=np.float64)
     n_components = out.obsm[use_rep].shape[1]
-    reducer = _fit_reducer(raw[train], n_components, random_state=seed)
-    out.obsm[use_rep] = _apply_reducer(raw, reducer)
+    reducer = fit_reducer(raw[train], n_components, seed=seed)
+    out.obsm[use_rep] = apply_reducer(raw, reducer)
     reference = out[train].copy()
     phenotypes(reference, n_clusters=n_clusters, use_rep=use_rep, key_added=phenotype_key, seed=seed)
     phenotypes(out, reference=reference, use_rep=use_rep, key_added=phenotype_key)

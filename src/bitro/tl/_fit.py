@@ -292,4 +292,4 @@ def fit(
         training_samples=sorted(set(samples)),
         members=members,
     )
-    return BitroModel(nets, config, histories, cell_reference(cells))
+    return BitroModel(nets, config, histories, cell_reference(cells, phenotype_key))

@@ -35,17 +35,15 @@ SAVED_BESIDE = ("n_members", "history", "cell_reference", CHECKSUMS)
 _REFERENCE_ARRAYS = {Key.EXTRACT_CELLS: "reducer", Key.PHENOTYPES: "centroids"}
 
 
-def cell_reference(cells: Any) -> dict[str, Any]:
+def cell_reference(cells: Any, phenotype_key: str = Key.PHENOTYPE) -> dict[str, Any]:
     """What a model keeps of its training cell table, so new slides can be prepared with ``reference=model``.
 
-    The extraction record (with the fitted scaler + PCA) and the phenotype record (with the centroids).
+    The extraction record (with the fitted scaler + PCA) and the record of the phenotypes in
+    ``.obs[phenotype_key]`` (with the centroids), kept under their default names.
     """
     records = cells.uns.get(Key.UNS, {})
-    out = {}
-    for name in _REFERENCE_ARRAYS:
-        if records.get(name) is not None:
-            out[name] = copy.deepcopy(dict(records[name]))
-    return out
+    where = {Key.EXTRACT_CELLS: Key.EXTRACT_CELLS, Key.PHENOTYPES: Key.keyed(Key.PHENOTYPES, phenotype_key, Key.PHENOTYPE)}
+    return {name: copy.deepcopy(dict(records[key])) for name, key in where.items() if records.get(key) is not None}
 
 
 class BitroModel:
