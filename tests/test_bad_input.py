@@ -604,7 +604,7 @@ for _id, _what, _call, _exc, _words in [
         "`pseudobulk` on a path",
         lambda ctx: bt.tl.pseudobulk("spots.h5ad"),
         TypeError,
-        ("`spots`", "AnnData"),
+        ("`data`", "AnnData"),
     ),
     (
         "cross_validate_two_groups",

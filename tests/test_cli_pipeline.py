@@ -321,7 +321,7 @@ def test_figure_genes():
     from bitro._pipeline import figure_genes
 
     model = SimpleNamespace(
-        genes=["A", "ERBB2", "B", "C"], config={"gene_scores": {"loso_pcc": [0.1, 0.2, np.nan, 0.5]}}
+        genes=["A", "ERBB2", "B", "C"], config=SimpleNamespace(gene_scores={"loso_pcc": [0.1, 0.2, np.nan, 0.5]})
     )
     assert figure_genes(model) == ["ERBB2"]
     assert figure_genes(model, ["B"]) == ["B"]

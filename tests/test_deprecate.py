@@ -49,3 +49,34 @@ def test_old_and_new_name_together_is_an_error():
         bt.pp.phenotypes(cells, n_clusters=3, seed=0, random_state=0)
     with pytest.raises(TypeError, match=r"got both `sdata` and `data`"):
         bt.io.get_sections(data=None, sdata=None)
+
+
+def test_old_tl_names_work_and_warn(toy_tl):
+    """bt.tl: `adata`, `n_seeds`, `feature_key`, `groupby`, `colour_statistics` and dict access to the config."""
+    pytest.importorskip("torch")
+    spots, cells = toy_tl
+    tiny = {"dim": 16, "heads": 2, "ff_dim": 32, "max_context": 16, "context_radius": 60.0, "epochs": 1}
+    with pytest.warns(FutureWarning) as record:
+        model = bt.tl.fit(adata=spots, cells=cells, n_seeds=1, feature_key=Key.FEATURES, **tiny)
+    said = " ".join(str(w.message) for w in record)
+    for old, new in (("adata", "data"), ("n_seeds", "n_members"), ("feature_key", "use_rep")):
+        assert f"`{old}` is renamed `{new}`" in said
+    assert len(model.nets) == 1
+    with pytest.warns(FutureWarning, match=r"model.config\.genes"):
+        assert model.config["genes"] == model.genes
+    bt.tl.predict(model, spots, cells=cells, coverage="spots")
+    with pytest.warns(FutureWarning, match="`groupby` is renamed `library_key`"):
+        table = bt.tl.evaluate(spots, groupby=None)
+    assert list(table["group"]) == ["all"]
+    with pytest.warns(FutureWarning, match="`colour_statistics` is renamed `color_statistics`"), pytest.raises(
+        TypeError, match="`data` must be a SpatialData"
+    ):
+        bt.tl.colour_statistics("not data")
+
+
+def test_old_pl_names_work_and_warn():
+    cells = _cells()
+    cells.obs["cluster"] = pd.Categorical(["x", "y"] * 30)
+    with pytest.warns(FutureWarning, match="`key` is renamed `phenotype_key`"):
+        ax = bt.pl.phenotypes(cells, key="cluster")
+    assert ax.get_title().startswith("cluster")

@@ -392,3 +392,6 @@ def test_tables_of_a_spatialdata_by_any_name(toy_tl):
     model = _fit(sdata, None, table_key="table", cells_key="my_cells", epochs=1)
     bt.tl.predict(model, sdata, table_key="table", cells_key="my_cells", coverage="spots")
     assert "bitro_predicted" in sdata.tables["table"].obsm and "bitro_cells" in sdata.tables
+    # the table of the measured spots' predictions carries how each was predicted
+    predicted = sdata.tables["bitro_spots"].obs
+    assert {"n_cells", "predicted_from"} <= set(predicted.columns) and (predicted["predicted_from"] != "none").all()

@@ -223,7 +223,7 @@ def test_phenotypes_uses_stored_colours_and_checks_input(sdata):
     assert not ax.images
     np.testing.assert_allclose(ax.collections[2].get_facecolor()[0, :3], plt.matplotlib.colors.to_rgb("#333333"))
     with pytest.raises(KeyError, match=r"bt\.pp\.phenotypes"):
-        bt.pl.phenotypes(sdata, key="cluster")
+        bt.pl.phenotypes(sdata, phenotype_key="cluster")
     with pytest.raises(ValueError, match="one per category"):
         bt.pl.phenotypes(sdata, palette=["red"])
     with pytest.raises(KeyError, match="Available samples"):

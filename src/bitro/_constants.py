@@ -74,16 +74,17 @@ class Key:
     SPATIAL: Final = "spatial"
     FEATURES_RAW: Final = "X_bitro_raw"
     FEATURES: Final = "X_bitro"
-    PSEUDO_CELL: Final = "bitro_pseudo_cell"
-    ATTENTION: Final = "bitro_attention"
+    #: Predictions on a spot / bulk table (``bt.tl.predict``'s ``key_added``; a DataFrame, rows x the model's genes),
+    #: and the baselines of ``bt.tl.add_baselines`` beside them. ``.layers`` of these names are read too.
+    PREDICTED: Final = "bitro_predicted"
+    COLOR_STATS: Final = "bitro_color"
+    BASELINE_MEAN: Final = "bitro_baseline_mean"
+    BASELINE_RIDGE: Final = "bitro_baseline_ridge"
 
     # --- .obsp (as squidpy writes them with key_added="spatial") ---------------------------
     GRAPH: Final = "spatial"
     CONNECTIVITIES: Final = "spatial_connectivities"
     DISTANCES: Final = "spatial_distances"
-
-    # --- .layers -------------------------------------------------------------------------
-    PREDICTED: Final = "bitro_predicted"
 
     # --- .uns ----------------------------------------------------------------------------
     UNS: Final = "bitro"
@@ -98,9 +99,6 @@ class Key:
     #: ``.uns["bitro"]["pseudobulk"]`` of a ``bt.tl.pseudobulk`` table: its parameters.
     PSEUDOBULK: Final = "pseudobulk"
     EVALUATION: Final = "bitro_eval"
-    COLOR_STATS: Final = "bitro_color"
-    BASELINE_MEAN: Final = "bitro_baseline_mean"
-    BASELINE_RIDGE: Final = "bitro_baseline_ridge"
     # --- shapes columns and SpatialData.attrs[UNS] ----------------------------------------
     AREA_UM2: Final = "area_um2"
     SEGMENTATION: Final = "segmentation"

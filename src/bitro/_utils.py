@@ -35,7 +35,7 @@ def get_table(data: Any, table_key: str, what: str = "Table") -> Any:
         return data
     tables = getattr(data, "tables", None)
     if tables is None:
-        msg = f"Expected an AnnData or a SpatialData, got {type(data).__name__}."
+        msg = f"`data` must be an AnnData or a SpatialData, got {type(data).__name__}."
         raise TypeError(msg)
     if table_key not in tables:
         msg = f"{what} {table_key!r} not found in the SpatialData. Available tables: {sorted(tables) or 'none'}."

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from bitro._constants import Key
+from bitro._deprecate import renamed_args
 from bitro.pl._spatial import (
     check_gene,
     colorbar,
@@ -31,16 +32,16 @@ if TYPE_CHECKING:
 SCALE_LABELS = {"cp10k": "log1p CP10k", "log1p": "log1p counts"}
 
 
-def _predicted_cells(sdata: SpatialData | None, gene: str, sample: str | None, cells_table_key: str):
-    if sdata is None or cells_table_key not in sdata.tables:
-        where = "an AnnData" if sdata is None else f"a SpatialData without table {cells_table_key!r}"
+def _predicted_cells(sdata: SpatialData | None, gene: str, sample: str | None, cells_key: str):
+    if sdata is None or cells_key not in sdata.tables:
+        where = "an AnnData" if sdata is None else f"a SpatialData without table {cells_key!r}"
         msg = (
-            f"`cells=True` needs the SpatialData holding the cell expression table {cells_table_key!r} "
+            f"`cells=True` needs the SpatialData holding the cell expression table {cells_key!r} "
             f"(written by `bt.tl.predict`); got {where}."
         )
         raise ValueError(msg)
-    expr = sdata.tables[cells_table_key]
-    check_gene(gene, expr.var_names, f"the cell expression table {cells_table_key!r}")
+    expr = sdata.tables[cells_key]
+    check_gene(gene, expr.var_names, f"the cell expression table {cells_key!r}")
     t = tissue(expr, sdata, sample)
     values = dense(expr.X[t.rows][:, [int(expr.var_names.get_loc(gene))]])[:, 0]
     keep = np.flatnonzero(np.isfinite(values))
@@ -48,6 +49,7 @@ def _predicted_cells(sdata: SpatialData | None, gene: str, sample: str | None, c
     return t.xy[keep], values[keep]
 
 
+@renamed_args(cells_table_key="cells_key")
 def expression(
     data: AnnData | SpatialData,
     gene: str,
@@ -57,7 +59,7 @@ def expression(
     cells: bool = False,
     scale: str | None = None,
     table_key: str = Key.SPOTS_TABLE,
-    cells_table_key: str = Key.PREDICTED_CELLS_TABLE,
+    cells_key: str = Key.PREDICTED_CELLS_TABLE,
     cmap: str = "viridis",
     vmin: float | None = None,
     vmax: float | None = None,
@@ -86,14 +88,14 @@ def expression(
     layer
         Where the spot table holds the predictions: ``.obsm[layer]`` (:func:`bitro.tl.predict`) or a layer.
     cells
-        Add a panel with the predicted cell expression of the table ``cells_table_key`` (written by
+        Add a panel with the predicted cell expression of the table ``cells_key`` (written by
         :func:`bitro.tl.predict`) as points, highest values drawn on top.
     scale
         Scale of the predictions, ``"cp10k"`` or ``"log1p"``; by default the one recorded by
         :func:`bitro.tl.predict`.
     table_key
         Spot table of a SpatialData.
-    cells_table_key
+    cells_key
         Cell expression table of a SpatialData, used with ``cells=True``.
     cmap
         Colour map.
@@ -145,7 +147,7 @@ def expression(
     t = tissue(adata, sdata, sample)
     cell_xy = cell_values = None
     if cells:
-        cell_xy, cell_values = _predicted_cells(sdata, gene, t.sample, cells_table_key)
+        cell_xy, cell_values = _predicted_cells(sdata, gene, t.sample, cells_key)
     radius = spot_radius(adata, t)
     if pred_all is None:
         predicted = dense(adata.X[t.rows][:, [g]])[:, 0]

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from bitro._constants import Key
+from bitro._deprecate import renamed_args
 from bitro.pl._spatial import draw_tissue, frame, new_axes, split_data, tissue
 
 if TYPE_CHECKING:
@@ -36,11 +37,12 @@ def category_colors(adata: AnnData, key: str, categories: list[str], palette: st
     return [cmap(i % cmap.N) for i in range(len(categories))]
 
 
+@renamed_args(key="phenotype_key")
 def phenotypes(
     data: AnnData | SpatialData,
     *,
     sample: str | None = None,
-    key: str = Key.PHENOTYPE,
+    phenotype_key: str = Key.PHENOTYPE,
     table_key: str = Key.CELLS_TABLE,
     palette: str | list[str] | None = None,
     size: float = 3.0,
@@ -58,13 +60,13 @@ def phenotypes(
         cell table alone (AnnData; drawn without the image).
     sample
         Section to show; may be left out when the table holds one section.
-    key
+    phenotype_key
         Categorical column of ``.obs`` with the phenotypes.
     table_key
         Cell table of a SpatialData.
     palette
         A matplotlib colour map name or a list of colours, one per category. By default
-        ``.uns["{key}_colors"]`` when present (scanpy's convention), else ``tab10``/``tab20``.
+        ``.uns["{phenotype_key}_colors"]`` when present (scanpy's convention), else ``tab10``/``tab20``.
     size
         Marker area of the cells (points squared).
     alpha
@@ -87,18 +89,18 @@ def phenotypes(
     >>> bt.pl.phenotypes(sdata, sample="B4")  # doctest: +SKIP
     """
     sdata, cells = split_data(data, table_key)
-    if key not in cells.obs:
+    if phenotype_key not in cells.obs:
         msg = (
-            f"No phenotypes in `.obs[{key!r}]` of the cell table (columns: {list(cells.obs.columns)}). "
-            "Run `bt.pp.phenotypes` first (K-means on the cell features), or pass `key=`."
+            f"No phenotypes in `.obs[{phenotype_key!r}]` of the cell table (columns: {list(cells.obs.columns)}). "
+            "Run `bt.pp.phenotypes` first (K-means on the cell features), or pass `phenotype_key=`."
         )
         raise KeyError(msg)
     t = tissue(cells, sdata, sample)
-    labels = pd.Categorical(cells.obs[key].to_numpy()[t.rows])
-    if isinstance(cells.obs[key].dtype, pd.CategoricalDtype):
-        labels = labels.set_categories(cells.obs[key].cat.categories)
+    labels = pd.Categorical(cells.obs[phenotype_key].to_numpy()[t.rows])
+    if isinstance(cells.obs[phenotype_key].dtype, pd.CategoricalDtype):
+        labels = labels.set_categories(cells.obs[phenotype_key].cat.categories)
     categories = [str(c) for c in labels.categories]
-    colors = category_colors(cells, key, categories, palette)
+    colors = category_colors(cells, phenotype_key, categories, palette)
     (ax,) = new_axes(1, ax, panel=6.0)
     draw_tissue(ax, t, frame(t.xy, trim=_TRIM), image_size=image_size)
     codes = np.asarray(labels.codes)
@@ -107,11 +109,11 @@ def phenotypes(
         ax.scatter(t.xy[m, 0], t.xy[m, 1], s=size, color=color, alpha=alpha, linewidths=0, label=cat)
     if legend:
         ax.legend(
-            title=key,
+            title=phenotype_key,
             loc="center left",
             bbox_to_anchor=(1.0, 0.5),
             frameon=False,
             markerscale=max(1.0, 12 / size) ** 0.5,
         )
-    ax.set_title(f"{key}" + (f" — {t.sample}" if t.sample is not None else ""))
+    ax.set_title(f"{phenotype_key}" + (f" — {t.sample}" if t.sample is not None else ""))
     return ax

@@ -60,8 +60,16 @@ def color_statistics(
     -------
     The statistics, spots x 45 (also written to the table).
     """
+    from spatialdata import SpatialData
+
     from bitro.io import get_sections
 
+    if not isinstance(data, SpatialData):
+        msg = (
+            f"`data` must be a SpatialData with the section images, spots and spot table (the colors are measured on "
+            f"the images), got {type(data).__name__}."
+        )
+        raise TypeError(msg)
     check_key(data.tables, table_key, "Table")
     table = data.tables[table_key]
     sections = {s.sample: s for s in get_sections(data) if s.spots_key is not None}
@@ -160,7 +168,7 @@ def add_baselines(train: AnnData, test: AnnData, *, genes: Sequence[str], scale:
     >>> bt.tl.predict(model, test, cells=sdata["cells"])  # doctest: +SKIP
     >>> bt.tl.add_baselines(train, test, genes=model.genes, scale=model.scale)  # doctest: +SKIP
     >>> for layer in ["bitro_predicted", "bitro_baseline_mean", "bitro_baseline_ridge"]:  # doctest: +SKIP
-    ...     print(layer, bt.tl.evaluate(test, layer=layer, groupby=None, key_added=f"{layer}_eval"))
+    ...     print(layer, bt.tl.evaluate(test, layer=layer, scale=model.scale, library_key=None, key_added=f"{layer}_eval"))
     """
     from bitro.tl._evaluate import observed_on_scale
 

@@ -161,7 +161,7 @@ class ModelConfig:
             arch.setdefault("readout", "gene")
             arch.setdefault("cluster_weight", float((c.get("training") or {}).get("cluster_weight", 0.1)))
         try:
-            c["architecture"] = spec.architecture.from_dict(arch, what="architecture field")
+            c["architecture"] = spec.architecture.from_dict(arch)
         except (TypeError, ValueError) as e:
             fail(f"architecture: {e}")
         if c["architecture"].n_genes != len(genes):

@@ -220,9 +220,9 @@ def predict(
             # with tissue coverage the cells' values come from the virtual spots below: not computed twice
             keep, y, cell_sum, n_bags = run(bags, "predict spots", with_cells=coverage == "spots")
             inside = _cells_per_spot(table, feats)
-            spot_out = _write_rows(table, keep, y, genes, key_added)
             table.obs[Key.N_CELLS] = inside
             table.obs[Key.PREDICTED_FROM] = np.where(~keep, "none", np.where(inside > 0, "spot", "context"))
+            spot_out = _write_rows(table, keep, y, genes, key_added)  # its rows carry the two columns above
         if table is None or coverage == "tissue":
             radius = _spot_radius(model)
             if table is None:  # the circles go into the SpatialData that holds the cells

@@ -87,8 +87,6 @@ def split(
     return idx[~val], idx[val]
 
 
-
-
 #: Training stops with an error when an epoch's mean loss exceeds this many times the untrained network's loss.
 DIVERGENCE_FACTOR = 10.0
 #: The yardstick of :data:`DIVERGENCE_FACTOR` is at least this loss (z-scored targets start near 1).
@@ -105,6 +103,7 @@ def diverged(what: str, lr: float) -> None:
 
 
 def fingerprint(*parts: Any) -> str:
+    """A short hash of a training run's inputs and settings (a checkpoint resumes only the run it belongs to)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

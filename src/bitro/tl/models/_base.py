@@ -34,6 +34,11 @@ class Architecture:
     n_features: int
     n_genes: int
 
+    #: Fields set from the training data by :meth:`for_data`, not options a user gives.
+    data_fields: ClassVar[tuple[str, ...]] = ("n_features", "n_genes")
+    #: Options :meth:`for_data` accepts that are not fields (e.g. BiTro's ``heads``, which sets two fields).
+    extra_options: ClassVar[tuple[str, ...]] = ()
+
     def __post_init__(self) -> None:
         from bitro._checks import check_int, is_number
 
@@ -61,15 +66,25 @@ class Architecture:
 
         ``n_features`` cell features, ``n_genes`` genes, ``bag_sizes`` the training bags' ``log1p`` cell counts.
         """
-        return cls.from_dict({"n_features": n_features, "n_genes": n_genes, **options}, what="option")
+        cls.check_options(options)
+        return cls.from_dict({"n_features": n_features, "n_genes": n_genes, **options})
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], *, what: str = "architecture field") -> Architecture:
-        """An architecture from a dict (a saved config or the user's options), refusing unknown names."""
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Refuse option names that are not the user's to give (unknown ones, or fields set from the data)."""
+        allowed = {f.name for f in fields(cls)} - set(cls.data_fields) | set(cls.extra_options)
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            msg = f"Unknown option{'s' if len(unknown) > 1 else ''} {unknown} for {cls.__name__}; options: {sorted(allowed)}."
+            raise TypeError(msg)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Architecture:
+        """An architecture from a dict of its fields (e.g. a saved config), refusing unknown names."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            msg = f"Unknown {what}{'s' if len(unknown) > 1 else ''} {unknown} for {cls.__name__}; known: {sorted(known)}."
+            msg = f"Unknown field{'s' if len(unknown) > 1 else ''} {unknown} for {cls.__name__}; fields: {sorted(known)}."
             raise TypeError(msg)
         return cls(**values)
 

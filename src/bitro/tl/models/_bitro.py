@@ -62,6 +62,9 @@ class BitroArchitecture(Architecture):
     size_std: float = 1.0
     cluster_weight: float = 0.1
 
+    data_fields = ("n_features", "n_genes", "size_mean", "size_std")
+    extra_options = ("heads",)
+
     def validate(self) -> None:
         """Readout, widths and rates in range."""
         if self.readout not in READOUTS:
@@ -85,6 +88,7 @@ class BitroArchitecture(Architecture):
     @classmethod
     def for_data(cls, *, n_features: int, n_genes: int, bag_sizes, **options) -> BitroArchitecture:
         """The architecture with the training bags' size statistics (``heads`` sets both kinds of attention heads)."""
+        cls.check_options(options)
         heads = options.pop("heads", None)
         if heads is not None:
             from bitro._checks import check_int
@@ -97,7 +101,7 @@ class BitroArchitecture(Architecture):
             options = {"gat_heads": heads, "transformer_heads": heads, **options}
         std = float(np.std(bag_sizes))
         stats = {"size_mean": float(np.mean(bag_sizes)), "size_std": std if std > 1e-6 else 1.0}
-        return cls.from_dict({"n_features": n_features, "n_genes": n_genes, **stats, **options}, what="option")
+        return cls.from_dict({"n_features": n_features, "n_genes": n_genes, **stats, **options})
 
     @property
     def needs_phenotype(self) -> bool:
