@@ -173,7 +173,7 @@ def run_seed(seed: int, args) -> dict[str, float | str]:
     bt.tl.add_baselines(train, test, genes=model.genes, scale=model.scale)
     out: dict[str, float | str] = {"seed": seed, "spots": test.n_obs}
     for name, layer in (("bitro", Key.PREDICTED), ("mean", Key.BASELINE_MEAN), ("ridge", Key.BASELINE_RIDGE)):
-        score = bt.tl.evaluate(test, layer=layer, scale=model.scale, groupby=None, key_added=f"{layer}_eval")
+        score = bt.tl.evaluate(test, layer=layer, scale=model.scale, library_key=None, key_added=f"{layer}_eval")
         out[f"{name}_gene"] = float(score["pcc_gene"].iloc[0])
         out[f"{name}_overall"] = float(score["pcc_overall"].iloc[0])
     expr.uns["bitro"]["readout"] = model.config.architecture.readout

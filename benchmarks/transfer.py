@@ -127,9 +127,9 @@ def main() -> None:
             print(f"{'bulk':5} {name:22} {held:8} {po:11.3f} {pg:9.3f} {js:7.4f} {sec:8.1f} {share:9.1f}", flush=True)
 
         score_spot("mean", np.broadcast_to(s_truth[~s_test].mean(0), s_truth[s_test].shape), 0.0, 0.0)
-        spot_model, t_spot = timed(bt.tl.fit, adata=s_train, target="spot", cells=fold_cells, **fit_kw)
+        spot_model, t_spot = timed(bt.tl.fit, data=s_train, target="spot", cells=fold_cells, **fit_kw)
         score_spot("spot only", predict(spot_model, spots, s_test, fold_cells), t_spot, 100.0)
-        bulk_model, t_bulk = timed(bt.tl.fit, adata=b_train, target="bulk", cells=fold_cells, **fit_kw)
+        bulk_model, t_bulk = timed(bt.tl.fit, data=b_train, target="bulk", cells=fold_cells, **fit_kw)
         score_bulk("mean", np.broadcast_to(b_truth[~b_test & is_block].mean(0), b_truth[b_test].shape), 0.0, 0.0)
         score_bulk("bulk only", predict(bulk_model, bulk, b_test, fold_cells), t_bulk, 100.0)
         for method in args.methods:
@@ -140,12 +140,12 @@ def main() -> None:
                 "rank": args.rank,
                 "epochs": args.ft_epochs or args.epochs,
             }
-            tuned, t_ft = timed(bt.tl.transfer, model=bulk_model, adata=s_train, target="spot", cells=fold_cells, **kw)
+            tuned, t_ft = timed(bt.tl.transfer, model=bulk_model, data=s_train, target="spot", cells=fold_cells, **kw)
             info = tuned.config.transfer
             share = 100 * info["n_trained"] / info["n_parameters"]
             score_spot(f"bulk -> spot {method}", predict(tuned, spots, s_test, fold_cells), t_ft, share)
             cost.append(("bulk -> spot", method, held, t_ft, t_spot, share, info["n_trained"], info["n_parameters"]))
-            tuned, t_ft = timed(bt.tl.transfer, model=spot_model, adata=b_train, target="bulk", cells=fold_cells, **kw)
+            tuned, t_ft = timed(bt.tl.transfer, model=spot_model, data=b_train, target="bulk", cells=fold_cells, **kw)
             info = tuned.config.transfer
             share = 100 * info["n_trained"] / info["n_parameters"]
             score_bulk(f"spot -> bulk {method}", predict(tuned, bulk, b_test, fold_cells), t_ft, share)
