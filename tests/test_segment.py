@@ -94,8 +94,8 @@ def test_watershed_finds_the_true_nuclei(synth, downsample):
     px = bt.io.get_sections(synth)[0].pixel_size
     np.testing.assert_allclose(cells[Key.AREA_UM2], cells.area * px**2, rtol=0.25)
     assert cells[Key.AREA_UM2].between(10, 150).all()
-    record = synth.attrs[Key.UNS][Key.SEGMENTATION][s]
-    assert record["method"] == "watershed" and record["n_cells"] == len(cells) and record["downsample"] == downsample
+    record = synth.attrs[Key.UNS][Key.SEGMENTATION][Key.cells(s)]
+    assert record["sample"] == s and record["method"] == "watershed" and record["n_cells"] == len(cells) and record["downsample"] == downsample
     from spatialdata.transformations import get_transformation
 
     assert set(get_transformation(cells, get_all=True)) == {s, Key.microns(s)}
@@ -113,13 +113,14 @@ def test_seams_keep_each_nucleus_once(synth):
     assert (shared < 0.05).all(), "two cells of the tiled run overlap: a nucleus on a seam was kept twice"
     precision, recall = _match(small, whole, min_iou=0.9)
     assert precision >= 0.97 and recall >= 0.97
-    assert synth.attrs[Key.UNS][Key.SEGMENTATION][s]["shapes_key"] == "one_tile"
+    records = synth.attrs[Key.UNS][Key.SEGMENTATION]
+    assert records["one_tile"]["shapes_key"] == "one_tile"  # one record per shapes element: both runs are kept
+    assert records["small_tiles"]["tile_size"] == 160 and records["one_tile"]["sample"] == s
 
 
 def test_serial_processes_and_dask_agree(synth):
     from dask.distributed import Client, LocalCluster, get_task_stream
 
-    s = _sample(synth)
     bt.pp.segment_nuclei(synth, tile_size=160, n_jobs=1, key_added="serial")
     bt.pp.segment_nuclei(synth, tile_size=160, n_jobs=2, key_added="processes")
     with (
@@ -138,7 +139,7 @@ def test_serial_processes_and_dask_agree(synth):
         assert list(other.index) == list(serial.index)
         np.testing.assert_array_equal(shapely.get_coordinates(other.geometry), shapely.get_coordinates(serial.geometry))
         np.testing.assert_array_equal(other[Key.AREA_UM2], serial[Key.AREA_UM2])
-    assert synth.attrs[Key.UNS][Key.SEGMENTATION][s]["shapes_key"] == "dask"
+    assert synth.attrs[Key.UNS][Key.SEGMENTATION]["dask"]["shapes_key"] == "dask"
 
 
 def test_callable_method(synth):
@@ -147,7 +148,7 @@ def test_callable_method(synth):
     cells = synth.shapes[Key.cells(s)]
     precision, _ = _match(cells.geometry.values, synth.shapes[Key.true_nuclei(s)].geometry.values)
     assert len(cells) > 100 and precision > 0.5
-    assert synth.attrs[Key.UNS][Key.SEGMENTATION][s]["method"] == "_threshold_labels"
+    assert synth.attrs[Key.UNS][Key.SEGMENTATION][Key.cells(s)]["method"] == "_threshold_labels"
     bt.pp.segment_nuclei(synth, method=_sparse_ids, tile_size=320, key_added="sparse")
     np.testing.assert_allclose(synth.shapes["sparse"].area.to_numpy(), cells.area.to_numpy())
 
@@ -165,7 +166,7 @@ def test_tissue_free_image_warns_and_writes_no_shapes(caplog_bitro):
         bt.pp.segment_nuclei(sdata, tile_size=128)
     assert "No tissue found" in caplog_bitro.text
     assert Key.cells("blank") not in sdata.shapes  # spatialdata refuses empty shapes elements
-    record = sdata.attrs[Key.UNS][Key.SEGMENTATION]["blank"]
+    record = sdata.attrs[Key.UNS][Key.SEGMENTATION][Key.cells("blank")]
     assert record["n_cells"] == 0 and record["shapes_key"] is None
 
 
@@ -234,7 +235,7 @@ def test_load_segmentation_formats(synth, tmp_path, fmt):
     np.testing.assert_allclose(cells[Key.AREA_UM2], true.area.to_numpy() * px**2, rtol=1e-6)
     expected_index = list(true.index.astype(str)) if fmt == "shapes" else [f"{s}_{i}" for i in range(len(true))]
     assert list(cells.index) == expected_index
-    record = synth.attrs[Key.UNS][Key.SEGMENTATION][s]
+    record = synth.attrs[Key.UNS][Key.SEGMENTATION][Key.cells(s)]
     assert record["method"] == fmt and record["source"] == str(source) and record["n_cells"] == len(true)
 
 
@@ -291,4 +292,4 @@ def test_cells_and_record_survive_a_zarr_round_trip(synth, tmp_path):
     cells, cells_back = synth.shapes[Key.cells(s)], back.shapes[Key.cells(s)]
     assert list(cells_back.index) == list(cells.index)
     np.testing.assert_allclose(cells_back[Key.AREA_UM2], cells[Key.AREA_UM2])
-    assert back.attrs[Key.UNS][Key.SEGMENTATION][s] == synth.attrs[Key.UNS][Key.SEGMENTATION][s]
+    assert back.attrs[Key.UNS][Key.SEGMENTATION] == synth.attrs[Key.UNS][Key.SEGMENTATION]

@@ -60,8 +60,8 @@ def test_normalize_moves_colours_to_the_reference(pair, method):
     assert get_transformation(after_element, get_all=True).keys() == get_transformation(source, get_all=True).keys()
     assert list(after_element.keys()) == list(source.keys())  # same pyramid
     assert scale0(after_element).data.chunksize == scale0(source).data.chunksize
-    record = pair.attrs[Key.UNS][Key.NORMALIZE_STAIN]["tinted_image"]
-    assert record["method"] == method and record["reference"] == "synth0_image"
+    record = pair.attrs[Key.UNS][Key.NORMALIZE_STAIN][Key.normalized("tinted_image")]
+    assert record["image_key"] == "tinted_image" and record["method"] == method and record["reference"] == "synth0_image"
     assert np.asarray(record["reference_stain_matrix"]).shape == (3, 3)
     assert {Key.tissue("tinted_image"), Key.tissue("synth0_image")} <= set(pair.labels)
 
@@ -69,7 +69,7 @@ def test_normalize_moves_colours_to_the_reference(pair, method):
 def test_default_normalises_every_section_to_the_first(pair):
     bt.pp.normalize_stain(pair)
     assert Key.normalized("synth0_image") in pair.images
-    assert pair.attrs[Key.UNS][Key.NORMALIZE_STAIN]["synth0_image"]["reference"] == "synth0_image"
+    assert pair.attrs[Key.UNS][Key.NORMALIZE_STAIN][Key.normalized("synth0_image")]["reference"] == "synth0_image"
     # normalising an image to itself changes little
     after = scale0(pair.images[Key.normalized("synth0_image")]).values.astype(int)
     diff = np.abs(after - scale0(pair.images["synth0_image"]).values)
@@ -81,7 +81,7 @@ def test_segment_the_normalised_images(pair):
     normalized = {"synth0": Key.normalized("synth0_image"), "tinted": Key.normalized("tinted_image")}
     bt.pp.segment_nuclei(pair, image_key=normalized, tile_size=256)
     records = pair.attrs[Key.UNS][Key.SEGMENTATION]
-    assert {s: r["image_key"] for s, r in records.items()} == normalized
+    assert {r["sample"]: r["image_key"] for r in records.values()} == normalized
     # the same tissue in two stain colours gives about the same nuclei once normalised
     n0, n1 = len(pair.shapes[Key.cells("synth0")]), len(pair.shapes[Key.cells("tinted")])
     assert abs(n0 - n1) < 0.1 * n0
@@ -93,8 +93,9 @@ def test_a_fitted_reference_can_be_reused(pair):
     bt.pp.normalize_stain(pair, image_key="synth0_image", key_added="self")
     reference = sqi.fit_stain_reference(pair, "synth0_image", tissue_mask_key=Key.tissue("synth0_image"))
     bt.pp.normalize_stain(pair, reference=reference, image_key="tinted_image")
-    assert pair.attrs[Key.UNS][Key.NORMALIZE_STAIN]["tinted_image"]["reference"] is None
-    assert "self" in pair.images
+    records = pair.attrs[Key.UNS][Key.NORMALIZE_STAIN]
+    assert records[Key.normalized("tinted_image")]["reference"] is None
+    assert "self" in pair.images and records["self"]["image_key"] == "synth0_image"  # one record per written image
 
 
 def test_bad_input_leaves_sdata_untouched(pair):

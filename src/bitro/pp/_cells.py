@@ -29,6 +29,7 @@ from bitro._settings import settings
 from bitro._utils import check_key, scale0
 from bitro.pp._encoders import Encoder, get_encoder
 from bitro.pp._morphology import STAIN_COLUMNS, morphology, nucleus_stains, stain_columns
+from bitro.pp._segment import segmentation_record
 from bitro.pp._tiles import Tile, TileReads, tile_grid
 
 if TYPE_CHECKING:
@@ -375,9 +376,8 @@ def _shapes_keys(sdata: SpatialData, sections: list[Section], shapes_key: str | 
             msg = f"`shapes_key` has no entry for the sections {missing}; it has {sorted(shapes_key)}."
             raise KeyError(msg)
         keys = [shapes_key[s.sample] for s in sections]
-    segmentation = sdata.attrs.get(Key.UNS, {}).get(Key.SEGMENTATION, {})
     for section, key in zip(sections, keys, strict=True):
-        if key not in sdata.shapes and segmentation.get(section.sample, {}).get("n_cells") == 0:
+        if key not in sdata.shapes and (segmentation_record(sdata, section.sample, key) or {}).get("n_cells") == 0:
             continue  # segmented, no nucleus found (spatialdata cannot hold an empty shapes element)
         try:
             check_key(sdata.shapes, key, f"Cell shapes of section {section.sample!r}")
@@ -624,12 +624,15 @@ def extract_cells(
     if reducer is not None:
         uns_params["reducer"] = reducer
     uns_params["fingerprint"] = fingerprint(uns_params)
-    segmentation = data.attrs.get(Key.UNS, {}).get(Key.SEGMENTATION, {})
     table.uns[Key.UNS] = {
         Key.EXTRACT_CELLS: uns_params,
         Key.PIXEL_SIZE: {s.sample: float(s.pixel_size) for s in sections},
         Key.SEGMENTATION: {
-            s.sample: {k: v for k, v in segmentation.get(s.sample, {"shapes_key": key}).items() if v is not None}
+            s.sample: {
+                k: v
+                for k, v in (segmentation_record(data, s.sample, key) or {"shapes_key": key}).items()
+                if v is not None and k != "sample"
+            }
             for s, key in zip(sections, keys, strict=True)
         },
     }

@@ -233,10 +233,27 @@ def cells_element(
     return ShapesModel.parse(gdf, transformations=dict(transformations))
 
 
-def record_segmentation(sdata: SpatialData, section: Section, shapes_key: str, **info: Any) -> None:
-    """Record how a section's cells were made in ``sdata.attrs["bitro"]["segmentation"][sample]``."""
-    record = {"image_key": section.image_key, "shapes_key": shapes_key, **info}
-    sdata.attrs.setdefault(Key.UNS, {}).setdefault(Key.SEGMENTATION, {})[section.sample] = record
+def record_segmentation(sdata: SpatialData, section: Section, key: str, *, written: bool = True, **info: Any) -> None:
+    """Record how a section's cells were made in ``sdata.attrs["bitro"]["segmentation"][key]``.
+
+    One record per cell shapes element (``key``, the ``key_added`` of the call), so two segmentations of a section
+    under different names keep their own records; ``"shapes_key"`` is ``None`` when nothing was ``written`` (no
+    nucleus found: spatialdata holds no empty shapes element).
+    """
+    record = {"sample": section.sample, "image_key": section.image_key, "shapes_key": key if written else None, **info}
+    sdata.attrs.setdefault(Key.UNS, {}).setdefault(Key.SEGMENTATION, {})[key] = record
+
+
+def segmentation_record(sdata: SpatialData, sample: str, key: str) -> dict[str, Any] | None:
+    """The record of the cell shapes ``key`` of section ``sample``, if any.
+
+    Also read from the per-section layout of bitro < 0.2 (keyed by the sample).
+    """
+    records = sdata.attrs.get(Key.UNS, {}).get(Key.SEGMENTATION, {})
+    record, old = records.get(key), records.get(sample)
+    if record is None and isinstance(old, dict) and "sample" not in old and old.get("shapes_key") in (key, None):
+        record = old
+    return dict(record) if record is not None else None
 
 
 def _target_key(key_added: str | None, sections: list[Section]) -> None:
@@ -327,8 +344,8 @@ def segment_nuclei(
     - ``shapes["{sample}_cells"]`` (or ``key_added``): one polygon per nucleus in the section's
       full-resolution pixels and with the image's transformations, indexed by cell id
       ``"{sample}_{i}"``, with column ``"area_um2"``;
-    - ``attrs["bitro"]["segmentation"][sample]``: the method, image, shapes key (``None`` when no
-      nucleus was found), number of cells, threshold and parameters.
+    - ``attrs["bitro"]["segmentation"]["{sample}_cells"]`` (or ``key_added``): the section, method, image, shapes
+      key (``None`` when no nucleus was found), number of cells, threshold and parameters.
 
     Examples
     --------
@@ -462,7 +479,8 @@ def _segment_section(
     record_segmentation(
         sdata,
         section,
-        key if len(polygons) else None,
+        key,
+        written=bool(len(polygons)),
         method=name,
         n_cells=len(polygons),
         threshold=threshold,
@@ -564,7 +582,7 @@ def load_segmentation(
 
     - ``shapes["{sample}_cells"]`` (or ``key_added``): the polygons in the section's pixels with the
       image's transformations, indexed by cell id (``"{sample}_{i}"`` for files), column ``"area_um2"``;
-    - ``attrs["bitro"]["segmentation"][sample]``: the format and source.
+    - ``attrs["bitro"]["segmentation"]["{sample}_cells"]`` (or ``key_added``): the section, format and source.
 
     Examples
     --------

@@ -219,7 +219,8 @@ def normalize_stain(
     - ``images["{image_key}_normalized"]`` (or ``key_added``): uint8 RGB, lazy, with the source's
       transformations, chunks and pyramid scale factors;
     - ``labels["{image_key}_tissue"]`` for every image without one (squidpy's ``detect_tissue``);
-    - ``attrs["bitro"]["normalize_stain"][image_key]``: method, reference and stain matrices.
+    - ``attrs["bitro"]["normalize_stain"][key_added]`` (one record per written image): the source ``image_key``,
+      method, reference and stain matrices.
 
     Examples
     --------
@@ -295,9 +296,9 @@ def normalize_stain(
             scale_factors=_scale_factors(source),
             chunks=scale0(source).data.chunksize,
         )
-        data.attrs.setdefault(Key.UNS, {}).setdefault(Key.NORMALIZE_STAIN, {})[key] = {
+        data.attrs.setdefault(Key.UNS, {}).setdefault(Key.NORMALIZE_STAIN, {})[target] = {
             "method": method,
-            "image_key_added": target,
+            "image_key": key,
             "reference": reference_key,
             "reference_stain_matrix": np.asarray(reference.stain_matrix).tolist(),
             "preserve_background": preserve_background,
