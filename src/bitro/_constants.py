@@ -103,8 +103,8 @@ class Key:
     AREA_UM2: Final = "area_um2"
     SEGMENTATION: Final = "segmentation"
     NORMALIZE_STAIN: Final = "normalize_stain"
-    #: Morphology columns of the cell table (``bt.pp.extract_cells``); lengths in um.
-    MORPHOLOGY: Final = (
+    #: Morphology columns of the cell table (``bt.pp.extract_cells``): the nucleus shape (lengths in um) ...
+    MORPHOLOGY_SHAPE: Final = (
         "area_um2",
         "perimeter_um",
         "major_axis_um",
@@ -112,12 +112,16 @@ class Key:
         "eccentricity",
         "solidity",
         "circularity",
+    )
+    #: ... and the haematoxylin / eosin intensities in and around it.
+    MORPHOLOGY_STAIN: Final = (
         "haematoxylin_nucleus",
         "eosin_nucleus",
         "haematoxylin_surround",
         "eosin_surround",
         "haematoxylin_nucleus_std",
     )
+    MORPHOLOGY: Final = MORPHOLOGY_SHAPE + MORPHOLOGY_STAIN
     PIXEL_SIZE: Final = "pixel_size"
 
     # --- .uns / attrs records of bt.pp, bt.io, datasets

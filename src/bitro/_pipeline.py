@@ -115,12 +115,12 @@ def demo(
         # predictions for every spot and cell of every section (sdata["spots"], "bitro_spots", "bitro_cells");
         # only the held-out section is scored
         bt.tl.predict(model, sdata)
-        bt.tl.colour_statistics(sdata)
+        bt.tl.color_statistics(sdata)
         test = spots[held_out].copy()
         add_baselines(spots[~held_out].copy(), test, genes=model.genes, scale=model.scale)
         metrics = pd.concat(
             [
-                bt.tl.evaluate(test, layer=layer, scale=model.scale, groupby=None, key_added=f"{layer}_eval").assign(
+                bt.tl.evaluate(test, layer=layer, scale=model.scale, library_key=None, key_added=f"{layer}_eval").assign(
                     method=method, held_out=test_sample
                 )
                 for method, layer in (

@@ -13,23 +13,9 @@ from bitro._constants import Key
 from bitro.pp._encoders import hed
 
 #: The shape columns :func:`morphology` returns (lengths in um, areas in um^2).
-SHAPE_COLUMNS: tuple[str, ...] = (
-    Key.AREA_UM2,
-    "perimeter_um",
-    "major_axis_um",
-    "minor_axis_um",
-    "eccentricity",
-    "solidity",
-    "circularity",
-)
+SHAPE_COLUMNS: tuple[str, ...] = Key.MORPHOLOGY_SHAPE
 #: The stain columns, in the order of the columns :func:`nucleus_stains` returns.
-STAIN_COLUMNS: tuple[str, ...] = (
-    "haematoxylin_nucleus",
-    "eosin_nucleus",
-    "haematoxylin_surround",
-    "eosin_surround",
-    "haematoxylin_nucleus_std",
-)
+STAIN_COLUMNS: tuple[str, ...] = Key.MORPHOLOGY_STAIN
 
 
 def morphology(polygons: np.ndarray, pixel_size: float) -> pd.DataFrame:
