@@ -58,6 +58,7 @@ against 0.582 without validation), so the default is ``validation=None``, as in 
 from __future__ import annotations
 
 import argparse
+import ast
 import logging
 import time
 import warnings
@@ -166,7 +167,10 @@ def run_seed(seed: int, args) -> dict[str, float | str]:
     is_test = (spots.obs[Key.SAMPLE].astype(str) == held).to_numpy()
     train, test = spots[~is_test].copy(), spots[is_test].copy()
     t = time.perf_counter()
-    model = bt.tl.fit(train, cells=cells, epochs=args.epochs, validation=args.validation, readout=args.readout)
+    extra = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.set)}
+    model = bt.tl.fit(
+        train, cells=cells, epochs=args.epochs, validation=args.validation, readout=args.readout, **extra
+    )
     fit_s = time.perf_counter() - t
     expr = bt.tl.predict(model, test, cells=cells, coverage="spots")  # the cells inside the held-out spots
     tissue = bt.tl.predict(model, test.copy(), cells=cells)  # every cell of the held-out slide
@@ -235,6 +239,7 @@ def main() -> None:
     p.add_argument("--validation", choices=["none", "sample"], default="none", help="fit's validation")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--readout", choices=["gene", "shared", "cell"], default="cell", help="fit's readout")
+    p.add_argument("--set", nargs="*", default=[], help="more bt.tl.fit options, e.g. cluster_weight=0.0")
     args = p.parse_args()
     args.validation = None if args.validation == "none" else args.validation
 
@@ -252,7 +257,8 @@ def main() -> None:
     t0 = time.perf_counter()
     print(
         f"synthetic(3, size={args.size}): fit on {SAMPLES[0]} + {SAMPLES[1]}, predict {SAMPLES[2]}; "
-        f"epochs={args.epochs}, validation={args.validation}, readout={args.readout}, {args.threads} torch thread(s)\n"
+        f"epochs={args.epochs}, validation={args.validation}, readout={args.readout} {' '.join(args.set)}, "
+        f"{args.threads} torch thread(s)\n"
     )
     print(header())
     rows = []
