@@ -131,7 +131,7 @@ def fold_features(cells, train_mask, *, n_components=128, n_phenotypes=8, seed=0
     raw = cells.obsm[Key.FEATURES_RAW]
     reducer = fit_reducer(raw[train_mask], n_components, seed=seed)
     x = apply_reducer(raw, reducer)
-    km = KMeans(n_phenotypes, n_init=3, seed=seed).fit(x[train_mask][::4])
+    km = KMeans(n_phenotypes, n_init=3, random_state=seed).fit(x[train_mask][::4])
     out = cells.copy()
     out.obsm[Key.FEATURES] = x
     out.obs[Key.PHENOTYPE] = pd.Categorical(km.predict(x))
