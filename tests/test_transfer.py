@@ -12,7 +12,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-TINY = {"dim": 16, "heads": 2, "ff_dim": 32, "max_context": 16, "context_radius": 60.0, "batch_size": 8, "n_members": 1}
+# gat_layers=1: the paper's network, so LoRA is checked on a model with a GAT layer too
+TINY = {"dim": 16, "heads": 2, "ff_dim": 32, "max_context": 16, "context_radius": 60.0, "batch_size": 8, "n_members": 1, "gat_layers": 1}
 GENE_PARAMS = pytest.importorskip("bitro.tl.models._bitro").BitroNet.gene_params
 
 

@@ -49,7 +49,9 @@ class BitroArchitecture(Architecture):
     """
 
     dim: int = 64
-    gat_layers: int = 1
+    #: 0 by default: message passing on the kNN graph blends each cell with its neighbours before the per-cell
+    #: readout, which costs the cells their own values (docs/benchmarks.md, "GAT and the cells"); 1 is the paper's.
+    gat_layers: int = 0
     gat_heads: int = 4
     transformer_layers: int = 1
     transformer_heads: int = 4
