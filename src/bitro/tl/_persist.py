@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bitro._checks import is_int
 from bitro._constants import Key
 from bitro._features import file_digest, plain
 from bitro._logging import logger
@@ -292,7 +293,7 @@ def load_model(path: str | Path, *, device: str | None = None) -> BitroModel:
     raw = read_config(path)
     config = ModelConfig.from_dict({k: v for k, v in raw.items() if k not in SAVED_BESIDE}, path / CONFIG_FILE)
     n_members = raw.get("n_members", 1)
-    if not (isinstance(n_members, int) and n_members >= 1):
+    if not (is_int(n_members) and n_members >= 1):
         msg = f"The model config {path / CONFIG_FILE} is invalid: n_members must be a positive integer, got {n_members!r}."
         raise ValueError(msg)
     states = read_weights(path / WEIGHTS_FILE)
