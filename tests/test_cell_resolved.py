@@ -84,3 +84,30 @@ def test_bad_input(xenium):
     pred.var_names = ["GENE00"]
     with pytest.raises(KeyError, match="No cell of the predictions"):
         bt.tl.evaluate_cells(pred, sdata["table"], scale="cp10k")
+
+
+def test_bad_input_of_the_issue(xenium):
+    """Issue #14's bad inputs, each refused in one sentence before any work: cells and image in different coordinate
+    systems, observed cells that share no gene with the predictions, an observed table without expression."""
+    import anndata as ad
+    from spatialdata.transformations import Identity, get_transformation, set_transformation
+
+    sdata = xenium
+    region = sdata["table"].uns["spatialdata_attrs"]["region"]
+    region = region[0] if isinstance(region, list) else region
+    before = get_transformation(sdata.shapes[region], get_all=True)
+    set_transformation(sdata.shapes[region], {"elsewhere": Identity()}, set_all=True)
+    with pytest.raises(ValueError, match="share no coordinate system with an H&E image"):
+        bt.pp.pseudo_spots(sdata)
+    set_transformation(sdata.shapes[region], before, set_all=True)
+    assert "spots" not in sdata.tables  # nothing was written
+
+    pred = ad.AnnData(np.zeros((2, 1), dtype=np.float32), obs={"sample": ["a", "a"], "spot_id": ["x", "x"]})
+    pred.obs_names = list(sdata["table"].obs_names[:2])
+    pred.var_names = ["NOT_A_GENE"]
+    with pytest.raises(KeyError, match="share no gene"):
+        bt.tl.evaluate_cells(pred, sdata["table"], scale="cp10k")
+    pred.var_names = [sdata["table"].var_names[0]]  # a gene the cells do have, but this table holds no expression
+    no_expression = sdata["table"][:, :0].copy()
+    with pytest.raises(KeyError, match="share no gene"):
+        bt.tl.evaluate_cells(pred, no_expression, scale="cp10k")
