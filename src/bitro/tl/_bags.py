@@ -135,12 +135,11 @@ def cell_data(
     ``use_rep``, ``graph_key`` and ``phenotype_key`` name what ``bt.pp.extract_cells``, ``bt.pp.spatial_graph``
     (``.obsp[f"{graph_key}_connectivities"]``) and ``bt.pp.phenotypes`` wrote.
     """
-    feature_key = use_rep
     connectivities = f"{graph_key}_connectivities"
     if not isinstance(cells, AnnData):
         msg = f"The cell table must be an AnnData, got {type(cells).__name__}. Pass `cells=sdata['cells']`."
         raise TypeError(msg)
-    check_key(cells.obsm, feature_key, "Cell features .obsm")
+    check_key(cells.obsm, use_rep, "Cell features .obsm")
     check_key(cells.obsm, Key.SPATIAL, "Cell centroids .obsm")
     check_key(cells.obs.columns, Key.SAMPLE, "Cell table column .obs")
     check_key(cells.obsp, connectivities, "Cell kNN graph .obsp (run `bt.pp.spatial_graph`)")
@@ -152,10 +151,10 @@ def cell_data(
         "The cell table (.obs_names)",
         "give every cell its own id, e.g. `cells.obs_names_make_unique()`",
     )
-    features = np.asarray(cells.obsm[feature_key], dtype=np.float32)
+    features = np.asarray(cells.obsm[use_rep], dtype=np.float32)
     if features.ndim != 2 or not np.isfinite(features).all():
         msg = (
-            f"Cell features .obsm[{feature_key!r}] must be a finite 2-D array (cells x features); "
+            f"Cell features .obsm[{use_rep!r}] must be a finite 2-D array (cells x features); "
             "drop the cells with NaN or infinite features or extract them again with `bt.pp.extract_cells`."
         )
         raise ValueError(msg)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from bitro._checks import ConfigError
+from bitro._constants import Key
 from bitro._deprecate import REMOVED_IN
 
 #: Version of the saved model format this bitro writes and reads.
@@ -200,7 +201,7 @@ class ModelConfig:
                 fail(f"{key} must be a list")
         if c.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
             fail(f"format_version must be {FORMAT_VERSION}")
-        c.setdefault("feature_key", "X_bitro")
+        c.setdefault("feature_key", Key.FEATURES)
         return cls(**c)
 
     # -- the dict access of bitro < 0.2, kept for one release -------------------------------------------------

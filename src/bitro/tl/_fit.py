@@ -252,14 +252,7 @@ def fit(
         bag_sizes=[log_cell_count(b) for b in bags],
         **model_options,
     )
-    options = TrainOptions(
-        lr=lr,
-        weight_decay=weight_decay,
-        batch_size=batch_size,
-        cell_dropout=cell_dropout,
-        patience=patience,
-        max_cells=max_cells,
-    )
+    options = TrainOptions.from_params(params)
     dev = resolve_device(device)
     logger.info(
         f"Training {spec.name} on {len(bags)} {target} bags, {len(chosen)} genes, {cells_data.features.shape[0]} cells, "

@@ -9,7 +9,7 @@ import copy
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +44,11 @@ class TrainOptions:
     cell_dropout: float
     patience: int
     max_cells: int
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> TrainOptions:
+        """The options among a training function's arguments (``params``: its ``locals()``)."""
+        return cls(**{f.name: params[f.name] for f in fields(cls)})
 
 
 def check_validation(v: Any) -> None:

@@ -262,14 +262,7 @@ def transfer(
         f"Transfer {model.target} -> {target} ({method}): {len(shared)} genes carried over, {n_new} new, {n_dropped} dropped; "
         f"training {n_trained} of {n_total} parameters ({100 * n_trained / n_total:.1f}%) on {len(bags)} bags."
     )
-    options = TrainOptions(
-        lr=lr,
-        weight_decay=weight_decay,
-        batch_size=batch_size,
-        cell_dropout=cell_dropout,
-        patience=patience,
-        max_cells=int(model.config.training.get("max_cells", 2048)),
-    )
+    options = TrainOptions.from_params({**params, "max_cells": int(model.config.training.get("max_cells", 2048))})
     dev = resolve_device(device)
     hooks = []
     if method == "lora" and train_genes == "new":  # only the rows of new genes move
