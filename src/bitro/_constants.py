@@ -43,6 +43,8 @@ class Key:
     CELLS_TABLE: Final = "cells"
     BULK_TABLE: Final = "bulk"
     TRUTH_TABLE: Final = "truth"
+    #: ``bt.pp.spot_patches``: one row per image token of each spot's patch (the input of the patch models).
+    PATCHES_TABLE: Final = "patches"
     #: Tables :func:`bitro.tl.predict` writes: spots (measured or virtual) x genes and cells x genes.
     PREDICTED_SPOTS_TABLE: Final = "bitro_spots"
     PREDICTED_CELLS_TABLE: Final = "bitro_cells"
@@ -51,6 +53,10 @@ class Key:
     SAMPLE: Final = "sample"
     REGION: Final = "region"
     SPOT_ID: Final = "spot_id"
+    #: Patch table: each token's index in its spot's grid (row-major); spot table: the share of a spot's patch
+    #: pixels that lay outside the image and were padded (``bt.pp.spot_patches``).
+    TOKEN: Final = "token"
+    PATCH_PADDING: Final = "bitro_patch_padding"
     CELL_ID: Final = "cell_id"
     PHENOTYPE: Final = "phenotype"
     CELL_TYPE: Final = "cell_type"
@@ -74,6 +80,8 @@ class Key:
     SPATIAL: Final = "spatial"
     FEATURES_RAW: Final = "X_bitro_raw"
     FEATURES: Final = "X_bitro"
+    #: The patch table's token features: uint8 pixel blocks or float16 encoder tokens (``bt.pp.spot_patches``).
+    PATCHES: Final = "bitro_patches"
     #: Predictions on a spot / bulk table (``bt.tl.predict``'s ``key_added``; a DataFrame, rows x the model's genes),
     #: and the baselines of ``bt.tl.add_baselines`` beside them. ``.layers`` of these names are read too.
     PREDICTED: Final = "bitro_predicted"
@@ -90,6 +98,8 @@ class Key:
     UNS: Final = "bitro"
     EXTRACT_CELLS: Final = "extract_cells"
     PHENOTYPES: Final = "phenotypes"
+    #: ``.uns["bitro"]["spot_patches"]`` of a patch table: its settings and token layout.
+    SPOT_PATCHES: Final = "spot_patches"
     #: ``.uns["bitro"]["predict"]``: one record per place predictions were written (``key_added``, or
     #: ``PREDICTIONS_IN_X`` for the tables whose ``.X`` holds them), so scores and plots find the scale of each.
     PREDICT: Final = "predict"

@@ -126,6 +126,7 @@ def train_network(
     device: Any,
     folder: Path | None,
     desc: str,
+    prepare: bool = False,
 ) -> tuple[CellBagNetwork, dict[str, Any]]:
     """Train one network; early stopping on ``val_idx`` when it is not empty. Returns ``(net, history)``.
 
@@ -141,6 +142,8 @@ def train_network(
     from bitro.tl.models._base import predict_ensemble
 
     torch.manual_seed(seed)
+    if prepare:  # what a fresh network derives from its training expression (before a checkpoint's weights load)
+        net.prepare(torch.as_tensor(yz[train_idx], dtype=torch.float32))
     net = net.to(device)
     trainable = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.Adam(trainable, lr=options.lr, weight_decay=options.weight_decay)
@@ -247,10 +250,13 @@ def train_ensemble(
     desc: str,
     refit: bool = False,
     checkpoint_dir: str | Path | None = None,
+    prepare: bool = True,
 ) -> tuple[list[CellBagNetwork], list[dict[str, Any]], list[dict[str, Any]]]:
     """Train one network per split (ensemble member ``k``: ``build(k)``, seed ``seed + k``, ``splits[k]``).
 
     With ``refit`` each member is trained again on all bags for its best number of epochs (a fresh ``build(k)``).
+    ``prepare``: call each fresh network's :meth:`~bitro.tl.models._base.CellBagNetwork.prepare` with its training
+    targets first (:func:`bitro.tl.fit`; not for the fine-tuning of a trained network).
     Returns the networks, their histories and the members' records (seed, validation samples).
     """
     import torch
@@ -263,7 +269,7 @@ def train_ensemble(
     for k, (train_idx, val_idx) in enumerate(splits):
         s = seed + k
         folder = None if checkpoint_dir is None else Path(checkpoint_dir) / f"member{k}"
-        common = {"options": options, "seed": s, "device": device}
+        common = {"options": options, "seed": s, "device": device, "prepare": prepare}
         net, hist = train_network(
             seeded(k), bags, yz, cells, train_idx, val_idx, epochs=epochs, folder=folder, desc=f"{desc} seed {s}", **common
         )

@@ -284,6 +284,7 @@ def transfer(
             epochs=epochs,
             device=dev,
             desc="transfer",
+            prepare=False,
         )
     finally:
         for h in hooks:

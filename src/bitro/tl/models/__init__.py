@@ -90,3 +90,13 @@ register(
     "bitro.tl.models._bitro:BitroNet",
     "BiTro: GAT + Transformer over cell bags, gene-query attention pooling, per-cell readout",
 )
+register(
+    "m2ort",
+    "bitro.tl.models._m2ort:M2ORTNet",
+    "M2ORT (Wang et al. 2024): multi-scale spot patches, cross-level attention, cls-token regression",
+)
+register(
+    "cmrcnet",
+    "bitro.tl.models._cmrcnet:CMRCNet",
+    "CMRCNet (Liu et al. 2025): contrastive image-expression alignment, masked reconstruction, top-k retrieval",
+)

@@ -38,6 +38,11 @@ class Architecture:
     data_fields: ClassVar[tuple[str, ...]] = ("n_features", "n_genes")
     #: Options :meth:`for_data` accepts that are not fields (e.g. BiTro's ``heads``, which sets two fields).
     extra_options: ClassVar[tuple[str, ...]] = ()
+    #: The table the network reads its tokens from, by default (``cells_key`` of :func:`bitro.tl.fit`): the cell
+    #: table of ``bt.pp.extract_cells``, or the patch table of ``bt.pp.spot_patches`` (``"patches"``).
+    input_table: ClassVar[str] = "cells"
+    #: The tokens' features in that table's ``.obsm`` (``use_rep`` of :func:`bitro.tl.fit`), by default.
+    default_rep: ClassVar[str] = "X_bitro"
 
     def __post_init__(self) -> None:
         from bitro._checks import check_int, is_number
@@ -61,10 +66,20 @@ class Architecture:
         """Check the values beyond their types (a subclass adds its own rules)."""
 
     @classmethod
-    def for_data(cls, *, n_features: int, n_genes: int, bag_sizes: Sequence[float], **options: Any) -> Architecture:
+    def for_data(
+        cls,
+        *,
+        n_features: int,
+        n_genes: int,
+        bag_sizes: Sequence[float],
+        features: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> Architecture:
         """The architecture for the training data and the user's ``options`` (unknown names fail with the valid ones).
 
-        ``n_features`` cell features, ``n_genes`` genes, ``bag_sizes`` the training bags' ``log1p`` cell counts.
+        ``n_features`` token features, ``n_genes`` genes, ``bag_sizes`` the training bags' ``log1p`` token counts,
+        ``features`` what the token table records of its features (:func:`bitro.tl._bags.feature_config`; a patch
+        table's includes its ``"patch_layout"``), ``None`` when only the options are checked.
         """
         cls.check_options(options)
         return cls.from_dict({"n_features": n_features, "n_genes": n_genes, **options})
@@ -122,6 +137,13 @@ class CellBagNetwork(nn.Module):
         Both on the z-scored target scale; a cell's value must not depend on how many cells share its bag.
         """
         raise NotImplementedError
+
+    def prepare(self, target: torch.Tensor) -> None:
+        """Called once by :func:`bitro.tl.fit` before training, with the z-scored targets of the training bags.
+
+        For what a network derives from the training expression itself (e.g. a retrieval bank, a gene basis); saved
+        with the weights when kept as buffers. Default: nothing.
+        """
 
     def loss(self, batch: Batch, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training loss of a batch against the bags' z-scored targets, and its named parts (for the history).
