@@ -25,6 +25,10 @@ class Settings:
     data_dir
         Folder with extra HER2ST sections; defaults to the environment variable
         ``BITRO_HER2ST_DIR``.
+    cache_dir
+        Folder where bitro keeps computed results to reuse them (e.g. the spot patches of
+        :func:`bitro.pp.spot_patches`); defaults to the environment variable ``BITRO_CACHE_DIR``,
+        else ``~/.cache/bitro``. Safe to delete: everything in it is recomputed when missing.
     """
 
     device: Literal["auto", "cpu", "cuda"] | str = "auto"
@@ -34,6 +38,13 @@ class Settings:
     data_dir: Path | None = field(
         default_factory=lambda: Path(os.environ["BITRO_HER2ST_DIR"]) if os.environ.get("BITRO_HER2ST_DIR") else None
     )
+    cache_dir: Path = field(default_factory=lambda: _default_cache_dir())
+
+
+def _default_cache_dir() -> Path:
+    """``$BITRO_CACHE_DIR``, else ``~/.cache/bitro``."""
+    env = os.environ.get("BITRO_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "bitro"
 
 
 settings = Settings()
