@@ -26,6 +26,8 @@ FEATURE_SETTINGS: tuple[str, ...] = (
     "add_morphology",
     "n_raw_features",
 )
+#: A patch table's token layout in its record (``bt.pp.spot_patches``): grid, level widths, token spacing, scales.
+PATCH_LAYOUT = "patch_layout"
 #: The arrays of the fitted standard scaler + PCA (``record["reducer"]``) that define what a reduced feature means.
 REDUCER_KEYS: tuple[str, ...] = ("scaler_mean", "scaler_scale", "pca_mean", "pca_components")
 #: How to make new cells comparable with a model's or a reference table's.
@@ -61,6 +63,8 @@ def _settings(record: Mapping[str, Any]) -> dict[str, Any]:
     for k in FEATURE_SETTINGS:
         v = plain(record.get(k))
         out[k] = round(float(v), 9) if k == "crop_um" and v is not None else v
+    if record.get(PATCH_LAYOUT) is not None:  # a patch table's (cell tables have none: their fingerprints stay)
+        out[PATCH_LAYOUT] = plain(record[PATCH_LAYOUT])
     return out
 
 
@@ -89,7 +93,8 @@ def differences(
     ``names`` say whose records they are, for the message.
     """
     a, b = _settings(trained), _settings(here)
-    diffs = [f"{k} is {b[k]!r} for {names[1]} but {a[k]!r} for {names[0]}" for k in FEATURE_SETTINGS if a[k] != b[k]]
+    keys = (*FEATURE_SETTINGS, PATCH_LAYOUT)
+    diffs = [f"{k} is {b.get(k)!r} for {names[1]} but {a.get(k)!r} for {names[0]}" for k in keys if a.get(k) != b.get(k)]
     if not diffs and reducer_digest(trained.get("reducer")) != reducer_digest(here.get("reducer")):
         diffs = [f"the scaler + PCA of {names[1]} was fitted on other cells than that of {names[0]}"]
     return "; ".join(diffs)

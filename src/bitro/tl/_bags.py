@@ -118,6 +118,10 @@ class Batch:
         return self.bag[self.seq][self.pool]
 
 
+#: Feature dtypes kept as they are (a patch table's pixels and tokens); any other is read as float32.
+COMPACT_DTYPES = (np.dtype(np.uint8), np.dtype(np.float16), np.dtype(np.float32))
+
+
 def _missing(values: pd.Series) -> np.ndarray:
     return values.isna().to_numpy() | (values.astype(str).to_numpy() == "")
 
@@ -151,7 +155,9 @@ def cell_data(
         "The cell table (.obs_names)",
         "give every cell its own id, e.g. `cells.obs_names_make_unique()`",
     )
-    features = np.asarray(cells.obsm[use_rep], dtype=np.float32)
+    features = np.asarray(cells.obsm[use_rep])
+    if features.dtype not in COMPACT_DTYPES:  # pixel blocks (uint8) and encoder tokens (float16) stay compact
+        features = features.astype(np.float32)
     if features.ndim != 2 or not np.isfinite(features).all():
         msg = (
             f"Cell features .obsm[{use_rep!r}] must be a finite 2-D array (cells x features); "
@@ -476,13 +482,14 @@ def resolve_tables(
 
 
 def make_bags(
-    table: AnnData, cells: CellData, target: str, settings: BagSettings, *, for_what: str
+    table: AnnData, cells: CellData, target: str, settings: BagSettings, *, for_what: str, patches: bool = False
 ) -> tuple[list[list[Seq]], np.ndarray]:
     """The training bags of the rows of ``table`` that have cells, and which rows those are (``keep``).
 
     Raises when fewer than 2 rows have cells (``for_what``: ``"train"`` or ``"fine-tune"``, for the message).
+    ``patches``: ``cells`` is a patch table, whose tokens may reach beyond their spot (not checked against it).
     """
-    if target == "spot":
+    if target == "spot" and not patches:
         check_cells_match_spots(table, cells)
         all_bags = spot_bags(table, cells, context_radius=settings.context_radius, max_context=settings.max_context)
     else:

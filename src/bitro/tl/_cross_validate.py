@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-_METHOD_LAYERS = {"bitro": Key.PREDICTED, "mean": Key.BASELINE_MEAN, "ridge": Key.BASELINE_RIDGE}
+#: The baselines' predictions (the model's are ``Key.PREDICTED``, reported under the model's name).
+_METHOD_LAYERS = {"mean": Key.BASELINE_MEAN, "ridge": Key.BASELINE_RIDGE}
 
 
 def _fold_cells(
@@ -44,13 +45,13 @@ def cross_validate(
     *,
     cells: AnnData | None = None,
     table_key: str = Key.SPOTS_TABLE,
-    cells_key: str = Key.CELLS_TABLE,
+    cells_key: str | None = None,
     library_key: str = Key.SAMPLE,
     folds: list[str] | None = None,
     genes: list[str] | None = None,
     scale: str = "cp10k",
     baselines: bool = True,
-    refit_features: bool = True,
+    refit_features: bool | None = None,
     n_clusters: int = 8,
     seed: int = 0,
     **fit_kwargs: Any,
@@ -73,11 +74,12 @@ def cross_validate(
         SpatialData with the ``"spots"`` and ``"cells"`` tables (and images for the ridge baseline),
         or the spot table with ``cells=``.
     cells
-        The cell table, when ``data`` is an AnnData.
+        The cell table, when ``data`` is an AnnData (the patch table, for a patch model: ``model=`` in
+        ``fit_kwargs``).
     table_key
         The spot table of a SpatialData.
     cells_key
-        The cell table of a SpatialData.
+        The cell table of a SpatialData; default ``"cells"``, or ``"patches"`` for a patch model.
     library_key
         Column of the spot table's ``.obs`` that defines the folds; each of its values must hold whole
         sections.
@@ -90,7 +92,8 @@ def cross_validate(
     baselines
         Also score the training-mean profile and the ridge baseline.
     refit_features
-        Refit the scaler + PCA and the phenotypes on each fold's training cells.
+        Refit the scaler + PCA and the phenotypes on each fold's training cells. Default: ``True`` for a model that
+        reads cells; a patch model's patches have nothing fitted to refit.
     n_clusters
         Phenotypes per fold (with ``refit_features``).
     seed
@@ -100,7 +103,8 @@ def cross_validate(
 
     Returns
     -------
-    A tidy table, one row per held-out group and method (``"bitro"``, ``"mean"``, ``"ridge"``), with
+    A tidy table, one row per held-out group and method (the model's name, ``"bitro"`` by default; ``"mean"``,
+    ``"ridge"``), with
     ``pcc_overall``, ``pcc_gene``, ``n_obs``, ``n_genes`` and ``n_genes_constant``
     (genes with zero variance in the held-out truth, left out of PCC_gene), plus one ``"mean"`` row
     per method averaged over the folds.
@@ -118,8 +122,16 @@ def cross_validate(
     from bitro.tl._fit import fit
     from bitro.tl._predict import predict
     from bitro.tl._targets import check_scale
+    from bitro.tl.models import DEFAULT_MODEL, get_model
 
     check_scale(scale)
+    spec = get_model(fit_kwargs.get("model", DEFAULT_MODEL))
+    patch_model = spec.architecture.input_table == Key.PATCHES_TABLE
+    if refit_features and patch_model:
+        msg = f"refit_features=True refits cell features, but model={spec.name!r} reads spot patches; leave it unset."
+        raise ValueError(msg)
+    refit_features = not patch_model if refit_features is None else refit_features
+    cells_key = cells_key or spec.architecture.input_table
     spots, cells = resolve_tables(data, "spot", cells=cells, table_key=table_key, cells_key=cells_key)
     if library_key not in spots.obs:
         msg = f"`library_key={library_key!r}` is not a column of the spot table's `.obs` (columns: {list(spots.obs.columns)})."
@@ -150,7 +162,7 @@ def cross_validate(
         color_statistics(data, table_key=table_key)
 
     keys = {
-        "use_rep": fit_kwargs.get("use_rep", Key.FEATURES),
+        "use_rep": fit_kwargs.get("use_rep") or spec.architecture.default_rep,
         "phenotype_key": fit_kwargs.get("phenotype_key", Key.PHENOTYPE),
     }
     graph = {k: fit_kwargs[k] for k in ("graph_key", "phenotype_key") if k in fit_kwargs}
@@ -166,11 +178,13 @@ def cross_validate(
             if refit_features
             else cells
         )
-        model = fit(train, target="spot", cells=fold_cells, genes=genes, scale=scale, seed=seed, **fit_kwargs)
+        model = fit(
+            train, target="spot", cells=fold_cells, genes=genes, scale=scale, seed=seed, **fit_kwargs
+        )
         predict(model, test, cells=fold_cells, coverage="spots", **graph)  # only the spots are scored
         if baselines:
             add_baselines(train, test, genes=model.genes, scale=scale)
-        for method, layer in _METHOD_LAYERS.items():
+        for method, layer in {spec.name: Key.PREDICTED, **_METHOD_LAYERS}.items():
             if layer in test.obsm:
                 score = evaluate(test, layer=layer, scale=scale, library_key=None, key_added=f"{layer}_eval")
                 rows.append({"held_out": held_out, "method": method, **score.iloc[0].to_dict()})

@@ -54,9 +54,8 @@ def _check_params(p: dict[str, Any]) -> None:
     check_number("cell_dropout", p["cell_dropout"], low=0, high=1, high_open=True)
     check_bool("refit", p["refit"])
     check_bool("center_samples", p["center_samples"], allow_none=True)
-    check_keys(**{k: p[k] for k in ("use_rep", "cells_key", "graph_key", "phenotype_key")})
-    if p["table_key"] is not None:
-        check_keys(table_key=p["table_key"])
+    check_keys(**{k: p[k] for k in ("graph_key", "phenotype_key")})
+    check_keys(**{k: p[k] for k in ("table_key", "cells_key", "use_rep") if p[k] is not None})
     if p["device"] is not None and not isinstance(p["device"], str):
         msg = f"`device` must be a torch device name such as 'cpu' or 'cuda', got {p['device']!r}."
         raise TypeError(msg)
@@ -70,8 +69,8 @@ def fit(
     model: str = DEFAULT_MODEL,
     cells: AnnData | None = None,
     table_key: str | None = None,
-    cells_key: str = Key.CELLS_TABLE,
-    use_rep: str = Key.FEATURES,
+    cells_key: str | None = None,
+    use_rep: str | None = None,
     graph_key: str = Key.GRAPH,
     phenotype_key: str = Key.PHENOTYPE,
     genes: list[str] | None = None,
@@ -115,17 +114,20 @@ def fit(
     target
         ``"spot"`` or ``"bulk"``.
     model
-        The model to train, by its registered name (:mod:`bitro.tl.models`; ``"bitro"``).
+        The model to train, by its registered name (:mod:`bitro.tl.models`): ``"bitro"`` (reads cells),
+        ``"m2ort"`` or ``"cmrcnet"`` (read spot patches, ``bt.pp.spot_patches``; spot targets only).
     cells
         The cell table (from ``bt.pp``), when ``data`` is an AnnData: features ``.obsm[use_rep]``, centroids
         ``.obsm["spatial"]``, ``.obs["sample"]``, ``.obs["spot_id"]``, ``.obs[phenotype_key]``, the kNN graph
-        ``.obsp[f"{graph_key}_connectivities"]`` and ``.uns["bitro"]["pixel_size"]``.
+        ``.obsp[f"{graph_key}_connectivities"]`` and ``.uns["bitro"]["pixel_size"]``. For the patch models, the
+        patch table of ``bt.pp.spot_patches`` instead (its tokens take the cells' place).
     table_key
         The expression table of a SpatialData; default ``"spots"`` (``target="spot"``) or ``"bulk"``.
     cells_key
-        The cell table of a SpatialData.
+        The cell table of a SpatialData; default ``"cells"``, or ``"patches"`` for the patch models.
     use_rep
-        Cell features in the cell table's ``.obsm`` (as ``bt.pp.extract_cells`` writes them).
+        Token features in the cell (or patch) table's ``.obsm``; default ``"X_bitro"`` (as ``bt.pp.extract_cells``
+        writes them), or ``"bitro_patches"`` for the patch models.
     graph_key
         The cell graph, as ``bt.pp.spatial_graph(key_added=...)`` wrote it.
     phenotype_key
@@ -226,6 +228,12 @@ def fit(
     _check_params(params)
     spec = get_model(model)
     probe = spec.architecture.for_data(n_features=1, n_genes=1, bag_sizes=[0.0], **model_options)  # fails now
+    patches = spec.architecture.input_table == Key.PATCHES_TABLE
+    if patches and target != "spot":
+        msg = f"model={spec.name!r} predicts spots from their image patches; train it with target='spot'."
+        raise ValueError(msg)
+    cells_key = params["cells_key"] = cells_key or spec.architecture.input_table
+    use_rep = params["use_rep"] = use_rep or spec.architecture.default_rep
     if genes is not None:
         genes = check_names("genes", genes)
     table, cells = resolve_tables(data, target, cells=cells, table_key=table_key, cells_key=cells_key)
@@ -238,8 +246,10 @@ def fit(
         need_phenotype=probe.needs_phenotype,
     )
     features = feature_config(cells, use_rep)
-    settings = BagSettings(context_radius=float(context_radius), max_context=max_context, chunk_size=chunk_size)
-    bags, keep = make_bags(table, cells_data, target, settings, for_what="train")
+    # a spot's patch is its whole input: no tokens of neighbouring spots' patches join it as context
+    radius = 0.0 if patches else float(context_radius)
+    settings = BagSettings(context_radius=radius, max_context=max_context, chunk_size=chunk_size)
+    bags, keep = make_bags(table, cells_data, target, settings, for_what="train", patches=patches)
     samples = table.obs[Key.SAMPLE].astype(str).to_numpy()[keep]
     center = target == "spot" if center_samples is None else center_samples
     chosen, zscore, yz = training_targets(
@@ -250,6 +260,7 @@ def fit(
         n_features=cells_data.n_features,
         n_genes=len(chosen),
         bag_sizes=[log_cell_count(b) for b in bags],
+        features=features,
         **model_options,
     )
     options = TrainOptions.from_params(params)

@@ -96,7 +96,7 @@ def predict(
     cells: AnnData | None = None,
     coverage: Literal["tissue", "spots"] = "tissue",
     table_key: str | None = None,
-    cells_key: str = Key.CELLS_TABLE,
+    cells_key: str | None = None,
     graph_key: str = Key.GRAPH,
     phenotype_key: str = Key.PHENOTYPE,
     key_added: str = Key.PREDICTED,
@@ -110,7 +110,8 @@ def predict(
     no spatial data at all. A spot model predicts the measured spots of a slide from their cells and context,
     as in training, and predicts the cells from *virtual spots*: circles of the training spot size laid over
     the tissue (:func:`bitro.pp.virtual_spots`), so that every cell gets a value. A bulk model predicts each
-    slide from all its cells.
+    slide from all its cells. A patch model (``"m2ort"``, ``"cmrcnet"``) predicts the spots (measured or virtual)
+    that ``bt.pp.spot_patches`` cut patches around, and no cells.
 
     Parameters
     ----------
@@ -120,7 +121,7 @@ def predict(
         A SpatialData with the cell table (and, if measured, the spot or bulk table); or the spot / bulk table
         with ``cells=``; or the cell table alone (a slide without spots). Its expression, if any, is not used.
     cells
-        The cell table, when ``data`` is a spot / bulk table.
+        The cell table, when ``data`` is a spot / bulk table (the patch table, for a patch model).
     coverage
         Which cells a spot model predicts: ``"tissue"`` every cell (of the sections in the spot table, when one
         is given), from virtual spots over the tissue; ``"spots"`` only the cells inside measured spots, from
@@ -129,7 +130,7 @@ def predict(
     table_key
         The spot / bulk table of a SpatialData (default ``"spots"`` / ``"bulk"``; none is needed).
     cells_key
-        The cell table of a SpatialData.
+        The cell table of a SpatialData; default ``"cells"``, or ``"patches"`` for a patch model.
     graph_key
         The cell graph, as ``bt.pp.spatial_graph(key_added=...)`` wrote it.
     phenotype_key
@@ -168,11 +169,18 @@ def predict(
     --------
     >>> expr = bt.tl.predict(model, sdata)  # doctest: +SKIP
     >>> sc.tl.rank_genes_groups(expr, "phenotype")  # doctest: +SKIP
+
+    A patch model returns the spot predictions (spots x genes) instead of a cell table:
+
+    >>> bt.pp.spot_patches(new_sdata)  # doctest: +SKIP
+    >>> spots = bt.tl.predict(m2ort_model, new_sdata)  # doctest: +SKIP
     """
     from bitro.pp._virtual import virtual_spots
     from bitro.tl._bags import bulk_bags, cell_data, check_cells_match_spots, check_features, spot_bags
     from bitro.tl.models._base import predict_ensemble
 
+    patch_model = _reads_patches(model)
+    cells_key = cells_key or (Key.PATCHES_TABLE if patch_model else Key.CELLS_TABLE)
     sdata, table, cells = _resolve(model, data, cells, table_key, cells_key)
     if coverage not in ("tissue", "spots"):
         msg = f"coverage={coverage!r}: use 'tissue' (every cell) or 'spots' (only cells inside measured spots)."
@@ -186,7 +194,7 @@ def predict(
         warnings.warn("The cell table is empty (no tissue found?): nothing is predicted.", UserWarning, stacklevel=2)
         return _predicted_table(np.zeros((0, len(genes))), pd.DataFrame(index=pd.Index([])), None, model, None)
     feats = cell_data(cells, use_rep=model.config.feature_key, graph_key=graph_key, phenotype_key=phenotype_key)
-    if model.target == "spot" and table is not None:
+    if model.target == "spot" and table is not None and not patch_model:
         check_cells_match_spots(table, feats)  # cells and spots of the same slide, not only the same names
     scale = model.zscore.inverse
 
@@ -211,6 +219,24 @@ def predict(
         if cell_sum is not None:
             np.maximum(cell_sum, 0.0, out=cell_sum)
         return keep, np.maximum(scale(y), 0.0), cell_sum, n_bags
+
+    if patch_model:  # the spots the patches were cut around, each from its own patch
+        table = _spots_of_patches(cells) if table is None else table
+        keep, y, _, _ = run(spot_bags(table, feats, context_radius=0.0, max_context=0), "predict spots", with_cells=False)
+        table.obs[Key.PREDICTED_FROM] = np.where(keep, "patch", "none")
+        rows, y = _write_rows(table, keep, y, genes, key_added)
+        params = {"target": "spot", "scale": model.scale, "n_spots": int(keep.sum()), "n_genes": len(genes)}
+        params["features"] = model.config.features["fingerprint"]
+        out = _predicted_table(y, rows.obs.copy(), rows.obsm.get(Key.SPATIAL), model, _table_attrs(rows))
+        out.uns[Key.UNS] = {Key.PREDICT: {Key.PREDICTIONS_IN_X: params}}
+        if Key.PIXEL_SIZE in cells.uns[Key.UNS]:
+            out.uns[Key.UNS][Key.PIXEL_SIZE] = dict(cells.uns[Key.UNS][Key.PIXEL_SIZE])
+        records = table.uns.setdefault(Key.UNS, {}).get(Key.PREDICT)
+        table.uns[Key.UNS][Key.PREDICT] = {**(records if isinstance(records, dict) else {}), key_added: params}
+        if sdata is not None:
+            sdata.tables[spots_key_added] = out
+        logger.info(f"Predicted {len(genes)} genes for {int(keep.sum())} spots from their patches ({model.config.model}).")
+        return out
 
     spot_out = None
     if model.target == "spot":
@@ -284,6 +310,24 @@ def predict(
     logger.info(f"Predicted {len(genes)} genes for {int(covered.sum())} cells ({model.target} model).")
     release_memory()
     return expr
+
+
+def _reads_patches(model: Any) -> bool:
+    """Whether ``model`` reads a patch table (``bt.pp.spot_patches``) rather than cells."""
+    arch = getattr(getattr(model, "config", None), "architecture", None)
+    return getattr(arch, "input_table", Key.CELLS_TABLE) == Key.PATCHES_TABLE
+
+
+def _spots_of_patches(patches: AnnData) -> AnnData:
+    """A spot table of the spots a patch table was cut around: sample, spot id, centre (its tokens' mean)."""
+    keys = patches.obs[Key.SAMPLE].astype(str) + "\x00" + patches.obs[Key.SPOT_ID].astype(str)
+    first = ~keys.duplicated().to_numpy()
+    xy = pd.DataFrame(np.asarray(patches.obsm[Key.SPATIAL])[:, :2]).groupby(keys.to_numpy(), sort=False).mean()
+    obs = patches.obs.loc[first, [Key.SAMPLE, Key.SPOT_ID]].copy()
+    obs.index = pd.Index(keys[first].str.replace("\x00", "_").to_numpy())
+    out = AnnData(obs=obs)
+    out.obsm[Key.SPATIAL] = xy.loc[keys[first].to_numpy()].to_numpy()
+    return out
 
 
 def _spot_radius(model: BitroModel) -> float:

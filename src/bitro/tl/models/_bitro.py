@@ -63,6 +63,12 @@ class BitroArchitecture(Architecture):
     size_mean: float = 0.0
     size_std: float = 1.0
     cluster_weight: float = 0.1
+    #: Rank of the gene space the per-gene query and output weights are factored through (0: one free row per
+    #: gene): their rows are ``basis @ W`` with the basis the top principal axes of the training targets (fixed,
+    #: from :meth:`BitroNet.prepare`), so the genes share strength instead of each fitting its own noise.
+    gene_rank: int = 0
+    #: With ``gene_rank``: whether the gene queries of the attention pooling are factored too (else one per gene).
+    rank_queries: bool = True
 
     data_fields = ("n_features", "n_genes", "size_mean", "size_std")
     extra_options = ("heads",)
@@ -88,7 +94,7 @@ class BitroArchitecture(Architecture):
             raise ValueError(msg)
 
     @classmethod
-    def for_data(cls, *, n_features: int, n_genes: int, bag_sizes, **options) -> BitroArchitecture:
+    def for_data(cls, *, n_features: int, n_genes: int, bag_sizes, features=None, **options) -> BitroArchitecture:
         """The architecture with the training bags' size statistics (``heads`` sets both kinds of attention heads)."""
         cls.check_options(options)
         heads = options.pop("heads", None)
@@ -180,7 +186,7 @@ class BitroNet(CellBagNetwork):
     """
 
     architecture_class = BitroArchitecture
-    gene_params = ("gene_queries", "gene_weight", "gene_bias", "gene_size")
+    gene_params = ("gene_queries", "gene_weight", "gene_bias", "gene_size", "gene_basis")
     #: The shared readout MLP (``readout="shared"``): part of the gene head, but not one row per gene.
     shared_head = "readout_mlp"
     #: The layers :func:`bitro.tl.transfer` puts LoRA adapters on by default: input projection, attention
@@ -199,11 +205,20 @@ class BitroNet(CellBagNetwork):
             for _ in range(arch.transformer_layers)
         )
         self.out_norm = nn.LayerNorm(d)
-        self.gene_queries = nn.Parameter(torch.randn(g, d) / math.sqrt(d))
+        r = min(arch.gene_rank, g)
+        if r:  # the gene basis (orthonormal columns, scaled to unit root-mean-square entries) comes from prepare()
+            self.register_buffer("gene_basis", torch.zeros(g, r))
+        if r and arch.rank_queries:
+            self.rank_queries = nn.Parameter(torch.randn(r, d) / math.sqrt(d))
+        else:
+            self.gene_queries = nn.Parameter(torch.randn(g, d) / math.sqrt(d))
         if arch.readout != "cell":
             self.pool_norm = nn.LayerNorm(d)
         if arch.readout in ("gene", "cell"):
-            self.gene_weight = nn.Parameter(torch.randn(g, d) / math.sqrt(d))
+            if r:
+                self.rank_weight = nn.Parameter(torch.randn(r, d) / math.sqrt(d))
+            else:
+                self.gene_weight = nn.Parameter(torch.randn(g, d) / math.sqrt(d))
             self.gene_bias = nn.Parameter(torch.zeros(g))
         else:
             self.readout_mlp = nn.Sequential(
@@ -212,10 +227,27 @@ class BitroNet(CellBagNetwork):
         if arch.bag_size:
             self.gene_size = nn.Parameter(torch.zeros(g))
 
+    def prepare(self, target: torch.Tensor) -> None:
+        """With ``gene_rank``: the gene basis, the top principal axes of the training targets ``(n_bags, n_genes)``."""
+        if not hasattr(self, "gene_basis"):
+            return
+        r = self.gene_basis.shape[1]
+        centred = target - target.mean(0)
+        _, _, vh = torch.linalg.svd(centred.double(), full_matrices=False)
+        basis = vh[:r].T.to(self.gene_basis.dtype)
+        self.gene_basis.copy_(basis * math.sqrt(basis.shape[0]))
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("gene_queries", "gene_weight") and "gene_basis" in self._buffers:
+            rank = "rank_queries" if name == "gene_queries" else "rank_weight"
+            if rank in self._parameters:  # one row per gene, through the gene basis
+                return self._buffers["gene_basis"] @ self._parameters[rank] / math.sqrt(self._buffers["gene_basis"].shape[1])
+        return super().__getattr__(name)
+
     # -- pieces ----------------------------------------------------------------------------------
     def encode(self, batch: Batch) -> torch.Tensor:
         """Token embeddings ``(n_tokens, dim)`` after GAT and Transformer layers."""
-        h = self.in_drop(self.in_proj(batch.x))
+        h = self.in_drop(self.in_proj(batch.x.float()))
         for block in self.gat:
             h = block(h, batch.edge_index)
         h = h + self.pos_proj(position_features(batch.pos))
