@@ -2,6 +2,7 @@
 
 from bitro.pp._cells import extract_cells
 from bitro.pp._graph import spatial_graph
+from bitro.pp._patches import spot_patches
 from bitro.pp._phenotypes import phenotypes
 from bitro.pp._pseudo_spots import pseudo_spots
 from bitro.pp._segment import load_segmentation, segment_nuclei
@@ -16,5 +17,6 @@ __all__ = [
     "pseudo_spots",
     "segment_nuclei",
     "spatial_graph",
+    "spot_patches",
     "virtual_spots",
 ]
