@@ -6,7 +6,7 @@ torch and torch_geometric are imported inside the functions, not here.
 from bitro._checks import TrainingDivergedError
 from bitro._deprecate import renamed_function
 from bitro.tl._adapters import TransferredModel, load_adapters
-from bitro.tl._baselines import add_baselines, color_statistics
+from bitro.tl._baselines import add_baselines, color_statistics, reduced_rank_ridge
 from bitro.tl._config import ModelConfig
 from bitro.tl._cross_validate import cross_validate
 from bitro.tl._evaluate import evaluate
@@ -36,5 +36,6 @@ __all__ = [
     "load_model",
     "predict",
     "pseudobulk",
+    "reduced_rank_ridge",
     "transfer",
 ]

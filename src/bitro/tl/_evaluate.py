@@ -77,14 +77,21 @@ def prediction_scale(adata: AnnData, scale: str | None, where: str = Key.PREDICT
     return str(scale)
 
 
-def observed_on_scale(adata: AnnData, rows: np.ndarray, cols: np.ndarray, scale: str) -> np.ndarray:
-    """Raw counts of ``.X`` at ``rows`` x ``cols`` on a target scale (CP10k library size over all genes)."""
+def observed_on_scale(
+    adata: AnnData, rows: np.ndarray, cols: np.ndarray, scale: str, *, library: np.ndarray | None = None
+) -> np.ndarray:
+    """Raw counts of ``.X`` at ``rows`` x ``cols`` on a target scale.
+
+    ``"cp10k"``: library size over all genes of ``.X``; ``"hist2st"``: library size over the predicted genes, the
+    ``.var`` indices ``library`` (by default ``cols``: pass the model's genes when ``cols`` is only some of them).
+    """
+    check_scale(scale)
     out = np.empty((len(rows), len(cols)))
     for start in range(0, len(rows), _CHUNK_ROWS):
         chunk = rows[start : start + _CHUNK_ROWS]
         counts = dense(adata.X[chunk])
         check_counts(counts, "The expression in `.X`")
-        out[start : start + len(chunk)] = to_scale(counts, scale)[:, cols]
+        out[start : start + len(chunk)] = to_scale(counts, scale, cols, library=library)
     return out
 
 
@@ -103,8 +110,9 @@ def evaluate(
 
     The observed raw counts in ``.X`` are brought to the scale of the predictions
     (``"cp10k"``: ``log1p`` of counts per 10,000 with the library size over all genes of ``.X``;
-    ``"log1p"``: ``log1p`` of raw counts) and compared, within each group of ``library_key``
-    (a held-out section), on the genes and observations that have predictions:
+    ``"log1p"``: ``log1p`` of raw counts; ``"hist2st"``: ``log1p`` of counts per 10,000 with the library
+    size over the predicted genes only, those of ``layer`` found in ``.var_names``) and compared, within each
+    group of ``library_key`` (a held-out section), on the genes and observations that have predictions:
 
     - **PCC_overall**: for each observation (spot or bulk sample), the Pearson correlation over
       genes between prediction and truth; the mean over observations. Observations whose truth or
@@ -129,8 +137,9 @@ def evaluate(
         :func:`bitro.tl.predict` and :func:`bitro.tl.add_baselines`, or else a layer aligned with ``.var_names``.
         Observations whose predictions are not all finite are not scored.
     scale
-        Target scale of the predictions, ``"cp10k"`` or ``"log1p"``. By default the scale
-        recorded by :func:`bitro.tl.predict` in ``.uns["bitro"]["predict"][layer]["scale"]``.
+        Target scale of the predictions, ``"cp10k"``, ``"log1p"`` or ``"hist2st"`` (see
+        :func:`bitro.tl.fit`). By default the scale recorded by :func:`bitro.tl.predict` in
+        ``.uns["bitro"]["predict"][layer]["scale"]``.
     truth
         A layer holding the observed expression already on the prediction's scale, used instead
         of transforming ``.X``.

@@ -13,8 +13,8 @@ from typing import Any, Literal
 import numpy as np
 import scipy.sparse as sp
 
-Scale = Literal["cp10k", "log1p"]
-SCALES: tuple[str, ...] = ("cp10k", "log1p")
+Scale = Literal["cp10k", "log1p", "hist2st"]
+SCALES: tuple[str, ...] = ("cp10k", "log1p", "hist2st")
 
 
 def dense(x) -> np.ndarray:
@@ -37,21 +37,43 @@ def check_counts(x: np.ndarray, what: str) -> None:
 
 def check_scale(scale: str) -> None:
     """Raise when ``scale`` is not a known target scale."""
-    if scale not in SCALES:
+    if not isinstance(scale, str) or scale not in SCALES:
         msg = f"scale={scale!r} is not supported; use one of {SCALES}."
         raise ValueError(msg)
 
 
-def to_scale(counts: np.ndarray, scale: str) -> np.ndarray:
-    """Counts -> target scale.
+def to_scale(
+    counts: np.ndarray,
+    scale: str,
+    cols: Sequence[int] | np.ndarray | None = None,
+    *,
+    library: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Raw counts (rows x ALL genes of the table) -> the columns ``cols`` on a target scale.
 
-    ``"cp10k"``: ``log1p(10^4 * counts / library size)`` with the library size over ALL genes given;
-    ``"log1p"``: ``log1p(counts)``.
+    - ``"cp10k"``: ``log1p(10^4 * counts / library size)``, the library size summed over ALL columns of ``counts``;
+    - ``"log1p"``: ``log1p(counts)``;
+    - ``"hist2st"``: ``log1p(10^4 * counts / library size)``, the library size summed over the predicted genes only:
+      the columns ``library`` (by default ``cols``; every column when both are ``None``), so the values depend on
+      the gene list. Hist2ST's code (scprep's ``library_size_normalize`` per section, then ``scprep.transform.log``)
+      rescales to the section's median library size (older scprep's default; newer versions use 10,000, as here)
+      and takes the log base 10: the base changes no Pearson correlation, the rescale constant changes the values
+      slightly.
+
+    Rows whose library is 0 are 0. ``cols=None`` returns every column.
     """
+    counts = np.asarray(counts, dtype=np.float64)
+    picked = counts if cols is None else counts[:, np.asarray(cols, dtype=int)]
     if scale == "log1p":
-        return np.log1p(counts)
-    lib = counts.sum(axis=1, keepdims=True)
-    return np.log1p(np.divide(counts * 1e4, lib, out=np.zeros_like(counts), where=lib > 0))
+        return np.log1p(picked)
+    check_scale(scale)
+    if scale == "cp10k":
+        lib = counts.sum(axis=1, keepdims=True)
+    elif library is None:
+        lib = picked.sum(axis=1, keepdims=True)
+    else:
+        lib = counts[:, np.asarray(library, dtype=int)].sum(axis=1, keepdims=True)
+    return np.log1p(np.divide(picked * 1e4, lib, out=np.zeros_like(picked), where=lib > 0))
 
 
 def select_genes(
@@ -196,12 +218,18 @@ def training_targets(
     """The genes to predict, their z-score statistics and the z-scored float32 targets of the training rows.
 
     ``genes``: the genes asked for (checked against ``var_names``), else the ``n_top_genes`` most variable on the
-    target ``scale``; ``center``: center each sample's rows on the overall mean profile first.
+    target ``scale`` (for ``"hist2st"``, whose library size is summed over the genes chosen, ranked on ``"cp10k"``,
+    which is ``"hist2st"`` over all genes); ``center``: center each sample's rows on the overall mean profile first.
     """
     import pandas as pd
 
-    values = to_scale(counts, scale)
+    check_scale(scale)
     names = pd.Index(var_names)
-    chosen = select_genes(values, names, genes=genes, n_top_genes=n_top_genes)
-    zscore, yz = standardize_targets(values[:, names.get_indexer(chosen)], samples, center_samples=center)
+    if genes is None:
+        ranked_on = to_scale(counts, "cp10k" if scale == "hist2st" else scale)
+        chosen = select_genes(ranked_on, names, genes=None, n_top_genes=n_top_genes)
+    else:
+        chosen = select_genes(counts[:0], names, genes=genes, n_top_genes=n_top_genes)
+    values = to_scale(counts, scale, names.get_indexer(chosen))
+    zscore, yz = standardize_targets(values, samples, center_samples=center)
     return chosen, zscore, yz
