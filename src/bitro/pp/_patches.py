@@ -346,8 +346,10 @@ def _resize(crops: np.ndarray, dst: int) -> np.ndarray:
     r = resample_matrix(src, dst)
     out = np.empty((n, dst, dst, 3), dtype=np.float32)
     for start in range(0, n, _RESIZE_CHUNK):
-        x = np.moveaxis(crops[start : start + _RESIZE_CHUNK], 3, 1).astype(np.float32)  # (c, 3, s, s)
-        out[start : start + _RESIZE_CHUNK] = np.moveaxis(r @ x @ r.T, 1, 3)
+        x = crops[start : start + _RESIZE_CHUNK].astype(np.float32)  # (c, s, s, 3)
+        y = np.tensordot(x, r, axes=([2], [1]))  # along x: (c, s, 3, dst), one matrix product each
+        z = np.tensordot(r, y, axes=([1], [1]))  # along y: (dst, c, 3, dst)
+        out[start : start + _RESIZE_CHUNK] = z.transpose(1, 0, 3, 2)
     return out
 
 
