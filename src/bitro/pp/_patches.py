@@ -139,8 +139,8 @@ def _check_layout(patch_px: int, grid: int, scales: int) -> None:
         most = max(s for s in range(1, 32) if patch_px % (grid * 2 ** (s - 1)) == 0)
         options.append(f"scales from 1 to {most} (with patch_px={patch_px}, grid={grid})")
     msg = (
-        f"patch_px={patch_px}, grid={grid} and scales={scales} do not cut into whole token blocks: level l's patch "
-        f"has patch_px / 2**l pixels, which must be a multiple of grid at every level, so patch_px must be a "
+        f"patch_px={patch_px}, grid={grid} and scales={scales} do not cut into whole token blocks: level k's patch "
+        f"has patch_px / 2**(k-1) pixels, which must be a multiple of grid at every level, so patch_px must be a "
         f"multiple of grid * 2**(scales - 1) = {step}. Valid: {'; or '.join(options)}. E.g. patch_px=224, grid=7, "
         "scales=3 gives blocks of 32, 16 and 8 px."
     )
@@ -599,11 +599,10 @@ def spot_patches(
 
     Around every spot (or virtual spot) of ``table_key`` a square field of view of ``size_um`` micrometres
     is cut from the section's full-resolution image and resampled to ``patch_px`` pixels, so patches cover
-    the same tissue whatever the scan resolution. Level ``l`` (``l = 0 .. scales - 1``) is a
-    ``patch_px / 2**l`` pixel patch: with ``fov="same"`` the level-1 patch down-sampled by ``2**l`` (the same
-    field of view, as M2ORT's code makes its 224, 112 and 56 px images); with ``fov="growing"`` a field of
-    ``size_um * 2**l`` resampled to that size (M2OST's growing fields of view), so token blocks have the same
-    shapes in both modes. Each level is cut into ``grid x grid`` blocks: token ``t = row * grid + col`` of a
+    the same tissue whatever the scan resolution. Level ``k = 1 .. scales`` is a ``patch_px / 2**(k-1)`` pixel
+    patch: with ``fov="same"`` the level-1 patch down-sampled by ``2**(k-1)`` (the same field of view, as M2ORT's
+    code makes its 224, 112 and 56 px images); with ``fov="growing"`` a field of ``size_um * 2**(k-1)`` resampled
+    to that size (M2OST's growing fields of view), so token blocks have the same shapes in both modes. Each level is cut into ``grid x grid`` blocks: token ``t = row * grid + col`` of a
     spot holds its block of every level. Only the spots' windows of the image are read, tile by tile.
 
     The result, the *patch table*, is read by the spot-patch models like a cell table: tokens play the
@@ -621,13 +620,13 @@ def spot_patches(
     size_um
         Edge of the level-1 field of view in micrometres; by default 112 (M2ORT's 224 px at ~0.5 um/px).
     patch_px
-        Edge of the level-1 patch in pixels, after resampling. ``patch_px / 2**l`` must be a multiple of
-        ``grid`` at every level (224 px, 7 x 7 tokens, 3 scales: blocks of 32, 16 and 8 px).
+        Edge of the level-1 patch in pixels, after resampling. Every level's ``patch_px / 2**(k-1)`` must be a
+        multiple of ``grid`` (224 px, 7 x 7 tokens, 3 scales: blocks of 32, 16 and 8 px).
     scales
         Number of levels.
     fov
-        ``"same"``: every level shows the level-1 field of view, down-sampled; ``"growing"``: level ``l``
-        shows ``2**l`` times the field.
+        ``"same"``: every level shows the level-1 field of view, down-sampled; ``"growing"``: level ``k``
+        shows ``2**(k-1)`` times the field.
     grid
         Tokens per side.
     encoder
@@ -662,7 +661,7 @@ def spot_patches(
     - ``.obsm["spatial"]``: each token's centre in section pixels (spot centre + the token's offset in the
       level-1 grid, ``(col - (grid - 1) / 2, row - (grid - 1) / 2) * size_um / grid`` micrometres).
     - ``.obsm["bitro_patches"]``: the features, the levels side by side: uint8 pixel blocks
-      (``3 * (patch_px / 2**l / grid)**2`` values of level ``l``, in (y, x, channel) order) or float16
+      (``3 * (patch_px / 2**(k-1) / grid)**2`` values of level ``k``, in (y, x, channel) order) or float16
       EfficientNet tokens (1280 per level).
     - ``.obsp["spatial_connectivities"]``: 4-neighbour grid adjacency of the tokens of each spot.
     - ``.uns["bitro"]["extract_cells"]``: the feature record (encoder, weights, ``crop_um = size_um``,
