@@ -407,3 +407,17 @@ def test_train_network(make, layout, tmp_path):
     torch.manual_seed(0)
     again, _ = train_network(make(layout), bags, yz, data, train_idx, val_idx, folder=tmp_path, **common)
     np.testing.assert_allclose(predict_ensemble([again], bags, data)[0], y, atol=1e-5)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_cmrcnet_reconstruction_target_and_fusion_options(detach):
+    torch.manual_seed(0)
+    net = cmrcnet(TOKENS, detach_target=detach, fusion_depth=2).train()
+    assert len(net.fusion) == 1  # tied: one block applied twice
+    assert len(cmrcnet(TOKENS, fusion_depth=2, tied_fusion=False).fusion) == 2
+    data, bags, colours = patch_data(TOKENS, 4)
+    _, parts = net.loss(collate(bags, data), torch.as_tensor(targets_of(colours, 5)))
+    parts["reconstruction"].backward()
+    grad = net.image_head.projection.weight.grad
+    assert (grad is None or float(grad.abs().max()) == 0.0) == detach  # the target E_img gets gradients unless detached
+    assert float(net.snn[0].weight.grad.abs().max()) > 0  # the gene tokens always do

@@ -344,7 +344,7 @@ class CMRCNet(CellBagNetwork):
         """The spots' image tokens ``(n_bags, 1 + grid**2, token_dim)`` (cls or mean token first) and their mask."""
         arch = self.arch
         x, mask = patch_grid(batch, arch.grid, arch.token_um)
-        if self.training and arch.augment:
+        if self.training and arch.augment and (arch.kind == "pixels" or arch.encoder_depth):  # else nothing sees it
             x, mask = dihedral(x, mask, arch.grid, arch.blocks, torch.randint(0, 8, (x.shape[0],), device=x.device))
         if arch.levels == "first":
             x = x[..., : arch.level_dims[0]]
