@@ -90,6 +90,7 @@ def fit(
     batch_size: int = 32,
     seed: int = 0,
     n_members: int = 3,
+    gene_reference: AnnData | None = None,
     refit: bool = False,
     checkpoint_dir: str | Path | None = None,
     device: str | None = None,
@@ -177,6 +178,11 @@ def fit(
         Ensemble size: networks trained with seeds ``seed, seed + 1, ...``; predictions are their mean. With
         ``validation="sample"`` the members hold out different training samples in turn (with 3 training
         sections and 3 members, each section validates one member and trains the other two).
+    gene_reference
+        With ``gene_rank`` (a BiTro option): expression of *other* sections (raw counts in ``.X``, sections in
+        ``.obs["sample"]``, e.g. :func:`bitro.datasets.her2st_atlas`), whose principal axes (each section centred,
+        on the target scale, z-scored like the targets) span the gene space instead of the training targets'.
+        Expression only, no images; it must not hold the sections (or patients) a model is evaluated on.
     refit
         After early stopping, train again on all the training data (validation included) for the chosen
         number of epochs.
@@ -217,7 +223,9 @@ def fit(
     >>> model = bt.tl.fit(sdata, target="spot", dim=32, readout="gene")  # doctest: +SKIP
     >>> bt.tl.predict(model, new_sdata)  # doctest: +SKIP
     """
-    params = {k: v for k, v in locals().items() if k not in ("data", "cells", "genes", "model_options")}
+    params = {
+        k: v for k, v in locals().items() if k not in ("data", "cells", "genes", "model_options", "gene_reference")
+    }
     from bitro.tl._bags import cell_data, feature_config, log_cell_count, make_bags, pooled_radius, resolve_tables
     from bitro.tl._config import BagSettings, ModelConfig
     from bitro.tl._persist import BitroModel, cell_reference
@@ -234,6 +242,12 @@ def fit(
         raise ValueError(msg)
     cells_key = params["cells_key"] = cells_key or spec.architecture.input_table
     use_rep = params["use_rep"] = use_rep or spec.architecture.default_rep
+    if gene_reference is not None and not getattr(probe, "gene_rank", 0):
+        msg = (
+            f"`gene_reference` spans the gene space of the `gene_rank` option, which is off; set e.g. gene_rank=10"
+            f"{'' if hasattr(probe, 'gene_rank') else f' (model={spec.name!r} has no such option: drop gene_reference)'}."
+        )
+        raise ValueError(msg)
     if genes is not None:
         genes = check_names("genes", genes)
     table, cells = resolve_tables(data, target, cells=cells, table_key=table_key, cells_key=cells_key)
@@ -255,6 +269,7 @@ def fit(
     chosen, zscore, yz = training_targets(
         counts[keep], table.var_names, samples, scale=scale, genes=genes, n_top_genes=n_top_genes, center=center
     )
+    reference = None if gene_reference is None else reference_targets(gene_reference, chosen, scale, zscore)
     splits = [split(samples, validation, seed, k) for k in range(n_members)]  # raises before any training
     arch = spec.architecture.for_data(
         n_features=cells_data.n_features,
@@ -283,6 +298,7 @@ def fit(
         desc="fit",
         refit=refit,
         checkpoint_dir=checkpoint_dir,
+        reference=reference,
     )
     settings.spot_radius = pooled_radius(bags, cells_data) if target == "spot" else None
     config = ModelConfig(
@@ -296,8 +312,57 @@ def fit(
         features=features,
         architecture=arch,
         bags=settings,
-        training={**params, **model_options},
+        training={**params, **model_options, "gene_reference": _describe(gene_reference)},
         training_samples=sorted(set(samples)),
         members=members,
     )
     return BitroModel(nets, config, histories, cell_reference(cells, phenotype_key))
+
+
+#: Least share of the model's genes a ``gene_reference`` must measure.
+MIN_REFERENCE_GENES = 0.5
+
+
+def _describe(reference: AnnData | None) -> dict[str, Any] | None:
+    """What the saved config records of a ``gene_reference``: its size and sections."""
+    if reference is None:
+        return None
+    samples = sorted(map(str, reference.obs[Key.SAMPLE].unique()))
+    return {"n_obs": int(reference.n_obs), "n_vars": int(reference.n_vars), "samples": samples}
+
+
+def reference_targets(reference: Any, genes: list[str], scale: str, zscore: Any):
+    """The ``gene_reference`` expression on the model's genes, scale and z-scores, each section centred.
+
+    Genes the reference lacks are 0 (no variation); raises when it measures under half of the genes.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from bitro.tl._targets import ZScore, check_counts, dense, to_scale
+
+    if not isinstance(reference, AnnData):
+        msg = f"`gene_reference` must be an AnnData of raw counts (e.g. bt.datasets.her2st_atlas()), got {type(reference).__name__}."
+        raise TypeError(msg)
+    if Key.SAMPLE not in reference.obs or reference.n_obs < 2:
+        msg = f"`gene_reference` needs at least 2 rows and their sections in `.obs[{Key.SAMPLE!r}]`."
+        raise ValueError(msg)
+    cols = pd.Index(reference.var_names).get_indexer(genes)
+    found = cols >= 0
+    if found.mean() < MIN_REFERENCE_GENES:
+        msg = (
+            f"`gene_reference` measures {int(found.sum())} of the model's {len(genes)} genes (at least "
+            f"{MIN_REFERENCE_GENES:.0%} are needed); use a reference with the same gene symbols."
+        )
+        raise ValueError(msg)
+    x = reference.X
+    library = np.asarray(x.sum(axis=1)).reshape(-1, 1)
+    sub = dense(x[:, cols[found]])
+    check_counts(sub, "`gene_reference`")
+    rest = library - sub.sum(axis=1, keepdims=True)  # the other genes' counts: the library of "cp10k"
+    picked = np.arange(sub.shape[1])
+    values = np.zeros((reference.n_obs, len(genes)))
+    values[:, found] = to_scale(np.hstack([sub, rest]), scale, picked, library=picked)
+    samples = reference.obs[Key.SAMPLE].astype(str).to_numpy()
+    centred = ZScore.center_groups(values, samples) - values.mean(axis=0)
+    return (centred / zscore.std).astype(np.float32)

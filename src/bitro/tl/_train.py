@@ -127,6 +127,7 @@ def train_network(
     folder: Path | None,
     desc: str,
     prepare: bool = False,
+    reference: np.ndarray | None = None,
 ) -> tuple[CellBagNetwork, dict[str, Any]]:
     """Train one network; early stopping on ``val_idx`` when it is not empty. Returns ``(net, history)``.
 
@@ -143,7 +144,8 @@ def train_network(
 
     torch.manual_seed(seed)
     if prepare:  # what a fresh network derives from its training expression (before a checkpoint's weights load)
-        net.prepare(torch.as_tensor(yz[train_idx], dtype=torch.float32))
+        ref = None if reference is None else torch.as_tensor(reference, dtype=torch.float32)
+        net.prepare(torch.as_tensor(yz[train_idx], dtype=torch.float32), ref)
     net = net.to(device)
     trainable = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.Adam(trainable, lr=options.lr, weight_decay=options.weight_decay)
@@ -251,12 +253,14 @@ def train_ensemble(
     refit: bool = False,
     checkpoint_dir: str | Path | None = None,
     prepare: bool = True,
+    reference: np.ndarray | None = None,
 ) -> tuple[list[CellBagNetwork], list[dict[str, Any]], list[dict[str, Any]]]:
     """Train one network per split (ensemble member ``k``: ``build(k)``, seed ``seed + k``, ``splits[k]``).
 
     With ``refit`` each member is trained again on all bags for its best number of epochs (a fresh ``build(k)``).
     ``prepare``: call each fresh network's :meth:`~bitro.tl.models._base.CellBagNetwork.prepare` with its training
-    targets first (:func:`bitro.tl.fit`; not for the fine-tuning of a trained network).
+    targets (and ``reference``, other sections' z-scored expression) first (:func:`bitro.tl.fit`; not for the
+    fine-tuning of a trained network).
     Returns the networks, their histories and the members' records (seed, validation samples).
     """
     import torch
@@ -269,7 +273,7 @@ def train_ensemble(
     for k, (train_idx, val_idx) in enumerate(splits):
         s = seed + k
         folder = None if checkpoint_dir is None else Path(checkpoint_dir) / f"member{k}"
-        common = {"options": options, "seed": s, "device": device, "prepare": prepare}
+        common = {"options": options, "seed": s, "device": device, "prepare": prepare, "reference": reference}
         net, hist = train_network(
             seeded(k), bags, yz, cells, train_idx, val_idx, epochs=epochs, folder=folder, desc=f"{desc} seed {s}", **common
         )

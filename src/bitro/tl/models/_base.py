@@ -138,11 +138,12 @@ class CellBagNetwork(nn.Module):
         """
         raise NotImplementedError
 
-    def prepare(self, target: torch.Tensor) -> None:
+    def prepare(self, target: torch.Tensor, reference: torch.Tensor | None = None) -> None:
         """Called once by :func:`bitro.tl.fit` before training, with the z-scored targets of the training bags.
 
         For what a network derives from the training expression itself (e.g. a retrieval bank, a gene basis); saved
-        with the weights when kept as buffers. Default: nothing.
+        with the weights when kept as buffers. ``reference``: z-scored expression of other sections on the same genes
+        (``gene_reference`` of :func:`bitro.tl.fit`), or ``None``. Default: nothing.
         """
 
     def loss(self, batch: Batch, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

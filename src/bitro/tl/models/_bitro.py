@@ -227,12 +227,16 @@ class BitroNet(CellBagNetwork):
         if arch.bag_size:
             self.gene_size = nn.Parameter(torch.zeros(g))
 
-    def prepare(self, target: torch.Tensor) -> None:
-        """With ``gene_rank``: the gene basis, the top principal axes of the training targets ``(n_bags, n_genes)``."""
+    def prepare(self, target: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+        """With ``gene_rank``: the gene basis, the top principal axes of the training targets ``(n_bags, n_genes)``.
+
+        Of the ``reference`` expression instead when given (other sections, z-scored like the targets).
+        """
         if not hasattr(self, "gene_basis"):
             return
         r = self.gene_basis.shape[1]
-        centred = target - target.mean(0)
+        source = target if reference is None else reference
+        centred = source - source.mean(0)
         _, _, vh = torch.linalg.svd(centred.double(), full_matrices=False)
         basis = vh[:r].T.to(self.gene_basis.dtype)
         self.gene_basis.copy_(basis * math.sqrt(basis.shape[0]))
