@@ -1,33 +1,47 @@
 """Leave-one-section-out benchmark of ``bt.tl.fit`` / ``bt.tl.predict`` on the four HER2ST sections.
 
-For each held-out section (B4, C2, C3, C4) and each target scale (``cp10k``: log1p of counts per 10k;
-``log1p``: log1p of raw counts), on the 785 Hist2ST genes:
+For each held-out section (B4, C2, C3, C4) and each target scale (``cp10k``: log1p of counts per 10k, library
+size over all genes; ``log1p``: log1p of raw counts; ``hist2st``: log1p of counts per 10k, library size over the
+785 predicted genes only, as Hist2ST and HisToGene normalise), on the 785 Hist2ST genes:
 
 - ``mean``: the training-mean profile (high PCC_overall, no PCC_gene);
 - ``ridge``: ridge regression (RidgeCV) on colour statistics of each spot's crop (RGB / HSV / optical
   density: mean, std, 10/50/90th percentiles);
+- ``rrr colour``: the reduced-rank ridge (``bt.tl.reduced_rank_ridge``, 10 components) on the same colour
+  statistics, its gene basis fitted on the HER2ST expression atlas (``../shared/data/her2st_atlas/``, expression
+  only) leaving out every section of the held-out section's patient (B4: patient B; C2-C4: patient C);
+- ``rrr effnet``: the same on multi-scale spot embeddings (EfficientNet-Lite0 tokens of 150, 300 and 600 um fields
+  of view, ``bt.pp.spot_patches(fov="growing")``, mean over each spot's tokens: 3 x 1280 numbers), when they are
+  cached (``--embed`` computes them once);
 - ``bitro``: the default model;
-- with ``--ablations`` (cp10k; add ``--full`` for log1p too): one row per component switched off or swapped
-  (no GAT, no Transformer, no context, the paper's shared readout, the per-gene readout of the pooled spot
-  (attention shares for cells), cluster loss off, no per-sample centring of
-  the targets, no bag-size term) and ``paper``: the paper's variant (shared readout, spot cells only, no
-  centring, no bag size).
+- with ``--ablations`` (cp10k; add ``--full`` for the other scales too): one row per component switched off or
+  swapped (no GAT, no Transformer, no context, the paper's shared readout, the per-gene readout of the pooled spot
+  (attention shares for cells), cluster loss off, no per-sample centring of the targets, no bag-size term) and
+  ``paper``: the paper's variant (shared readout, spot cells only, no centring, no bag size);
+- with ``--models m2ort cmrcnet``: registered predictors that read spot patches (``bt.pp.spot_patches``, M2ORT's
+  112 um / 224 px / 3 scales / 7 x 7 tokens of pixels), trained beside BiTro on every scale.
+
+Every trained row is a name and the keyword arguments of ``bt.tl.fit`` (``ABLATIONS``, ``MODELS``); a model whose
+input table is the patch table gets the patch table as ``cells=``, the others the cell table.
 
 PCC_overall: mean over spots of the Pearson correlation over genes. PCC_gene: mean over genes of the
 Pearson correlation over the held-out section's spots; genes with zero variance in the held-out truth
 are left out. Cell features: the weight-free "handcrafted" encoder and the bundled EfficientNet-Lite0
 (concatenated raw features), with the scaler + PCA (128) and the K-means phenotypes fitted on the
 training sections' cells only. Early stopping holds out one training section; the held-out section is
-never looked at during training.
+never looked at during training. ``fit s``: seconds to fit (and, for the baselines, predict) each row.
 
 Folds run one after the other (``--threads 2`` uses both cores of a laptop: 831 s for the default run), or in
-``--jobs`` processes at once (e.g. ``--jobs 2 --threads 1``); the results do not depend on it. Segmentation and raw cell features are cached in ``benchmarks/_cache/`` (first run: about 30 min on 2 busy
-cores). Run from the repository root::
+``--jobs`` processes at once (e.g. ``--jobs 2 --threads 1``); the results do not depend on it. Segmentation and raw
+cell features are cached in ``benchmarks/_cache/`` (first run: about 30 min on 2 busy cores), as are the atlas's
+785 genes (first run: ~30 s) and, with ``--embed``, the spot embeddings. Run from the repository root::
 
-    python benchmarks/her2st.py --threads 2            # default model + baselines on both scales (~14 min)
+    python benchmarks/her2st.py --threads 2            # default model + baselines on the three scales
     python benchmarks/her2st.py --quick                # default model + baselines, cp10k only
+    python benchmarks/her2st.py --configs              # the baselines only, every fold and scale (~1 min)
     python benchmarks/her2st.py --ablations --set n_members=1   # every ablation row on cp10k (single models)
     python benchmarks/her2st.py --quick --configs bitro "no context" --held-out C2   # one fold, two rows
+    python benchmarks/her2st.py --quick --configs --models m2ort cmrcnet --model-set epochs=3 --held-out C3
 """
 
 from __future__ import annotations
@@ -42,8 +56,18 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "_cache"
+ATLAS = HERE.parents[1] / "shared" / "data" / "her2st_atlas"
 SECTIONS = ("B4", "C2", "C3", "C4")
+SCALES = ("cp10k", "log1p", "hist2st")
 ENCODERS = ("handcrafted", "efficientnet")
+#: Components of the reduced-rank ridge's gene basis.
+N_COMPONENTS = 10
+#: The multi-scale spot embeddings of the ``rrr effnet`` row: EfficientNet-Lite0 of 150, 300 and 600 um fields.
+EMBED_PATCHES = {"size_um": 150.0, "patch_px": 224, "scales": 3, "fov": "growing", "grid": 7, "encoder": "efficientnet"}
+#: The patch table of the patch models (``MODELS``): M2ORT's 224 px patches of ~112 um, 3 scales, 7 x 7 pixel tokens.
+MODEL_PATCHES = {"size_um": 112.0, "patch_px": 224, "scales": 3, "fov": "same", "grid": 7, "encoder": None}
+#: Rows of registered predictors (``--models``): name -> keyword arguments of ``bt.tl.fit``.
+MODELS = {"m2ort": {"model": "m2ort"}, "cmrcnet": {"model": "cmrcnet"}}
 ABLATIONS = {
     "bitro": {},
     "no GAT": {"gat_layers": 0},
@@ -89,8 +113,9 @@ def build_cache(section: str) -> Path:
 
 
 # -- one fold ---------------------------------------------------------------------------------------------
-def load_all(sections):
-    """Spot table (all sections, raw counts) and the cell table (raw features, graph) of all sections."""
+def load_all(sections, *, cells: bool = True):
+    """The SpatialData of the sections (images lazy), its spot table (raw counts, colour statistics) and, with
+    ``cells``, the cell table (raw features, graph) of all sections."""
     import anndata as ad
     import pandas as pd
 
@@ -102,6 +127,9 @@ def load_all(sections):
     parts, colour = [], {}
     for s in sections:
         z = np.load(build_cache(s), allow_pickle=False)
+        colour.update({(s, sid): v for sid, v in zip(z["colour_spot_id"], z["colour"], strict=True)})
+        if not cells:
+            continue
         raw = np.concatenate([z[f"raw_{e}"] for e in ENCODERS], axis=1)
         obs = pd.DataFrame({Key.SAMPLE: s, Key.SPOT_ID: pd.Series(z["spot_id"]).replace("", None).to_numpy()})
         obs.index = [f"{s}_{i}" for i in range(len(obs))]
@@ -109,14 +137,85 @@ def load_all(sections):
         a.obsm[Key.FEATURES_RAW] = raw
         a.obsm[Key.SPATIAL] = z["xy"]
         parts.append((a, float(z["pixel_size"])))
-        colour.update({(s, sid): v for sid, v in zip(z["colour_spot_id"], z["colour"], strict=True)})
-    cells = ad.concat([a for a, _ in parts])
-    cells.obs[Key.SAMPLE] = cells.obs[Key.SAMPLE].astype("category")
-    cells.uns[Key.UNS] = {"pixel_size": {s: px for s, (_, px) in zip(sections, parts, strict=True)}}
-    bt.pp.spatial_graph(cells)
-    key = zip(spots.obs[Key.SAMPLE].astype(str), spots.obs[Key.SPOT_ID].astype(str), strict=True)
+    key = list(zip(spots.obs[Key.SAMPLE].astype(str), spots.obs[Key.SPOT_ID].astype(str), strict=True))
     spots.obsm["colour"] = np.stack([colour[k] for k in key])
-    return spots, cells
+    embedded = [embedding_file(s) for s in sections]
+    if all(f.is_file() for f in embedded):
+        emb = {}
+        for s, f in zip(sections, embedded, strict=True):
+            z = np.load(f, allow_pickle=False)
+            emb.update({(s, sid): v for sid, v in zip(z["spot_id"], z["features"], strict=True)})
+        spots.obsm["effnet"] = np.stack([emb[k] for k in key]).astype(np.float64)
+    if not cells:
+        return sdata, spots, None
+    table = ad.concat([a for a, _ in parts])
+    table.obs[Key.SAMPLE] = table.obs[Key.SAMPLE].astype("category")
+    table.uns[Key.UNS] = {"pixel_size": {s: px for s, (_, px) in zip(sections, parts, strict=True)}}
+    bt.pp.spatial_graph(table)
+    return sdata, spots, table
+
+
+def embedding_file(section: str) -> Path:
+    return CACHE / f"her2st_{section}_spot_effnet.npz"
+
+
+def build_embeddings(section: str) -> Path:
+    """Multi-scale EfficientNet-Lite0 spot embeddings of one section: the mean of each spot's tokens per level."""
+    import bitro as bt
+    from bitro._constants import Key
+
+    file = embedding_file(section)
+    if file.is_file():
+        return file
+    t = time.perf_counter()
+    sdata = bt.datasets.her2st([section])
+    patches = bt.pp.spot_patches(sdata, key_added="effnet_tokens", **EMBED_PATCHES)
+    grid2 = EMBED_PATCHES["grid"] ** 2
+    tokens = np.asarray(patches.obsm[Key.PATCHES], dtype=np.float32)
+    features = tokens.reshape(-1, grid2, tokens.shape[1]).mean(axis=1)
+    spot_id = patches.obs[Key.SPOT_ID].astype(str).to_numpy()[::grid2]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(file, features=features.astype(np.float32), spot_id=spot_id)
+    print(f"embedded {section}: {len(spot_id)} spots in {time.perf_counter() - t:.0f} s", flush=True)
+    return file
+
+
+def load_atlas(genes: list[str]):
+    """The atlas's counts of ``genes`` and one more column, ``"(other genes)"``, the rest of each spot's library.
+
+    Exactly what the reference needs on every scale: cp10k's library is the row sum (all genes), hist2st's the sum
+    over ``genes``. Cached in ``benchmarks/_cache/`` (reading the 34 sections takes ~30 s).
+    """
+    import anndata as ad
+    import scipy.sparse as sp
+
+    import bitro as bt
+
+    file = CACHE / f"her2st_atlas_{len(genes)}genes.h5ad"
+    if file.is_file():
+        atlas = ad.read_h5ad(file)
+        if set(atlas.var_names[:-1]) <= set(genes):
+            return atlas
+    full = bt.datasets.her2st_atlas(path=ATLAS)
+    present = [g for g in genes if g in set(full.var_names)]  # absent genes are decoded from the training spots
+    x = full.X.tocsc()
+    part = x[:, full.var_names.get_indexer(present)]
+    rest = np.asarray(x.sum(axis=1)).ravel() - np.asarray(part.sum(axis=1)).ravel()
+    atlas = ad.AnnData(
+        sp.hstack([part, sp.csc_matrix(rest[:, None])]).tocsr().astype(np.float32),
+        obs=full.obs[["sample", "patient"]].copy(),
+    )
+    atlas.var_names = [*present, "(other genes)"]
+    if len(present) < len(genes):
+        print(f"atlas: {len(genes) - len(present)} of the {len(genes)} genes absent", flush=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    atlas.write_h5ad(file)
+    return atlas
+
+
+def patient(section: str) -> str:
+    """The patient of a HER2ST section: its letter (B4 -> B, C3 -> C)."""
+    return section.rstrip("0123456789")
 
 
 def fold_features(cells, train_mask, *, n_components=128, n_phenotypes=8, seed=0):
@@ -155,6 +254,48 @@ def metrics(pred, truth):
     return pcc_overall(pred, truth), pcc_gene(pred, truth)
 
 
+def trained_rows(args: argparse.Namespace) -> dict[str, dict]:
+    """Every trained row of this run: name -> keyword arguments of ``bt.tl.fit``."""
+    extra = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.set)}
+    model_extra = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.model_set)}
+    rows = {name: {**ABLATIONS[name], **extra} for name in args.configs}
+    rows.update({name: {**MODELS[name], **model_extra} for name in args.models})
+    return rows
+
+
+def reads_patches(kwargs: dict) -> bool:
+    """Whether the row's model reads the patch table (``bt.pp.spot_patches``) instead of the cell table."""
+    from bitro._constants import Key
+    from bitro.tl.models import get_model
+
+    return getattr(get_model(kwargs.get("model", "bitro")).architecture, "input_table", None) == Key.PATCHES_TABLE
+
+
+def baselines(spots, genes, test, scale, reference) -> tuple[dict, dict]:
+    """Predictions of the held-out spots by the baselines on ``scale``, and their seconds."""
+    import bitro as bt
+    from bitro.tl._baselines import ridge_predict
+    from bitro.tl._targets import dense, to_scale
+
+    t = time.perf_counter()
+    truth_all = to_scale(dense(spots.X), scale, spots.var_names.get_indexer(genes))  # hist2st: library over genes
+    res = {"mean": np.broadcast_to(truth_all[~test].mean(0), (int(test.sum()), len(genes)))}
+    secs = {"mean": time.perf_counter() - t}
+    t = time.perf_counter()
+    res["ridge"] = ridge_predict(spots.obsm["colour"][~test], truth_all[~test], spots.obsm["colour"][test])
+    secs["ridge"] = time.perf_counter() - t
+    train, held = spots[~test], spots[test].copy()
+    for name, rep in (("rrr colour", "colour"), ("rrr effnet", "effnet")):
+        if rep not in spots.obsm:
+            continue
+        t = time.perf_counter()
+        res[name] = bt.tl.reduced_rank_ridge(
+            train, held, genes=genes, scale=scale, use_rep=rep, reference=reference, n_components=N_COMPONENTS
+        ).to_numpy()
+        secs[name] = time.perf_counter() - t
+    return res, secs
+
+
 def run_fold(held: str, args: argparse.Namespace) -> list[tuple]:
     """Baselines and the configured models for one held-out section, every scale: rows of results.
 
@@ -162,8 +303,6 @@ def run_fold(held: str, args: argparse.Namespace) -> list[tuple]:
     process with ``--jobs``, so it loads the (cached) data itself.
     """
     import torch
-    from sklearn.linear_model import RidgeCV
-    from sklearn.preprocessing import StandardScaler
 
     import bitro as bt
     from bitro._constants import Key
@@ -171,34 +310,33 @@ def run_fold(held: str, args: argparse.Namespace) -> list[tuple]:
 
     torch.set_num_threads(args.threads)
     bt.settings.progress = False
-    spots, cells = load_all(args.sections)
+    rows_to_fit = trained_rows(args)
+    need_cells = any(not reads_patches(kw) for kw in rows_to_fit.values())
+    sdata, spots, cells = load_all(args.sections, cells=need_cells)
     genes = bt.datasets.her2st_genes()
     counts = dense(spots.X)
     test = spots.obs[Key.SAMPLE].astype(str).to_numpy() == held
-    extra = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.set)}
-    fold_cells = fold_features(cells, cells.obs[Key.SAMPLE].astype(str).to_numpy() != held)
+    atlas = load_atlas(genes)
+    reference = atlas[(atlas.obs["patient"].astype(str) != patient(held)).to_numpy()].copy()
+    fold_cells = fold_features(cells, cells.obs[Key.SAMPLE].astype(str).to_numpy() != held) if need_cells else None
+    patches = None
+    if any(reads_patches(kw) for kw in rows_to_fit.values()):
+        patches = bt.pp.spot_patches(sdata, key_added="model_patches", **MODEL_PATCHES)
     rows = []
     for scale in args.scales:
-        truth_all = to_scale(counts, scale)[:, spots.var_names.get_indexer(genes)]
-        truth = truth_all[test]
-        res = {"mean": np.broadcast_to(truth_all[~test].mean(0), truth.shape)}
-        colour = StandardScaler().fit(spots.obsm["colour"][~test])
-        ridge = RidgeCV(alphas=np.logspace(-1, 4, 11)).fit(
-            colour.transform(spots.obsm["colour"][~test]), truth_all[~test]
-        )
-        res["ridge"] = ridge.predict(colour.transform(spots.obsm["colour"][test]))
-        fit_s, best = {}, {}
-        for name in args.configs:
-            if scale != "cp10k" and name != "bitro" and not args.full:
+        truth = to_scale(counts, scale, spots.var_names.get_indexer(genes))[test]
+        res, fit_s = baselines(spots, genes, test, scale, reference)
+        best = {}
+        for name, kwargs in rows_to_fit.items():
+            if scale != "cp10k" and name in ABLATIONS and name != "bitro" and not args.full:
                 continue
+            table = patches if reads_patches(kwargs) else fold_cells
             t = time.perf_counter()
-            model = bt.tl.fit(
-                spots[~test].copy(), cells=fold_cells, genes=genes, scale=scale, **{**ABLATIONS[name], **extra}
-            )
+            model = bt.tl.fit(spots[~test].copy(), cells=table, genes=genes, scale=scale, **kwargs)
             fit_s[name] = time.perf_counter() - t
             best[name] = model.history[0]["best_epoch"]
             held_spots = spots[test].copy()
-            bt.tl.predict(model, held_spots, cells=fold_cells, coverage="spots")  # only the spots are scored
+            bt.tl.predict(model, held_spots, cells=table, coverage="spots")  # only the spots are scored
             res[name] = held_spots.obsm[Key.PREDICTED][genes].to_numpy()
         for name, pred in res.items():
             ok = np.isfinite(pred).all(1)
@@ -209,32 +347,51 @@ def run_fold(held: str, args: argparse.Namespace) -> list[tuple]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="default model and baselines on cp10k only")
+    p.add_argument("--quick", action="store_true", help="cp10k only")
     p.add_argument("--ablations", action="store_true", help="every ablation row (cp10k unless --full)")
-    p.add_argument("--full", action="store_true", help="ablations on both scales")
-    p.add_argument("--configs", nargs="*", default=None, help=f"subset of {list(ABLATIONS)}")
+    p.add_argument("--full", action="store_true", help="ablations on every scale")
+    p.add_argument(
+        "--configs",
+        nargs="*",
+        default=None,
+        help=f"BiTro rows, a subset of {list(ABLATIONS)}; `--configs` alone: none (the baselines only)",
+    )
+    p.add_argument("--models", nargs="*", default=[], choices=list(MODELS), help="registered predictors beside BiTro")
     p.add_argument("--sections", nargs="*", default=list(SECTIONS))
     p.add_argument("--held-out", nargs="*", default=None, help="folds to run (default: every section)")
     p.add_argument("--jobs", type=int, default=1, help="folds run at once, each in its own process")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument(
-        "--set", nargs="*", default=[], help="fit parameters for every bitro row, e.g. epochs=30 validation=None"
+        "--set", nargs="*", default=[], help="fit parameters for every BiTro row, e.g. epochs=30 validation=None"
     )
+    p.add_argument("--model-set", nargs="*", default=[], help="fit parameters for every --models row, e.g. epochs=3")
+    p.add_argument("--embed", action="store_true", help="compute (once) the spot embeddings of the rrr effnet row")
     args = p.parse_args()
-    args.scales = ["cp10k"] if args.quick or (args.ablations and not args.full) else ["cp10k", "log1p"]
-    args.configs = args.configs or (list(ABLATIONS) if args.ablations else ["bitro"])
+    import bitro as bt
+
+    args.scales = ["cp10k"] if args.quick or (args.ablations and not args.full) else list(SCALES)
+    if args.configs is None:
+        args.configs = list(ABLATIONS) if args.ablations else ["bitro"]
+    unknown = [c for c in args.configs if c not in ABLATIONS]
+    if unknown:
+        p.error(f"unknown --configs {unknown}; choose from {list(ABLATIONS)}")
 
     t_all = time.perf_counter()
-    for s in args.sections:
-        build_cache(s)
+    if args.configs:
+        for s in args.sections:
+            build_cache(s)
+    if args.embed:
+        for s in args.sections:
+            build_embeddings(s)
+    load_atlas(bt.datasets.her2st_genes())  # cached once, before the workers read it
     t0 = time.perf_counter()
     folds = args.held_out or args.sections
-    print(f"{'scale':6} {'model':18} {'held-out':8} {'PCC_overall':>11} {'PCC_gene':>9} {'fit s':>7} {'epoch':>5}")
+    print(f"{'scale':7} {'model':18} {'held-out':8} {'PCC_overall':>11} {'PCC_gene':>9} {'fit s':>7} {'epoch':>5}")
     rows = []
 
     def report(fold_rows):
         for scale, name, held, po, pg, sec, best in fold_rows:
-            print(f"{scale:6} {name:18} {held:8} {po:11.3f} {pg:9.3f} {sec:7.1f} {best:>5}", flush=True)
+            print(f"{scale:7} {name:18} {held:8} {po:11.3f} {pg:9.3f} {sec:7.1f} {best:>5}", flush=True)
         rows.extend(fold_rows)
 
     if args.jobs > 1 and len(folds) > 1:
@@ -250,12 +407,14 @@ def main() -> None:
             report(run_fold(held, args))
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     print("\nMean over held-out sections")
-    print(f"{'scale':6} {'model':18} {'PCC_overall':>11} {'PCC_gene':>9}")
+    print(f"{'scale':7} {'model':18} {'PCC_overall':>11} {'PCC_gene':>9} {'fit s':>7}")
+    names = list(dict.fromkeys(r[1] for r in rows))
     for scale in args.scales:
-        for name in ["mean", "ridge", *args.configs]:
+        for name in names:
             sel = [r for r in rows if r[0] == scale and r[1] == name]
             if sel:
-                print(f"{scale:6} {name:18} {np.mean([r[3] for r in sel]):11.3f} {np.mean([r[4] for r in sel]):9.3f}")
+                po, pg, sec = (np.mean([r[i] for r in sel]) for i in (3, 4, 5))
+                print(f"{scale:7} {name:18} {po:11.3f} {pg:9.3f} {sec:7.1f}")
     print(
         f"\nwall time {time.perf_counter() - t0:.0f} s (features cached; {time.perf_counter() - t_all:.0f} s in all), "
         f"peak RSS {peak_gb:.2f} GB per process, {args.jobs} process(es) x {args.threads} torch thread(s)"

@@ -197,10 +197,18 @@ def _center(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
 def gene_basis(values: np.ndarray, groups: np.ndarray, n_components: int) -> np.ndarray:
     """The top ``n_components`` principal axes (rows, orthonormal) of ``values`` centred per group: components x genes.
 
-    Signs are fixed so that each axis's largest absolute loading is positive (deterministic).
+    Signs are fixed so that each axis's largest absolute loading is positive (deterministic). With more rows than
+    genes the axes are the eigenvectors of the genes' scatter matrix (much faster than an SVD of the rows).
     """
-    _, _, vt = np.linalg.svd(_center(values, groups), full_matrices=False)
-    vt = vt[:n_components]
+    from scipy.linalg import eigh
+
+    centred = _center(values, groups)
+    n_genes = centred.shape[1]
+    if centred.shape[0] > n_genes:  # the top eigenpairs only, largest first
+        eigval, eigvec = eigh(centred.T @ centred, subset_by_index=[n_genes - n_components, n_genes - 1])
+        vt = eigvec[:, np.argsort(eigval)[::-1]].T
+    else:
+        vt = np.linalg.svd(centred, full_matrices=False)[2][:n_components]
     signs = np.sign(vt[np.arange(len(vt)), np.abs(vt).argmax(axis=1)])
     return vt * np.where(signs == 0, 1.0, signs)[:, None]
 
