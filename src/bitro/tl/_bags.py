@@ -27,7 +27,7 @@ from anndata import AnnData
 
 from bitro._checks import check_finite_array, check_unique_index, duplicates
 from bitro._constants import Key
-from bitro._features import FEATURE_SETTINGS, FIX, differences, fingerprint, plain, record_of
+from bitro._features import FEATURE_SETTINGS, FIX, PATCH_LAYOUT, differences, fingerprint, plain, record_of
 from bitro._logging import logger
 from bitro._utils import check_key
 
@@ -489,8 +489,9 @@ def make_bags(
     Raises when fewer than 2 rows have cells (``for_what``: ``"train"`` or ``"fine-tune"``, for the message).
     ``patches``: ``cells`` is a patch table, whose tokens may reach beyond their spot (not checked against it).
     """
-    if target == "spot" and not patches:
-        check_cells_match_spots(table, cells)
+    if target == "spot":
+        if not patches:
+            check_cells_match_spots(table, cells)
         all_bags = spot_bags(table, cells, context_radius=settings.context_radius, max_context=settings.max_context)
     else:
         all_bags = bulk_bags(table, cells, chunk_size=settings.chunk_size)
@@ -518,6 +519,7 @@ def feature_config(cells: AnnData, use_rep: str) -> dict[str, Any]:
         "n_features": int(np.shape(cells.obsm[use_rep])[1]),
         "feature_names": plain(record.get("feature_names", [])),
         "fingerprint": fingerprint(record),
+        **({PATCH_LAYOUT: plain(record[PATCH_LAYOUT])} if record.get(PATCH_LAYOUT) is not None else {}),
     }
 
 

@@ -34,6 +34,8 @@ MEANING_FIELDS = ("target", "scale", "genes", "zscore_mean", "zscore_std", "arch
 SAVED_BESIDE = ("n_members", "history", "cell_reference", CHECKSUMS)
 #: The arrays of each record of a cell reference (kept in :data:`REFERENCE_FILE`, not in the JSON config).
 _REFERENCE_ARRAYS = {Key.EXTRACT_CELLS: "reducer", Key.PHENOTYPES: "centroids"}
+#: Marks a saved reference record that had no arrays (a patch table's features are not fitted to any data).
+_NO_ARRAYS = "saved_without_arrays"
 
 
 def cell_reference(cells: Any, phenotype_key: str = Key.PHENOTYPE) -> dict[str, Any]:
@@ -143,6 +145,9 @@ class BitroModel:
         for name, record in self.cell_reference.items():
             field = _REFERENCE_ARRAYS[name]
             records[name] = plain({k: v for k, v in record.items() if k != field})
+            if record.get(field) is None:  # e.g. a patch table's record: nothing fitted
+                records[name][_NO_ARRAYS] = True
+                continue
             for k, v in record[field].items() if isinstance(record[field], dict) else [("", record[field])]:
                 arrays[f"{name}.{field}.{k}".rstrip(".")] = torch.as_tensor(
                     np.asarray(v, dtype=np.float64)
@@ -315,6 +320,9 @@ def read_reference(path: Path, records: dict[str, Any]) -> dict[str, Any]:
         if field is None:
             msg = f"The model config {path / CONFIG_FILE} has an unknown cell reference record {name!r}."
             raise ValueError(msg)
+        if record.get(_NO_ARRAYS):
+            out[name] = {k: v for k, v in record.items() if k != _NO_ARRAYS}
+            continue
         prefix = f"{name}.{field}"
         arrays = {k[len(prefix) + 1 :]: t.numpy() for k, t in tensors.items() if k.startswith(prefix + ".")}
         if prefix in tensors:

@@ -91,7 +91,7 @@ class Architecture:
         unknown = sorted(set(options) - allowed)
         if unknown:
             msg = f"Unknown option{'s' if len(unknown) > 1 else ''} {unknown} for {cls.__name__}; options: {sorted(allowed)}."
-            raise TypeError(msg)
+            raise TypeError(msg + _owners(unknown))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Architecture:
@@ -111,6 +111,25 @@ class Architecture:
     def needs_phenotype(self) -> bool:
         """Whether training reads the cells' phenotypes (``.obs["phenotype"]``)."""
         return False
+
+
+def _owners(names: list[str]) -> str:
+    """``" (x is an option of model='m2ort')"``: which registered models take the options ``names``, if any."""
+    from bitro.tl.models import MODELS
+
+    said = []
+    for name in names:
+        models = []
+        for spec in MODELS.values():
+            try:
+                arch = spec.architecture
+            except (ImportError, AttributeError):  # a registered model whose module is missing: not ours to judge
+                continue
+            if name in {f.name for f in fields(arch)} - set(arch.data_fields) | set(arch.extra_options):
+                models.append(spec.name)
+        if models:
+            said.append(f"{name!r} is an option of model={' / '.join(map(repr, models))}")
+    return f" ({'; '.join(said)})" if said else ""
 
 
 class CellBagNetwork(nn.Module):
