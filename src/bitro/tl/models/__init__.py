@@ -43,7 +43,15 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {}
 
 #: What a model's own module builds on, loaded (with torch) on first access: ``from bitro.tl.models import ...``.
-_BASE = {"Architecture": "bitro.tl.models._base", "CellBagNetwork": "bitro.tl.models._base", "Batch": "bitro.tl._bags"}
+_BASE = {
+    "Architecture": "bitro.tl.models._base",
+    "CellBagNetwork": "bitro.tl.models._base",
+    "Batch": "bitro.tl._bags",
+    "M2ORTArchitecture": "bitro.tl.models._m2ort",
+    "M2ORTNet": "bitro.tl.models._m2ort",
+    "CMRCNetArchitecture": "bitro.tl.models._cmrcnet",
+    "CMRCNet": "bitro.tl.models._cmrcnet",
+}
 
 
 def __getattr__(name: str) -> Any:
