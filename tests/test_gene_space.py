@@ -111,3 +111,18 @@ def test_bad_gene_space(toy_tl, kwargs, error, match):
     with pytest.raises(error, match=match):
         bt.tl.fit(spots, cells=cells, **{**TINY, **kwargs})
     assert spots.obsm.keys() == before.obsm.keys() and spots.obs.equals(before.obs)
+
+
+def test_transfer_gives_new_genes_rows_of_the_gene_space(toy_tl):
+    spots, cells = toy_tl
+    genes = list(map(str, spots.var_names))
+    model = bt.tl.fit(spots, cells=cells, genes=genes[:8], gene_rank=2, **TINY)
+    tuned = bt.tl.transfer(model, spots, "spot", cells=cells, genes=genes[4:], epochs=2)
+    basis = tuned.nets[0].gene_basis
+    new = [tuned.genes.index(g) for g in genes[8:]]
+    old = [tuned.genes.index(g) for g in genes[4:8]]
+    assert basis.shape == (len(genes) - 4, 2)
+    assert torch.equal(basis[old], model.nets[0].gene_basis[4:8])  # carried by symbol
+    assert (basis[new].abs().sum(1) > 0).all()  # fitted from the target data, not left at 0
+    bt.tl.predict(tuned, spots, cells=cells, coverage="spots")
+    assert np.isfinite(spots.obsm["bitro_predicted"].to_numpy()).all()

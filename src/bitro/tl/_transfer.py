@@ -244,6 +244,8 @@ def transfer(
     nets = []
     for k, src in enumerate(model.nets):
         net = carry_genes(merged_net(src).cpu(), source_genes, genes, seed=seed + k, **update)
+        if hasattr(net, "fill_gene_basis"):  # a gene space (gene_rank): new genes get rows in it from the targets
+            net.fill_gene_basis(torch.as_tensor(yz, dtype=torch.float32), new_rows)
         if method == "lora":
             check_lora_targets(net, lora["target_modules"])
             inject(net, lora, seed=seed + k)

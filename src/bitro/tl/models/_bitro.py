@@ -241,6 +241,21 @@ class BitroNet(CellBagNetwork):
         basis = vh[:r].T.to(self.gene_basis.dtype)
         self.gene_basis.copy_(basis * math.sqrt(basis.shape[0]))
 
+    def fill_gene_basis(self, target: torch.Tensor, new_rows: torch.Tensor) -> None:
+        """Give genes new to the network (``new_rows``; their basis rows are 0) rows of the gene basis.
+
+        For :func:`bitro.tl.transfer` to new genes: the bags' scores in the gene space are fitted from the genes it
+        has (least squares on ``target``, the z-scored targets ``(n_bags, n_genes)``), then each new gene's row from
+        those scores, so new genes live in the same gene space as the others.
+        """
+        if not hasattr(self, "gene_basis") or not bool(new_rows.any()) or bool(new_rows.all()):
+            return
+        basis, old = self.gene_basis, ~new_rows
+        scores = torch.linalg.lstsq(basis[old].double(), target[:, old].T.double()).solution.T  # (n_bags, rank)
+        rows = torch.linalg.lstsq(scores, target[:, new_rows].double()).solution.T  # (n_new, rank)
+        with torch.no_grad():
+            basis[new_rows] = rows.to(basis.dtype)
+
     def __getattr__(self, name: str) -> Any:
         if name in ("gene_queries", "gene_weight") and "gene_basis" in self._buffers:
             rank = "rank_queries" if name == "gene_queries" else "rank_weight"
