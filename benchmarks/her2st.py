@@ -173,7 +173,7 @@ def build_embeddings(section: str) -> Path:
     grid2 = EMBED_PATCHES["grid"] ** 2
     tokens = np.asarray(patches.obsm[Key.PATCHES], dtype=np.float32)
     features = tokens.reshape(-1, grid2, tokens.shape[1]).mean(axis=1)
-    spot_id = patches.obs[Key.SPOT_ID].astype(str).to_numpy()[::grid2]
+    spot_id = np.asarray(patches.obs[Key.SPOT_ID].astype(str).to_numpy()[::grid2], dtype=str)
     CACHE.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(file, features=features.astype(np.float32), spot_id=spot_id)
     print(f"embedded {section}: {len(spot_id)} spots in {time.perf_counter() - t:.0f} s", flush=True)

@@ -109,6 +109,10 @@ def test_add_baselines_caps_the_components():
     del no_color.obsm[Key.COLOR_STATS]
     bt.tl.add_baselines(train, no_color, genes=["G0"], scale="cp10k")
     assert BASELINE_RRR not in no_color.obsm and Key.BASELINE_RIDGE not in no_color.obsm
+    # two training spots in two sections leave no variation within sections: no rrr row, the others as before
+    two, held = _low_rank(3, n_genes=4)
+    bt.tl.add_baselines(two[[0, 30]].copy(), held, genes=["G0"], scale="cp10k")
+    assert Key.BASELINE_RIDGE in held.obsm and BASELINE_RRR not in held.obsm
 
 
 def _bad_cases():

@@ -223,10 +223,11 @@ def _rrr_inputs(
     n_components: int,
     library_key: str | None,
     cap: bool,
-) -> dict:
+) -> dict | None:
     """Check every input of the reduced-rank ridge (one-sentence errors, nothing computed yet); what it needs.
 
-    ``cap``: use at most the components available instead of raising (as :func:`add_baselines` does).
+    ``cap``: use at most the components available instead of raising, and return None when the basis data give
+    none (as :func:`add_baselines` does: the row is left out).
     """
     from bitro._checks import check_int
 
@@ -267,6 +268,8 @@ def _rrr_inputs(
                 raise ValueError(msg)
         n_rows, n_groups, source = reference.n_obs, len(np.unique(ref_groups)), "the reference"
     available = min(n_rows - n_groups, len(shared))
+    if available < 1 and cap:
+        return None
     if available < 1:
         msg = (
             f"{source[0].upper()}{source[1:]} cannot give a gene basis: {n_rows} rows in {n_groups} section(s) "
@@ -479,7 +482,8 @@ def add_baselines(
       of rows x ``genes`` (as :func:`bitro.tl.predict` writes its predictions).
     - ``.obsm["bitro_baseline_ridge"]``: the ridge baseline's predictions, likewise; only when
       both ``train`` and ``test`` have ``.obsm["bitro_color"]``.
-    - ``.obsm["bitro_baseline_rrr"]``: the reduced-rank ridge's predictions, likewise, under the same condition.
+    - ``.obsm["bitro_baseline_rrr"]``: the reduced-rank ridge's predictions, likewise, under the same condition
+      and when the basis data give a component (more rows than sections).
 
     Examples
     --------
@@ -525,8 +529,10 @@ def add_baselines(
 
     train_y = observed_on_scale(train, np.arange(train.n_obs), train.var_names.get_indexer(genes), scale)
     preds = {Key.BASELINE_MEAN: np.broadcast_to(train_y.mean(0), (test.n_obs, len(genes)))}
+    if ridge:
+        x_train, x_test = np.asarray(train.obsm[Key.COLOR_STATS]), np.asarray(test.obsm[Key.COLOR_STATS])
+        preds[Key.BASELINE_RIDGE] = ridge_predict(x_train, train_y, x_test)
     if rrr is not None:
-        preds[Key.BASELINE_RIDGE] = ridge_predict(rrr["x_train"], train_y, rrr["x_test"])
         preds[BASELINE_RRR] = _rrr_predict(train_y, genes, scale, reference, rrr)
     for key, pred in preds.items():
         test.obsm[key] = pd.DataFrame(np.asarray(pred, dtype=np.float32), index=test.obs_names, columns=genes)
