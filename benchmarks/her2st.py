@@ -64,10 +64,19 @@ ENCODERS = ("handcrafted", "efficientnet")
 N_COMPONENTS = 10
 #: The multi-scale spot embeddings of the ``rrr effnet`` row: EfficientNet-Lite0 of 150, 300 and 600 um fields.
 EMBED_PATCHES = {"size_um": 150.0, "patch_px": 224, "scales": 3, "fov": "growing", "grid": 7, "encoder": "efficientnet"}
-#: The patch table of the patch models (``MODELS``): M2ORT's 224 px patches of ~112 um, 3 scales, 7 x 7 pixel tokens.
-MODEL_PATCHES = {"size_um": 112.0, "patch_px": 224, "scales": 3, "fov": "same", "grid": 7, "encoder": None}
-#: Rows of registered predictors (``--models``): name -> keyword arguments of ``bt.tl.fit``.
-MODELS = {"m2ort": {"model": "m2ort"}, "cmrcnet": {"model": "cmrcnet"}}
+#: The patch tables of the patch models (``MODELS``): M2ORT's 224 px patches of ~112 um (about 154 um at HER2ST's
+#: 0.69 um/px native 224 px), 3 scales, 7 x 7 tokens, as pixels or as frozen EfficientNet-Lite0 tokens.
+PATCH_TABLES = {
+    "pixels": {"size_um": 112.0, "patch_px": 224, "scales": 3, "fov": "same", "grid": 7, "encoder": None},
+    "effnet": {"size_um": 112.0, "patch_px": 224, "scales": 3, "fov": "same", "grid": 7, "encoder": "efficientnet"},
+}
+#: Rows of registered predictors (``--models``): name -> (patch table, keyword arguments of ``bt.tl.fit``).
+#: CMRCNet's from-scratch ViT does not train on 2 cores (SEED_SYSTEMS.md §2.6): it reads frozen EfficientNet tokens.
+MODELS = {
+    "m2ort": ("pixels", {"model": "m2ort"}),
+    "m2ort effnet": ("effnet", {"model": "m2ort"}),
+    "cmrcnet": ("effnet", {"model": "cmrcnet"}),
+}
 ABLATIONS = {
     "bitro": {},
     "no GAT": {"gat_layers": 0},
@@ -79,6 +88,12 @@ ABLATIONS = {
     "no centring": {"center_samples": False},
     "no bag size": {"bag_size": False},
     "paper": {"readout": "shared", "context_radius": 0.0, "center_samples": False, "bag_size": False},
+    # the gene space (gene_rank; 10 by default): free gene rows, other ranks, the atlas's axes instead of the
+    # training targets' ("atlas": the atlas without the held-out section's patient, as for the rrr rows)
+    "free gene rows": {"gene_rank": 0},
+    "gene rank 10": {"gene_rank": 10},
+    "gene rank 20": {"gene_rank": 20},
+    "atlas gene space": {"gene_reference": "atlas"},
 }
 
 
@@ -259,7 +274,7 @@ def trained_rows(args: argparse.Namespace) -> dict[str, dict]:
     extra = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.set)}
     model_extra = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.model_set)}
     rows = {name: {**ABLATIONS[name], **extra} for name in args.configs}
-    rows.update({name: {**MODELS[name], **model_extra} for name in args.models})
+    rows.update({name: {**MODELS[name][1], **model_extra} for name in args.models})
     return rows
 
 
@@ -319,9 +334,10 @@ def run_fold(held: str, args: argparse.Namespace) -> list[tuple]:
     atlas = load_atlas(genes)
     reference = atlas[(atlas.obs["patient"].astype(str) != patient(held)).to_numpy()].copy()
     fold_cells = fold_features(cells, cells.obs[Key.SAMPLE].astype(str).to_numpy() != held) if need_cells else None
-    patches = None
-    if any(reads_patches(kw) for kw in rows_to_fit.values()):
-        patches = bt.pp.spot_patches(sdata, key_added="model_patches", **MODEL_PATCHES)
+    patches = {
+        kind: bt.pp.spot_patches(sdata, key_added=f"patches_{kind}", **PATCH_TABLES[kind])
+        for kind in dict.fromkeys(MODELS[name][0] for name in args.models)
+    }
     rows = []
     for scale in args.scales:
         truth = to_scale(counts, scale, spots.var_names.get_indexer(genes))[test]
@@ -330,7 +346,9 @@ def run_fold(held: str, args: argparse.Namespace) -> list[tuple]:
         for name, kwargs in rows_to_fit.items():
             if scale != "cp10k" and name in ABLATIONS and name != "bitro" and not args.full:
                 continue
-            table = patches if reads_patches(kwargs) else fold_cells
+            table = patches[MODELS[name][0]] if reads_patches(kwargs) else fold_cells
+            if kwargs.get("gene_reference") == "atlas":
+                kwargs = {**kwargs, "gene_reference": reference}
             t = time.perf_counter()
             model = bt.tl.fit(spots[~test].copy(), cells=table, genes=genes, scale=scale, **kwargs)
             fit_s[name] = time.perf_counter() - t

@@ -91,7 +91,7 @@ def test_reference_targets_centre_each_section(toy_tl):
     ("kwargs", "error", "match"),
     [
         ({"gene_reference": "atlas", "gene_rank": 2}, TypeError, "must be an AnnData"),
-        ({"gene_reference": "REF"}, ValueError, "option, which is off"),
+        ({"gene_reference": "REF", "gene_rank": 0}, ValueError, "option, which is off"),
         ({"gene_reference": "FEW", "gene_rank": 2}, ValueError, "measures 1 of the model's"),
         ({"gene_reference": "NOSAMPLE", "gene_rank": 2}, ValueError, "sections in `.obs"),
         ({"gene_rank": -1}, ValueError, "gene_rank"),

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 
 import bitro as bt
 from bitro._constants import Key
-from bitro.tl._baselines import BASELINE_RRR, ridge_predict
+from bitro.tl._baselines import ridge_predict
 from bitro.tl._metrics import pcc_gene
 from bitro.tl._targets import to_scale
 
@@ -50,7 +50,7 @@ def test_beats_plain_ridge_on_low_rank_data():
         bt.tl.add_baselines(train, test, genes=genes, scale="log1p", n_components=3)
         truth = np.log1p(test.X.toarray())
         ridge = pcc_gene(test.obsm[Key.BASELINE_RIDGE].to_numpy(), truth)
-        rrr = pcc_gene(test.obsm[BASELINE_RRR].to_numpy(), truth)
+        rrr = pcc_gene(test.obsm[Key.BASELINE_RRR].to_numpy(), truth)
         margins.append(rrr - ridge)
     # measured: +0.066, +0.086, +0.096, +0.073 (PCC_gene about 0.50-0.58 for ridge)
     assert min(margins) > 0.03 and np.mean(margins) > 0.05, margins
@@ -104,15 +104,15 @@ def test_add_baselines_caps_the_components():
     """add_baselines fits the rrr row whenever the color statistics are there, with fewer components if need be."""
     train, test = _low_rank(3, n_genes=4)
     bt.tl.add_baselines(train, test, genes=["G0", "G1"], scale="cp10k")  # n_components=10 > 2 genes
-    assert np.isfinite(test.obsm[BASELINE_RRR].to_numpy()).all()
+    assert np.isfinite(test.obsm[Key.BASELINE_RRR].to_numpy()).all()
     _, no_color = _low_rank(3, n_genes=4)
     del no_color.obsm[Key.COLOR_STATS]
     bt.tl.add_baselines(train, no_color, genes=["G0"], scale="cp10k")
-    assert BASELINE_RRR not in no_color.obsm and Key.BASELINE_RIDGE not in no_color.obsm
+    assert Key.BASELINE_RRR not in no_color.obsm and Key.BASELINE_RIDGE not in no_color.obsm
     # two training spots in two sections leave no variation within sections: no rrr row, the others as before
     two, held = _low_rank(3, n_genes=4)
     bt.tl.add_baselines(two[[0, 30]].copy(), held, genes=["G0"], scale="cp10k")
-    assert Key.BASELINE_RIDGE in held.obsm and BASELINE_RRR not in held.obsm
+    assert Key.BASELINE_RIDGE in held.obsm and Key.BASELINE_RRR not in held.obsm
 
 
 def _bad_cases():
@@ -179,7 +179,7 @@ def test_bad_input(change, error, match):
         bt.tl.reduced_rank_ridge(train, test, **kwargs)
     # nothing of the user's was modified
     assert set(test.obsm) == set(test_before.obsm) and set(train.obsm) == set(train_before.obsm)
-    assert BASELINE_RRR not in test.obsm
+    assert Key.BASELINE_RRR not in test.obsm
 
 
 def test_bad_tables():
@@ -204,7 +204,7 @@ def test_bad_tables():
     ref.obs[Key.SAMPLE] = "T"
     with pytest.raises(ValueError, match="holds the test section"):
         bt.tl.add_baselines(train, test, genes=genes, scale="cp10k", reference=ref)
-    assert Key.BASELINE_MEAN not in test.obsm and BASELINE_RRR not in test.obsm
+    assert Key.BASELINE_MEAN not in test.obsm and Key.BASELINE_RRR not in test.obsm
 
 
 # -- the atlas loader --------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 # gat_layers=1: the paper's network, so LoRA is checked on a model with a GAT layer too
 TINY = {"dim": 16, "heads": 2, "ff_dim": 32, "max_context": 16, "context_radius": 60.0, "batch_size": 8, "n_members": 1, "gat_layers": 1}
-GENE_PARAMS = pytest.importorskip("bitro.tl.models._bitro").BitroNet.gene_params
+#: The per-gene rows of a BiTro network without a gene space (``gene_rank=0``; see tests/test_gene_space.py for one).
+GENE_PARAMS = tuple(p for p in pytest.importorskip("bitro.tl.models._bitro").BitroNet.gene_params if p != "gene_basis")
 
 
 def _with_array(spots):
@@ -31,12 +32,14 @@ def toy(_toy_tl_cache):
 
 @pytest.fixture(scope="module")
 def bulk_model(toy):
-    """A tiny bulk model (pseudo-bulk blocks + sections), no dropout so train-mode outputs are deterministic."""
+    """A tiny bulk model (pseudo-bulk blocks + sections), no dropout so train-mode outputs are deterministic.
+
+    One free row per gene (``gene_rank=0``), whose carrying over by symbol these tests follow row by row.
+    """
     spots, cells = toy
     bulk = bt.tl.pseudobulk(spots, block_size=2)
-    return bt.tl.fit(
-        bulk, target="bulk", cells=cells.copy(), epochs=2, dropout=0.0, genes=[f"G{g}" for g in range(8)], **TINY
-    )
+    genes = [f"G{g}" for g in range(8)]
+    return bt.tl.fit(bulk, target="bulk", cells=cells.copy(), epochs=2, dropout=0.0, genes=genes, gene_rank=0, **TINY)
 
 
 def _transfer(model, toy, **kw):

@@ -88,6 +88,7 @@ class Key:
     COLOR_STATS: Final = "bitro_color"
     BASELINE_MEAN: Final = "bitro_baseline_mean"
     BASELINE_RIDGE: Final = "bitro_baseline_ridge"
+    BASELINE_RRR: Final = "bitro_baseline_rrr"
 
     # --- .obsp (as squidpy writes them with key_added="spatial") ---------------------------
     GRAPH: Final = "spatial"

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 #: Colourbar labels of the target scales.
-SCALE_LABELS = {"cp10k": "log1p CP10k", "log1p": "log1p counts"}
+SCALE_LABELS = {"cp10k": "log1p CP10k", "log1p": "log1p counts", "hist2st": "log1p CP10k of the predicted genes"}
 
 
 def _predicted_cells(sdata: SpatialData | None, gene: str, sample: str | None, cells_key: str):
@@ -91,7 +91,7 @@ def expression(
         Add a panel with the predicted cell expression of the table ``cells_key`` (written by
         :func:`bitro.tl.predict`) as points, highest values drawn on top.
     scale
-        Scale of the predictions, ``"cp10k"`` or ``"log1p"``; by default the one recorded by
+        Scale of the predictions, ``"cp10k"``, ``"log1p"`` or ``"hist2st"``; by default the one recorded by
         :func:`bitro.tl.predict`.
     table_key
         Spot table of a SpatialData.
@@ -159,7 +159,7 @@ def expression(
     has = np.isfinite(predicted)
     panels = [("predicted", t.xy[has], radius[has], predicted[has])]
     if observed_too:
-        panels.insert(0, ("observed", t.xy, radius, observed_on_scale(adata, t.rows, np.array([g]), scale)[:, 0]))
+        panels.insert(0, ("observed", t.xy, radius, observed_on_scale(adata, t.rows, np.array([g]), scale, library=cols)[:, 0]))
     for ax, (what, xy, r, values) in zip(axs, panels, strict=False):
         draw_tissue(ax, t, box, image_size=image_size)
         coll = draw_spots(ax, xy, r, values, cmap=cmap, alpha=alpha, linewidths=0)

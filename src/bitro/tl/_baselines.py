@@ -30,8 +30,6 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-#: ``.obsm`` key of the reduced-rank ridge's predictions (not yet a constant of ``bitro.Key``).
-BASELINE_RRR = "bitro_baseline_rrr"
 #: The ridge penalties tried by internal (leave-one-out) cross-validation.
 RIDGE_ALPHAS = np.logspace(-1, 4, 11)
 
@@ -329,7 +327,7 @@ def reduced_rank_ridge(
     reference: AnnData | None = None,
     n_components: int = 10,
     library_key: str | None = Key.SAMPLE,
-    key_added: str = BASELINE_RRR,
+    key_added: str = Key.BASELINE_RRR,
 ) -> pd.DataFrame:
     """Predict ``test`` with a reduced-rank ridge regression from image features, fitted on ``train``.
 
@@ -533,6 +531,6 @@ def add_baselines(
         x_train, x_test = np.asarray(train.obsm[Key.COLOR_STATS]), np.asarray(test.obsm[Key.COLOR_STATS])
         preds[Key.BASELINE_RIDGE] = ridge_predict(x_train, train_y, x_test)
     if rrr is not None:
-        preds[BASELINE_RRR] = _rrr_predict(train_y, genes, scale, reference, rrr)
+        preds[Key.BASELINE_RRR] = _rrr_predict(train_y, genes, scale, reference, rrr)
     for key, pred in preds.items():
         test.obsm[key] = pd.DataFrame(np.asarray(pred, dtype=np.float32), index=test.obs_names, columns=genes)

@@ -48,7 +48,7 @@ class ModelConfig:
     target
         ``"spot"`` or ``"bulk"``.
     scale
-        Target scale, ``"cp10k"`` or ``"log1p"``.
+        Target scale, ``"cp10k"``, ``"log1p"`` or ``"hist2st"``.
     genes
         The genes predicted, in output order.
     zscore_mean, zscore_std

@@ -88,7 +88,7 @@ def cross_validate(
     genes
         Genes to predict (default: chosen by :func:`bitro.tl.fit` on the training groups of each fold).
     scale
-        Target scale, ``"cp10k"`` or ``"log1p"``.
+        Target scale, ``"cp10k"``, ``"log1p"`` or ``"hist2st"``.
     baselines
         Also score the training-mean profile and the ridge baseline.
     refit_features

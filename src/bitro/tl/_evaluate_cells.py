@@ -68,7 +68,7 @@ def evaluate_cells(
         The cells' measured expression: raw counts (or expected counts) in ``.X``, cells matched to ``predicted``
         by ``obs_names``. Brought to the predictions' scale with the library size over all its genes.
     scale
-        ``"cp10k"`` or ``"log1p"``; by default the scale recorded by :func:`bitro.tl.predict`.
+        ``"cp10k"``, ``"log1p"`` or ``"hist2st"``; by default the scale recorded by :func:`bitro.tl.predict`.
     library_key
         Column of ``predicted.obs`` scored separately (``None``: all cells together).
     spot_key

@@ -75,7 +75,7 @@ def fit(
     phenotype_key: str = Key.PHENOTYPE,
     genes: list[str] | None = None,
     n_top_genes: int = 250,
-    scale: Literal["cp10k", "log1p"] = "cp10k",
+    scale: Literal["cp10k", "log1p", "hist2st"] = "cp10k",
     center_samples: bool | None = None,
     validation: Literal["sample"] | float | None = "sample",
     context_radius: float = 150.0,
@@ -139,7 +139,8 @@ def fit(
     n_top_genes
         Number of genes when ``genes`` is not given.
     scale
-        Target scale: ``"cp10k"`` (log1p of counts per 10,000) or ``"log1p"`` (log1p of raw counts).
+        Target scale: ``"cp10k"`` (log1p of counts per 10,000), ``"log1p"`` (log1p of raw counts) or ``"hist2st"``
+        (log1p of counts per 10,000 of the predicted genes only, as Hist2ST normalises).
         Targets are z-scored per gene with statistics of the training rows, stored with the model.
     center_samples
         Center each training sample's rows on the overall mean profile before the z-scores, so the model

@@ -102,7 +102,7 @@ class BitroModel:
 
     @property
     def scale(self) -> str:
-        """Target scale: ``"cp10k"`` or ``"log1p"``."""
+        """Target scale: ``"cp10k"``, ``"log1p"`` or ``"hist2st"``."""
         return self.config.scale
 
     def __repr__(self) -> str:
