@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from bitro._constants import Key
 from bitro._logging import logger
 from bitro._settings import settings
-from bitro.datasets._her2st import CITATION
+from bitro.datasets._her2st import CITATION, choose_sections
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -122,18 +122,7 @@ def her2st_atlas(samples: Sequence[str] | str | None = None, *, path: str | Path
     if not found:
         msg = f"No section in {str(counts_dir)!r}: expected files '{{S}}.tsv.gz' (spots x genes)."
         raise FileNotFoundError(msg)
-    if samples is None:
-        samples = found
-    elif isinstance(samples, str):
-        samples = [samples]
-    samples = [str(s) for s in samples]
-    if len(set(samples)) < len(samples):
-        msg = f"`samples` lists a section more than once: {samples}."
-        raise ValueError(msg)
-    missing = [s for s in samples if s not in found]
-    if missing or not samples:
-        msg = f"Sections {missing or '[] (none asked for)'} not found in {str(counts_dir)!r}; available: {found}."
-        raise KeyError(msg)
+    samples = choose_sections(samples, found, counts_dir)
 
     parts = [_read_section(folder, s) for s in tqdm(samples, desc="HER2ST atlas", disable=not settings.progress)]
     atlas = ad.concat(parts, join="outer", fill_value=0.0)

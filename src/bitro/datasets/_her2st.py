@@ -38,6 +38,20 @@ def _data_dir(path: str | Path | None) -> Path:
     return Path(settings.data_dir) if settings.data_dir is not None else BUNDLED_DIR
 
 
+def choose_sections(samples: Sequence[str] | str | None, found: list[str], folder: Path) -> list[str]:
+    """The sections asked for (all of ``found`` by default), each once and each in ``found`` (else one sentence)."""
+    samples = found if samples is None else [samples] if isinstance(samples, str) else list(samples)
+    samples = [str(s) for s in samples]
+    if len(set(samples)) < len(samples):
+        msg = f"`samples` lists a section more than once: {samples}."
+        raise ValueError(msg)
+    missing = [s for s in samples if s not in found]
+    if missing or not samples:
+        msg = f"Sections {missing or '[] (none asked for)'} not found in {str(folder)!r}; available: {found}."
+        raise KeyError(msg)
+    return samples
+
+
 def available_sections(folder: Path) -> list[str]:
     """Section ids of every complete legacy ST section (counts, coordinates, image) in ``folder``, sorted."""
     from bitro.io._st import IMAGE_SUFFIXES
@@ -96,18 +110,7 @@ def her2st(samples: Sequence[str] | str | None = None, *, path: str | Path | Non
             "side by side."
         )
         raise FileNotFoundError(msg)
-    if samples is None:
-        samples = found
-    elif isinstance(samples, str):
-        samples = [samples]
-    samples = list(samples)
-    if len(set(samples)) < len(samples):
-        msg = f"`samples` lists a section more than once: {samples}."
-        raise ValueError(msg)
-    missing = [s for s in samples if s not in found]
-    if missing or not samples:
-        msg = f"Sections {missing or '[] (none asked for)'} not found in {str(folder)!r}; available: {found}."
-        raise KeyError(msg)
+    samples = choose_sections(samples, found, folder)
 
     images, shapes, adatas, params = {}, {}, [], {}
     for s in tqdm(samples, desc="HER2ST sections", disable=not settings.progress):
