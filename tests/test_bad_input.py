@@ -91,10 +91,24 @@ for _id, _kw, _exc, _words in [
     ("fit_target_cell", {"target": "cell"}, ValueError, ("target='cell'", "not supported")),
     ("fit_scale_unknown", {"scale": "log2"}, ValueError, ("scale='log2'",)),
     ("fit_validation_out_of_range", {"validation": 1.5}, ValueError, ("validation=1.5",)),
+    ("fit_model_unknown", {"model": "hist2st"}, ValueError, ("model='hist2st'", "'bitro', 'cmrcnet', 'm2ort'")),
+    ("fit_option_of_another_model", {"qkv": "per_level"}, TypeError, ("'qkv' is an option of model='m2ort'",)),
 ]:
     case(_id, "fit", f"`fit({', '.join(f'{k}={v!r}' for k, v in _kw.items())})`", _exc, *_words)(
         lambda ctx, kw=_kw: fit(ctx, **kw)
     )
+
+
+@case(
+    "fit_patch_model_on_cells",
+    "fit",
+    "a patch model (`model='m2ort'`) given the cell table",
+    ValueError,
+    "reads spot patches",
+    "bt.pp.spot_patches",
+)
+def _(ctx):
+    return bt.tl.fit(ctx.spots, cells=ctx.cells, model="m2ort", use_rep="X_bitro", epochs=2)
 
 
 # -- bt.tl.fit: tables --------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from anndata import AnnData
 from bitro._checks import check_bool, check_int, check_names, check_number
 from bitro._constants import Key
 from bitro._deprecate import renamed_args
+from bitro._features import PATCH_LAYOUT, record_of
 from bitro._logging import logger
 from bitro._utils import resolve_device
 from bitro.tl._config import TARGETS
@@ -252,6 +253,12 @@ def fit(
     if genes is not None:
         genes = check_names("genes", genes)
     table, cells = resolve_tables(data, target, cells=cells, table_key=table_key, cells_key=cells_key)
+    if patches and (record_of(cells) or {}).get(PATCH_LAYOUT) is None:
+        msg = (
+            f"model={spec.name!r} reads spot patches, but the table given as its input is not a patch table (a cell "
+            "table?): run `bt.pp.spot_patches(sdata)` and train on the table it writes (`cells=sdata['patches']`)."
+        )
+        raise ValueError(msg)
     counts = check_table(table, target)
     cells_data = cell_data(
         cells,
