@@ -214,6 +214,14 @@ def fit(
         - ``bag_size`` (True): give the readout each bag's cell count (standardized log): attention pooling is a
           weighted mean and cannot see how many cells a spot holds, which drives its library size and composition.
         - ``cluster_weight`` (0.1): weight of the cluster loss (0 switches it off; then no phenotypes are needed).
+        - ``gene_rank`` (5): the gene queries and per-gene output weights are factored through a fixed basis of this
+          many gene programmes, the top principal axes of the training targets (or of ``gene_reference``), so genes
+          share strength; 0: one free row per gene. Measured (``docs/benchmarks.md``, "A gene space for BiTro"):
+          HER2ST leave-one-section-out PCC_gene 0.149 (rank 10: 0.145; 20: 0.140; with the atlas's axes, rank 10:
+          0.151) against 0.133 with free rows. ``rank_queries`` (True): factor the gene queries too.
+
+        M2ORT's and CMRCNet's options: :class:`bitro.tl.models.M2ORTArchitecture`,
+        :class:`bitro.tl.models.CMRCNetArchitecture`.
 
     Returns
     -------
