@@ -18,8 +18,10 @@ size over all genes; ``log1p``: log1p of raw counts; ``hist2st``: log1p of count
   swapped (no GAT, no Transformer, no context, the paper's shared readout, the per-gene readout of the pooled spot
   (attention shares for cells), cluster loss off, no per-sample centring of the targets, no bag-size term) and
   ``paper``: the paper's variant (shared readout, spot cells only, no centring, no bag size);
-- with ``--models m2ort cmrcnet``: registered predictors that read spot patches (``bt.pp.spot_patches``, M2ORT's
-  112 um / 224 px / 3 scales / 7 x 7 tokens of pixels), trained beside BiTro on every scale.
+- with ``--models m2ort "m2ort effnet" cmrcnet``: registered predictors that read spot patches
+  (``bt.pp.spot_patches``: 112 um / 224 px / 3 scales / 7 x 7 tokens, of pixels or of frozen EfficientNet-Lite0
+  tokens, ``PATCH_TABLES``), trained beside BiTro on every scale;
+- the gene space of BiTro (``--configs "free gene rows" "gene rank 10" "gene rank 20" "atlas gene space"``).
 
 Every trained row is a name and the keyword arguments of ``bt.tl.fit`` (``ABLATIONS``, ``MODELS``); a model whose
 input table is the patch table gets the patch table as ``cells=``, the others the cell table.
@@ -42,6 +44,8 @@ cell features are cached in ``benchmarks/_cache/`` (first run: about 30 min on 2
     python benchmarks/her2st.py --ablations --set n_members=1   # every ablation row on cp10k (single models)
     python benchmarks/her2st.py --quick --configs bitro "no context" --held-out C2   # one fold, two rows
     python benchmarks/her2st.py --quick --configs --models m2ort cmrcnet --model-set epochs=3 --held-out C3
+    python benchmarks/her2st.py --configs bitro "free gene rows" "atlas gene space" \
+        --models m2ort "m2ort effnet" cmrcnet --model-set n_members=1 epochs=30 --threads 1 --jobs 2  # 2378 s
 """
 
 from __future__ import annotations
