@@ -165,6 +165,10 @@ def predict(
       annotating the spot circles) and the cell expression table as ``sdata[cells_key_added]``. A bulk model
       writes its slide predictions as ``sdata[spots_key_added]`` too (one row per slide, annotating nothing).
 
+    A patch model returns the spot predictions instead (spots x genes, as ``sdata[spots_key_added]``), writes
+    ``.obsm[key_added]`` and ``.obs["predicted_from"]`` (``"patch"``, or ``"none"`` for a spot without tokens) on the
+    spot table (without one: the spots of the patch table), and predicts no cells.
+
     Examples
     --------
     >>> expr = bt.tl.predict(model, sdata)  # doctest: +SKIP
