@@ -118,3 +118,28 @@ def test_new_slide_patches_must_match_the_model(slides):
     other = bt.pp.spot_patches(new, **{**PATCHES, "fov": "growing"}, key_added="growing")
     with pytest.raises(ValueError, match="do not match the model's.*patch_layout"):
         bt.tl.predict(model, new["spots"], cells=other)
+
+
+def test_command_line_fit_and_predict_a_new_store(slides, tmp_path, capsys, her2st_dir):
+    """`bitro fit --predictor m2ort` then `bitro predict` on a store the model never saw, patches cut on the way."""
+    import spatialdata as sd
+
+    from bitro._cli import main
+
+    train, new = slides
+    train.write(tmp_path / "train.zarr")
+    fresh = sd.SpatialData(images=dict(new.images), shapes=dict(new.shapes), tables={"spots": new["spots"].copy()})
+    fresh.write(tmp_path / "new.zarr")  # no patch table: predict cuts it as the model's training patches were
+    opts = ["--predictor", "m2ort", "--epochs", "2"]
+    main(["fit", str(tmp_path / "train.zarr"), "--model", str(tmp_path / "m"), *opts])
+    model = bt.tl.load_model(tmp_path / "m")
+    assert model.config.model == "m2ort" and model.config.features["patch_layout"]["patch_px"] == PATCHES["patch_px"]
+    main(["predict", str(tmp_path / "new.zarr"), "--model", str(tmp_path / "m"), "--out", str(tmp_path / "pred.zarr")])
+    assert f"for {new['spots'].n_obs} spots" in capsys.readouterr().out
+    pred = sd.read_zarr(tmp_path / "pred.zarr")
+    assert pred["bitro_spots"].shape == (new["spots"].n_obs, len(model.genes))
+    assert pred["patches"].uns["bitro"]["spot_patches"]["patch_px"] == PATCHES["patch_px"]
+    with pytest.raises(SystemExit):  # an image file: a patch model needs spots to cut around
+        image = str(her2st_dir / "C3.jpg")
+        main(["predict", image, "--model", str(tmp_path / "m"), "--pixel-size", "0.6878", "--out", str(tmp_path / "x")])
+    assert "predicts spots from their image patches" in capsys.readouterr().err  # checked after the arguments

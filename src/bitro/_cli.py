@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("store", help="SpatialData zarr store with a cell table.")
     f.add_argument("--model", required=True, help="Folder to save the model to.")
     f.add_argument("--target", choices=["spot", "bulk"], default="spot")
+    f.add_argument(
+        "--predictor",
+        default="bitro",
+        help="Registered model to train: bitro (cells), m2ort or cmrcnet (spot patches, cut if the store has none).",
+    )
     f.add_argument("--samples", nargs="*", default=None, help="Train on these sections only.")
     f.add_argument("--genes", default=None, help="Text file with one gene symbol per line.")
     f.add_argument("--epochs", type=int, default=100)
@@ -174,8 +179,19 @@ def run(args: argparse.Namespace) -> None:
             adata = adata[adata.obs[Key.SAMPLE].isin(args.samples)].copy()
         genes = Path(args.genes).read_text().split() if args.genes else None
         lr = {} if args.lr is None else {"lr": args.lr}
+        from bitro.tl.models import get_model
+
+        input_table = get_model(args.predictor).architecture.input_table
+        if input_table == Key.PATCHES_TABLE and Key.PATCHES_TABLE not in sdata.tables:
+            bt.pp.spot_patches(sdata)  # M2ORT's 224-px patches, 3 scales of one field of view
         model = bt.tl.fit(
-            adata, target=args.target, cells=sdata[Key.CELLS_TABLE], genes=genes, epochs=args.epochs, **lr
+            adata,
+            target=args.target,
+            model=args.predictor,
+            cells=sdata[input_table],
+            genes=genes,
+            epochs=args.epochs,
+            **lr,
         )
         stain = _pipeline.stain_reference_record(sdata)
         if stain is not None:  # `bitro cells --reference` / `bitro predict` normalise new slides to it
@@ -186,12 +202,14 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    """``bitro predict``: an image file through the whole pipeline, or a store with a cell table."""
+    """``bitro predict``: an image file through the whole pipeline, or a store with a cell table (or spots)."""
     import bitro as bt
     from bitro import _pipeline
+    from bitro._constants import Key
 
     source = Path(args.input)
-    if source.is_dir():  # a SpatialData zarr store with a cell table
+    patches = False
+    if source.is_dir():  # a SpatialData zarr store with a cell table (or, for a patch model, spots)
         if args.pixel_size is not None:
             msg = "--pixel-size is for image files; a SpatialData store records its pixel size already."
             raise ValueError(msg)
@@ -202,10 +220,13 @@ def _predict(args: argparse.Namespace) -> None:
             msg = f"{args.out!r} exists; pass --overwrite to replace it."
             raise FileExistsError(msg)
         model = bt.tl.load_model(args.model)
+        patches = _reads_patches(model)
         sdata = _read(args.input)
+        if patches and Key.PATCHES_TABLE not in sdata.tables:
+            bt.pp.spot_patches(sdata, **_patch_settings(model))  # cut as the model's training patches were
         expr = bt.tl.predict(model, sdata)
         bt.io.write_zarr(sdata, args.out, overwrite=args.overwrite)
-    else:
+    else:  # a patch model is refused there, after the arguments are checked
         expr = _pipeline.predict_slide(
             source,
             args.model,
@@ -215,7 +236,27 @@ def _predict(args: argparse.Namespace) -> None:
             genes=args.genes,
             n_jobs=args.n_jobs,
         )
-    sys.stdout.write(f"Predicted {expr.n_vars} genes for {expr.n_obs} cells -> {args.out}\n")
+    what = "spots" if patches else "cells"
+    sys.stdout.write(f"Predicted {expr.n_vars} genes for {expr.n_obs} {what} -> {args.out}\n")
+
+
+def _reads_patches(model) -> bool:
+    from bitro.tl._predict import _reads_patches as reads
+
+    return reads(model)
+
+
+def _patch_settings(model) -> dict:
+    """The ``bt.pp.spot_patches`` arguments that cut patches like a patch model's training patches."""
+    layout, features = model.config.features["patch_layout"], model.config.features
+    return {
+        "size_um": layout["token_um"] * layout["grid"],
+        "patch_px": layout["patch_px"],
+        "scales": layout["scales"],
+        "fov": layout["fov"],
+        "grid": layout["grid"],
+        "encoder": None if features["encoder"] == "pixels" else features["encoder"],
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:

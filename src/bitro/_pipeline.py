@@ -465,6 +465,12 @@ def predict_slide(
     if out is not None:
         check_output_dir(out, overwrite=overwrite)
     model = resolve_model(model)
+    if getattr(model.config.architecture, "input_table", Key.CELLS_TABLE) == Key.PATCHES_TABLE:
+        msg = (
+            f"model={model.config.model!r} predicts spots from their image patches, not the cells of a slide: cut "
+            "patches around spots (`bt.pp.spot_patches`) and use `bt.tl.predict` (or `bitro predict` on a store)."
+        )
+        raise ValueError(msg)
     shown = figure_genes(model, genes) if out is not None or genes is not None else []
 
     sdata = read_slide(path, pixel_size=pixel_size)
