@@ -26,12 +26,13 @@ PATCHES = {"size_um": 48.0, "patch_px": 56, "grid": 7, "scales": 3}
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory):
     """Two synthetic cohorts: one to train on, a new slide the models never saw; their patch tables."""
-    bt.settings.cache_dir = tmp_path_factory.mktemp("cache")
+    before, bt.settings.cache_dir = bt.settings.cache_dir, tmp_path_factory.mktemp("cache")
     train = bt.datasets.synthetic(n_samples=3, size=768, seed=0)
     new = bt.datasets.synthetic(n_samples=1, size=768, seed=5)
     for sdata in (train, new):
         bt.pp.spot_patches(sdata, **PATCHES)
-    return train, new
+    yield train, new
+    bt.settings.cache_dir = before
 
 
 @pytest.mark.parametrize("name", ["m2ort", "cmrcnet"])
