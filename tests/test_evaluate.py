@@ -170,3 +170,15 @@ def test_evaluate_results_survive_h5ad_round_trip(spots, tmp_path):
     back = ad.read_h5ad(tmp_path / "spots.h5ad")
     pd.testing.assert_frame_equal(back.uns[Key.EVALUATION]["summary"], table, check_dtype=False)
     np.testing.assert_allclose(back.var[f"{Key.EVALUATION}_pcc"], spots.var[f"{Key.EVALUATION}_pcc"])
+
+
+def test_js_divergence_of_equal_profiles_is_zero_not_nan():
+    from scipy.spatial.distance import jensenshannon
+
+    from bitro.tl._metrics import js_divergence
+
+    rng = np.random.default_rng(0)
+    p = rng.gamma(0.3, size=(50, 785))
+    assert js_divergence(p, p * (1 + 1e-15)) == pytest.approx(0.0, abs=1e-12)  # scipy's form gives NaN for some rows
+    q = rng.gamma(0.3, size=(50, 785))
+    assert js_divergence(p, q) == pytest.approx(np.mean(jensenshannon(p, q, axis=1, base=2) ** 2), rel=1e-9)
