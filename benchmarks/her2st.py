@@ -284,10 +284,9 @@ def trained_rows(args: argparse.Namespace) -> dict[str, dict]:
 
 def reads_patches(kwargs: dict) -> bool:
     """Whether the row's model reads the patch table (``bt.pp.spot_patches``) instead of the cell table."""
-    from bitro._constants import Key
     from bitro.tl.models import get_model
 
-    return getattr(get_model(kwargs.get("model", "bitro")).architecture, "input_table", None) == Key.PATCHES_TABLE
+    return get_model(kwargs.get("model", "bitro")).reads_patches
 
 
 def baselines(spots, genes, test, scale, reference) -> tuple[dict, dict]:

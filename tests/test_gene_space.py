@@ -70,8 +70,7 @@ def test_gene_reference_spans_the_basis(toy_tl):
 
 
 def test_reference_targets_centre_each_section(toy_tl):
-    from bitro.tl._fit import reference_targets
-    from bitro.tl._targets import ZScore
+    from bitro.tl._targets import ZScore, reference_targets
 
     spots, _ = toy_tl
     reference = _reference(spots)

@@ -181,8 +181,9 @@ def run(args: argparse.Namespace) -> None:
         lr = {} if args.lr is None else {"lr": args.lr}
         from bitro.tl.models import get_model
 
-        input_table = get_model(args.predictor).architecture.input_table
-        if input_table == Key.PATCHES_TABLE and Key.PATCHES_TABLE not in sdata.tables:
+        spec = get_model(args.predictor)
+        input_table = spec.architecture.input_table
+        if spec.reads_patches and input_table not in sdata.tables:
             bt.pp.spot_patches(sdata)  # M2ORT's 224-px patches, 3 scales of one field of view
         model = bt.tl.fit(
             adata,
@@ -206,6 +207,7 @@ def _predict(args: argparse.Namespace) -> None:
     import bitro as bt
     from bitro import _pipeline
     from bitro._constants import Key
+    from bitro.tl._predict import reads_patches
 
     source = Path(args.input)
     patches = False
@@ -220,7 +222,7 @@ def _predict(args: argparse.Namespace) -> None:
             msg = f"{args.out!r} exists; pass --overwrite to replace it."
             raise FileExistsError(msg)
         model = bt.tl.load_model(args.model)
-        patches = _reads_patches(model)
+        patches = reads_patches(model)
         sdata = _read(args.input)
         if patches and Key.PATCHES_TABLE not in sdata.tables:
             bt.pp.spot_patches(sdata, **_patch_settings(model))  # cut as the model's training patches were
@@ -238,12 +240,6 @@ def _predict(args: argparse.Namespace) -> None:
         )
     what = "spots" if patches else "cells"
     sys.stdout.write(f"Predicted {expr.n_vars} genes for {expr.n_obs} {what} -> {args.out}\n")
-
-
-def _reads_patches(model) -> bool:
-    from bitro.tl._predict import _reads_patches as reads
-
-    return reads(model)
 
 
 def _patch_settings(model) -> dict:

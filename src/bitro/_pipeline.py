@@ -458,6 +458,7 @@ def predict_slide(
     >>> expr.to_df()["ERBB2"].describe()  # doctest: +SKIP
     """
     import bitro as bt
+    from bitro.tl._predict import reads_patches
 
     t0 = time.perf_counter()
     # everything that can be checked is checked before the slow work
@@ -465,7 +466,7 @@ def predict_slide(
     if out is not None:
         check_output_dir(out, overwrite=overwrite)
     model = resolve_model(model)
-    if getattr(model.config.architecture, "input_table", Key.CELLS_TABLE) == Key.PATCHES_TABLE:
+    if reads_patches(model):
         msg = (
             f"model={model.config.model!r} predicts spots from their image patches, not the cells of a slide: cut "
             "patches around spots (`bt.pp.spot_patches`) and use `bt.tl.predict` (or `bitro predict` on a store)."

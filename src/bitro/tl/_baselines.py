@@ -24,7 +24,7 @@ from bitro._constants import Key
 from bitro._deprecate import renamed_args
 from bitro._settings import settings
 from bitro._utils import check_key, image_offset, scale0
-from bitro.tl._targets import Scale, check_scale
+from bitro.tl._targets import Scale, center_within, check_scale
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -183,15 +183,6 @@ def _groups(table: AnnData, library_key: str | None, name: str) -> np.ndarray:
     return table.obs[library_key].astype(str).to_numpy()
 
 
-def _center(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """``values`` with each group's column means subtracted (every group centred on zero)."""
-    out = values.copy()
-    for g in np.unique(groups):
-        rows = groups == g
-        out[rows] -= values[rows].mean(axis=0)
-    return out
-
-
 def gene_basis(values: np.ndarray, groups: np.ndarray, n_components: int) -> np.ndarray:
     """The top ``n_components`` principal axes (rows, orthonormal) of ``values`` centred per group: components x genes.
 
@@ -200,7 +191,7 @@ def gene_basis(values: np.ndarray, groups: np.ndarray, n_components: int) -> np.
     """
     from scipy.linalg import eigh
 
-    centred = _center(values, groups)
+    centred = center_within(values, groups)
     n_genes = centred.shape[1]
     if centred.shape[0] > n_genes:  # the top eigenpairs only, largest first
         eigval, eigvec = eigh(centred.T @ centred, subset_by_index=[n_genes - n_components, n_genes - 1])
@@ -301,7 +292,7 @@ def _rrr_predict(
 
     k, shared = inputs["n_components"], inputs["shared"]
     mean = train_y.mean(axis=0)
-    centred = _center(train_y, inputs["train_groups"])
+    centred = center_within(train_y, inputs["train_groups"])
     pos = pd.Index(genes).get_indexer(shared)
     if reference is None:
         basis = gene_basis(train_y, inputs["train_groups"], k)

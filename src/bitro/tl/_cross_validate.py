@@ -126,7 +126,7 @@ def cross_validate(
 
     check_scale(scale)
     spec = get_model(fit_kwargs.get("model", DEFAULT_MODEL))
-    patch_model = spec.architecture.input_table == Key.PATCHES_TABLE
+    patch_model = spec.reads_patches
     if refit_features and patch_model:
         msg = f"refit_features=True refits cell features, but model={spec.name!r} reads spot patches; leave it unset."
         raise ValueError(msg)

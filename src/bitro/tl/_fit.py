@@ -239,14 +239,14 @@ def fit(
     from bitro.tl._bags import cell_data, feature_config, log_cell_count, make_bags, pooled_radius, resolve_tables
     from bitro.tl._config import BagSettings, ModelConfig
     from bitro.tl._persist import BitroModel, cell_reference
-    from bitro.tl._targets import check_table, training_targets
+    from bitro.tl._targets import check_table, reference_targets, training_targets
     from bitro.tl._train import TrainOptions, split, train_ensemble
 
     params["checkpoint_dir"] = None if checkpoint_dir is None else str(checkpoint_dir)
     _check_params(params)
     spec = get_model(model)
     probe = spec.architecture.for_data(n_features=1, n_genes=1, bag_sizes=[0.0], **model_options)  # fails now
-    patches = spec.architecture.input_table == Key.PATCHES_TABLE
+    patches = spec.reads_patches
     if patches and target != "spot":
         msg = f"model={spec.name!r} predicts spots from their image patches; train it with target='spot'."
         raise ValueError(msg)
@@ -335,9 +335,6 @@ def fit(
     return BitroModel(nets, config, histories, cell_reference(cells, phenotype_key))
 
 
-#: Least share of the model's genes a ``gene_reference`` must measure.
-MIN_REFERENCE_GENES = 0.5
-
 
 def _describe(reference: AnnData | None) -> dict[str, Any] | None:
     """What the saved config records of a ``gene_reference``: its size and sections."""
@@ -345,40 +342,3 @@ def _describe(reference: AnnData | None) -> dict[str, Any] | None:
         return None
     samples = sorted(map(str, reference.obs[Key.SAMPLE].unique()))
     return {"n_obs": int(reference.n_obs), "n_vars": int(reference.n_vars), "samples": samples}
-
-
-def reference_targets(reference: Any, genes: list[str], scale: str, zscore: Any):
-    """The ``gene_reference`` expression on the model's genes, scale and z-scores, each section centred.
-
-    Genes the reference lacks are 0 (no variation); raises when it measures under half of the genes.
-    """
-    import numpy as np
-    import pandas as pd
-
-    from bitro.tl._targets import ZScore, check_counts, dense, to_scale
-
-    if not isinstance(reference, AnnData):
-        msg = f"`gene_reference` must be an AnnData of raw counts (e.g. bt.datasets.her2st_atlas()), got {type(reference).__name__}."
-        raise TypeError(msg)
-    if Key.SAMPLE not in reference.obs or reference.n_obs < 2:
-        msg = f"`gene_reference` needs at least 2 rows and their sections in `.obs[{Key.SAMPLE!r}]`."
-        raise ValueError(msg)
-    cols = pd.Index(reference.var_names).get_indexer(genes)
-    found = cols >= 0
-    if found.mean() < MIN_REFERENCE_GENES:
-        msg = (
-            f"`gene_reference` measures {int(found.sum())} of the model's {len(genes)} genes (at least "
-            f"{MIN_REFERENCE_GENES:.0%} are needed); use a reference with the same gene symbols."
-        )
-        raise ValueError(msg)
-    x = reference.X
-    library = np.asarray(x.sum(axis=1)).reshape(-1, 1)
-    sub = dense(x[:, cols[found]])
-    check_counts(sub, "`gene_reference`")
-    rest = library - sub.sum(axis=1, keepdims=True)  # the other genes' counts: the library of "cp10k"
-    picked = np.arange(sub.shape[1])
-    values = np.zeros((reference.n_obs, len(genes)))
-    values[:, found] = to_scale(np.hstack([sub, rest]), scale, picked, library=picked)
-    samples = reference.obs[Key.SAMPLE].astype(str).to_numpy()
-    centred = ZScore.center_groups(values, samples) - values.mean(axis=0)
-    return (centred / zscore.std).astype(np.float32)

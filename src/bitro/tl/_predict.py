@@ -183,7 +183,7 @@ def predict(
     from bitro.tl._bags import bulk_bags, cell_data, check_cells_match_spots, check_features, spot_bags
     from bitro.tl.models._base import predict_ensemble
 
-    patch_model = _reads_patches(model)
+    patch_model = reads_patches(model)
     cells_key = cells_key or (Key.PATCHES_TABLE if patch_model else Key.CELLS_TABLE)
     sdata, table, cells = _resolve(model, data, cells, table_key, cells_key)
     if coverage not in ("tissue", "spots"):
@@ -231,12 +231,8 @@ def predict(
         rows, y = _write_rows(table, keep, y, genes, key_added)
         params = {"target": "spot", "scale": model.scale, "n_spots": int(keep.sum()), "n_genes": len(genes)}
         params["features"] = model.config.features["fingerprint"]
-        out = _predicted_table(y, rows.obs.copy(), rows.obsm.get(Key.SPATIAL), model, _table_attrs(rows))
-        out.uns[Key.UNS] = {Key.PREDICT: {Key.PREDICTIONS_IN_X: params}}
-        if Key.PIXEL_SIZE in cells.uns[Key.UNS]:
-            out.uns[Key.UNS][Key.PIXEL_SIZE] = dict(cells.uns[Key.UNS][Key.PIXEL_SIZE])
-        records = table.uns.setdefault(Key.UNS, {}).get(Key.PREDICT)
-        table.uns[Key.UNS][Key.PREDICT] = {**(records if isinstance(records, dict) else {}), key_added: params}
+        out = _spot_predictions(rows, y, model, params, cells)
+        _record_prediction(table, key_added, params)
         if sdata is not None:
             sdata.tables[spots_key_added] = out
         logger.info(f"Predicted {len(genes)} genes for {int(keep.sum())} spots from their patches ({model.config.model}).")
@@ -297,29 +293,38 @@ def predict(
     if (~covered).any():
         logger.info(f"{int((~covered).sum())} of {cells.n_obs} cells lie in no spot's bag and are left out.")
     if sdata is not None:
-        rows, y = spot_out
-        spot_table = _predicted_table(
-            y, rows.obs.copy(), rows.obsm[Key.SPATIAL] if Key.SPATIAL in rows.obsm else None, model, _table_attrs(rows)
-        )
-        spot_table.uns[Key.UNS] = {Key.PREDICT: in_x}
-        if Key.PIXEL_SIZE in cells.uns[Key.UNS]:
-            spot_table.uns[Key.UNS][Key.PIXEL_SIZE] = dict(cells.uns[Key.UNS][Key.PIXEL_SIZE])
-        sdata.tables[spots_key_added] = spot_table
+        sdata.tables[spots_key_added] = _spot_predictions(*spot_out, model, params, cells)
         sdata.tables[cells_key_added] = expr
     if table is not None and key_added in table.obsm:
-        records = table.uns.setdefault(Key.UNS, {}).get(Key.PREDICT)
-        if not isinstance(records, dict) or "scale" in records:  # none yet, or one record of bitro < 0.2
-            records = {}
-        table.uns[Key.UNS][Key.PREDICT] = {**records, key_added: params}
+        _record_prediction(table, key_added, params)
     logger.info(f"Predicted {len(genes)} genes for {int(covered.sum())} cells ({model.target} model).")
     release_memory()
     return expr
 
 
-def _reads_patches(model: Any) -> bool:
-    """Whether ``model`` reads a patch table (``bt.pp.spot_patches``) rather than cells."""
-    arch = getattr(getattr(model, "config", None), "architecture", None)
-    return getattr(arch, "input_table", Key.CELLS_TABLE) == Key.PATCHES_TABLE
+def _spot_predictions(rows: AnnData, y: np.ndarray, model: BitroModel, params: dict, cells: AnnData) -> AnnData:
+    """The table of spot (or slide) predictions written into a SpatialData, with its record and pixel sizes."""
+    out = _predicted_table(y, rows.obs.copy(), rows.obsm.get(Key.SPATIAL), model, _table_attrs(rows))
+    out.uns[Key.UNS] = {Key.PREDICT: {Key.PREDICTIONS_IN_X: params}}
+    if Key.PIXEL_SIZE in cells.uns[Key.UNS]:
+        out.uns[Key.UNS][Key.PIXEL_SIZE] = dict(cells.uns[Key.UNS][Key.PIXEL_SIZE])
+    return out
+
+
+def _record_prediction(table: AnnData, key_added: str, params: dict) -> None:
+    """Record on ``table`` where its predictions went (``.obsm[key_added]``) and on what scale, beside earlier ones."""
+    records = table.uns.setdefault(Key.UNS, {}).get(Key.PREDICT)
+    if not isinstance(records, dict) or "scale" in records:  # none yet, or one record of bitro < 0.2
+        records = {}
+    table.uns[Key.UNS][Key.PREDICT] = {**records, key_added: params}
+
+
+def reads_patches(model: Any) -> bool:
+    """Whether a trained ``model`` reads a patch table (``bt.pp.spot_patches``) rather than cells."""
+    from bitro.tl.models import MODELS
+
+    name = getattr(getattr(model, "config", None), "model", None)
+    return name in MODELS and MODELS[name].reads_patches
 
 
 def _spots_of_patches(patches: AnnData) -> AnnData:

@@ -233,3 +233,48 @@ def training_targets(
     values = to_scale(counts, scale, names.get_indexer(chosen))
     zscore, yz = standardize_targets(values, samples, center_samples=center)
     return chosen, zscore, yz
+
+
+def center_within(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """``values`` with each group's column means subtracted (every group centred on zero)."""
+    out = values.copy()
+    for g in np.unique(groups):
+        rows = groups == g
+        out[rows] -= values[rows].mean(axis=0)
+    return out
+
+
+#: Least share of the model's genes a ``gene_reference`` must measure.
+MIN_REFERENCE_GENES = 0.5
+
+
+def reference_targets(reference: Any, genes: Sequence[str], scale: str, zscore: ZScore) -> np.ndarray:
+    """The ``gene_reference`` of :func:`bitro.tl.fit` on the model's genes and scale, each section centred, z-scored.
+
+    Genes the reference lacks are 0 (no variation); raises when it measures under half of the genes.
+    """
+    import pandas as pd
+    from anndata import AnnData
+
+    from bitro._constants import Key
+    from bitro.tl._evaluate import observed_on_scale
+
+    if not isinstance(reference, AnnData):
+        msg = f"`gene_reference` must be an AnnData of raw counts (e.g. bt.datasets.her2st_atlas()), got {type(reference).__name__}."
+        raise TypeError(msg)
+    if Key.SAMPLE not in reference.obs or reference.n_obs < 2:
+        msg = f"`gene_reference` needs at least 2 rows and their sections in `.obs[{Key.SAMPLE!r}]`."
+        raise ValueError(msg)
+    cols = pd.Index(reference.var_names).get_indexer(list(genes))
+    found = cols >= 0
+    if found.mean() < MIN_REFERENCE_GENES:
+        msg = (
+            f"`gene_reference` measures {int(found.sum())} of the model's {len(genes)} genes (at least "
+            f"{MIN_REFERENCE_GENES:.0%} are needed); use a reference with the same gene symbols."
+        )
+        raise ValueError(msg)
+    values = np.zeros((reference.n_obs, len(genes)))
+    rows = np.arange(reference.n_obs)
+    values[:, found] = observed_on_scale(reference, rows, cols[found], scale, library=cols[found])
+    centred = center_within(values, reference.obs[Key.SAMPLE].astype(str).to_numpy())
+    return (centred / zscore.std).astype(np.float32)

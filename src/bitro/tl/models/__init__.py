@@ -39,6 +39,11 @@ class ModelSpec:
         """The dataclass of the network's hyper-parameters."""
         return self.network.architecture_class
 
+    @property
+    def reads_patches(self) -> bool:
+        """Whether the model reads the patch table of ``bt.pp.spot_patches`` (and predicts spots) instead of cells."""
+        return self.architecture.input_table == "patches"
+
 
 MODELS: dict[str, ModelSpec] = {}
 
