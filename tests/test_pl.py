@@ -85,9 +85,9 @@ def _spot_collection(ax):
 def test_expression_draws_observed_and_predicted(sdata):
     table = sdata.tables[Key.SPOTS_TABLE]
     axs = bt.pl.expression(sdata, "EPCAM")
-    assert [ax.get_title() for ax in axs] == ["EPCAM — observed", "EPCAM — predicted"]
     x = table.X
     observed = np.log1p(1e4 * x[:, 0] / x.sum(1))
+    assert [ax.get_title() for ax in axs] == ["EPCAM — observed", "EPCAM — predicted\nPearson r = 1.00 over 20 spots"]
     for ax, expected in zip(axs, [observed, table.obsm[Key.PREDICTED]["EPCAM"]], strict=True):
         coll = _spot_collection(ax)
         np.testing.assert_allclose(coll.get_array(), expected)
@@ -132,7 +132,7 @@ def test_expression_prediction_table_without_observed(sdata):
     pred.uns[Key.UNS] = {"predict": {"scale": "cp10k", "predictions": "X"}}
     sdata.tables["bitro_spots"] = pred
     axs = bt.pl.expression(sdata, "EPCAM", table_key="bitro_spots", cells=True)
-    assert [ax.get_title() for ax in axs] == ["EPCAM — predicted", "EPCAM — predicted cells"]
+    assert [ax.get_title() for ax in axs] == ["EPCAM — predicted", "EPCAM — predicted cells"]  # nothing to correlate
     np.testing.assert_allclose(_spot_collection(axs[0]).get_array(), pred[:, "EPCAM"].X[:, 0])
 
 
@@ -301,3 +301,100 @@ def test_expression_without_pixel_size_has_no_scale_bar(sdata):
     ax = bt.pl.expression(sdata, "EPCAM")[0]
     assert len(ax.images) == 1
     assert not [a for a in ax.artists if a.__class__.__name__ == "AnchoredSizeBar"]
+
+
+def test_expression_shares_one_colour_scale_by_default(sdata):
+    table = sdata.tables[Key.SPOTS_TABLE]
+    x = table.X
+    observed = np.log1p(1e4 * x[:, 1] / x.sum(1))
+    predicted = table.obsm[Key.PREDICTED]["ERBB2"].to_numpy()
+    cells = sdata.tables[Key.PREDICTED_CELLS_TABLE][:, "ERBB2"].X[:, 0]
+    axs = bt.pl.expression(sdata, "ERBB2", cells=True)
+    limits = [_spot_collection(ax).get_clim() for ax in axs[:2]] + [axs[2].collections[0].get_clim()]
+    expected = (min(observed.min(), predicted.min(), cells.min()), max(observed.max(), predicted.max(), cells.max()))
+    for lim in limits:  # the same vmin and vmax on every panel, spanning all values drawn
+        np.testing.assert_allclose(lim, expected)
+    cbars = [ax for ax in axs[0].figure.axes if ax not in axs]
+    assert len(cbars) == 3 and all(cb.get_ylabel().endswith("log1p CP10k") for cb in cbars)
+    # the correlation over spots in the predicted panel's title
+    r = np.corrcoef(observed, predicted)[0, 1]
+    assert axs[1].get_title() == f"ERBB2 — predicted\nPearson r = {r:.2f} over 20 spots"
+    # each panel its own scale on request; given limits win over both
+    axs = bt.pl.expression(sdata, "ERBB2", share_scale=False)
+    np.testing.assert_allclose(_spot_collection(axs[0]).get_clim(), (observed.min(), observed.max()))
+    np.testing.assert_allclose(_spot_collection(axs[1]).get_clim(), (predicted.min(), predicted.max()))
+    axs = bt.pl.expression(sdata, "ERBB2", vmin=0.0)
+    for ax in axs:
+        np.testing.assert_allclose(_spot_collection(ax).get_clim(), (0.0, max(observed.max(), predicted.max())))
+
+
+def test_expression_title_when_correlation_is_undefined(sdata):
+    table = sdata.tables[Key.SPOTS_TABLE]
+    table.obsm[Key.PREDICTED]["KRT19"] = 1.0  # a constant prediction
+    axs = bt.pl.expression(sdata, "KRT19")
+    assert axs[1].get_title() == "KRT19 — predicted\nPearson r undefined over 20 spots"
+
+
+@pytest.mark.parametrize(
+    ("plot", "writekey"),
+    [
+        (lambda d, **kw: bt.pl.expression(d, "EPCAM", **kw), "expression_EPCAM"),
+        (lambda d, **kw: bt.pl.phenotypes(d, **kw), "phenotypes_s1"),
+        (lambda d, **kw: bt.pl.metrics(pd.Series([0.1, 0.3], index=["A", "B"]), **kw), "metrics"),
+        (lambda d, **kw: bt.pl.training({"train": [1.0, 0.5]}, **kw), "training"),
+    ],
+)
+def test_show_save_return_fig_follow_scanpy(sdata, tmp_path, monkeypatch, plot, writekey):
+    import scanpy as sc
+
+    before = sc.settings.figdir, sc.settings.file_format_figs, sc.settings.plot_suffix
+    sc.settings.figdir, sc.settings.file_format_figs, sc.settings.plot_suffix = tmp_path / "figures", "png", ""
+    try:
+        _show_save_return_fig(sdata, tmp_path, monkeypatch, plot, writekey)
+    finally:
+        sc.settings.figdir, sc.settings.file_format_figs, sc.settings.plot_suffix = before
+
+
+def _show_save_return_fig(sdata, tmp_path, monkeypatch, plot, writekey):
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    out = plot(sdata)  # default: the axes, as before
+    assert isinstance(out, Axes) or all(isinstance(a, Axes) for a in out)
+    fig = plot(sdata, return_fig=True)
+    assert isinstance(fig, Figure) and fig.axes
+    monkeypatch.setattr(plt, "show", lambda *a, **k: None)
+    assert plot(sdata, show=True) is None
+    plot(sdata, save=True)  # scanpy's rule: {figdir}/{writekey}{plot_suffix}.{file_format_figs}
+    assert (tmp_path / "figures" / f"{writekey}.png").stat().st_size > 0
+    plot(sdata, save="_C3.pdf")  # a string is appended to the name, its ending gives the file type
+    assert (tmp_path / "figures" / f"{writekey}_C3.pdf").read_bytes().startswith(b"%PDF")
+    target = tmp_path / "here" / "plot.svg"  # a Path is the file itself
+    assert isinstance(plot(sdata, save=target, return_fig=True), Figure)
+    assert target.is_file()
+    plt.close("all")
+    for bad, error in [({"show": "yes"}, TypeError), ({"save": 3}, TypeError), ({"return_fig": 1}, TypeError)]:
+        with pytest.raises(error, match=f"`{next(iter(bad))}` must be"):
+            plot(sdata, **bad)
+    with pytest.raises(ValueError, match="empty string"):
+        plot(sdata, save="")
+    assert not plt.get_fignums()  # nothing drawn before the checks failed
+
+
+def test_expression_checks_scale_arguments(sdata):
+    with pytest.raises(TypeError, match="share_scale"):
+        bt.pl.expression(sdata, "EPCAM", share_scale="no")
+    with pytest.raises(ValueError, match="must be below"):
+        bt.pl.expression(sdata, "EPCAM", vmin=2.0, vmax=1.0)
+    assert not plt.get_fignums()
+
+
+def test_scale_bar_from_the_tables_pixel_size(sdata):
+    # a table alone (no image) draws a scale bar when it records its pixel size, as bitro's cell tables do
+    cells = sdata.tables[Key.CELLS_TABLE]
+    ax = bt.pl.phenotypes(cells)
+    assert not [a for a in ax.artists if a.__class__.__name__ == "AnchoredSizeBar"]
+    cells.uns[Key.UNS] = {Key.PIXEL_SIZE: {"s1": PX}}
+    ax = bt.pl.phenotypes(cells)
+    (bar,) = [a for a in ax.artists if a.__class__.__name__ == "AnchoredSizeBar"]
+    assert bar.txt_label.get_text().endswith("µm")

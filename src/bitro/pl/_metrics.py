@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from bitro._constants import Key
-from bitro.pl._spatial import new_axes
+from bitro.pl._spatial import check_figure_args, finish_figure, new_axes
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
     from spatialdata import SpatialData
 
 
@@ -43,7 +45,10 @@ def metrics(
     bins: int = 30,
     table_key: str = Key.SPOTS_TABLE,
     ax: Axes | None = None,
-) -> Axes:
+    show: bool | None = None,
+    save: bool | str | os.PathLike | None = None,
+    return_fig: bool | None = None,
+) -> Axes | Figure | None:
     """Histogram of the per-gene Pearson correlation (PCC_gene), naming the best and worst genes.
 
     Parameters
@@ -61,10 +66,20 @@ def metrics(
         Spot table of a SpatialData.
     ax
         Axes to draw into; by default a new figure.
+    show
+        Show the figure (``plt.show()``) and return None, as scanpy's ``show=True``. The default (None, or False)
+        returns the axes and leaves showing to Jupyter, which draws the figure at the end of the cell.
+    save
+        Write the figure, after scanpy's rules: ``True`` to ``{sc.settings.figdir}/metrics.png``
+        (scanpy's ``figdir``, ``plot_suffix`` and ``file_format_figs``); a string is appended to that name and may
+        end in the file type (``save="_C3.pdf"`` -> ``figures/metrics_C3.pdf``); a :class:`pathlib.Path` is the
+        file itself.
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure` instead of the axes.
 
     Returns
     -------
-    The axes.
+    The axes; the Figure with ``return_fig=True``; None with ``show=True``.
 
     Examples
     --------
@@ -72,6 +87,7 @@ def metrics(
     >>> bt.tl.evaluate(adata)  # doctest: +SKIP
     >>> bt.pl.metrics(adata)  # doctest: +SKIP
     """
+    check_figure_args(show, save, return_fig)
     if n_genes < 0:
         msg = f"`n_genes` must be 0 or more, got {n_genes}."
         raise ValueError(msg)
@@ -88,12 +104,12 @@ def metrics(
         best = "\n".join(f"{g}  {v:.2f}" for g, v in ordered.head(n_genes).items())
         worst = "\n".join(f"{g}  {v:.2f}" for g, v in ordered.tail(n_genes)[::-1].items())
         box = {"boxstyle": "round", "facecolor": "white", "alpha": 0.8, "edgecolor": "0.8"}
-        ax.text(0.98, 0.97, f"best\n{best}", transform=ax.transAxes, ha="right", va="top", fontsize=8, bbox=box)
-        ax.text(0.02, 0.97, f"worst\n{worst}", transform=ax.transAxes, ha="left", va="top", fontsize=8, bbox=box)
+        ax.text(0.98, 0.97, f"best\n{best}", transform=ax.transAxes, ha="right", va="top", fontsize=9, bbox=box)
+        ax.text(0.02, 0.97, f"worst\n{worst}", transform=ax.transAxes, ha="left", va="top", fontsize=9, bbox=box)
         ax.set_ylim(0, ax.get_ylim()[1] * 1.45)
     ax.set_xlabel("Pearson r over spots (PCC_gene)")
     ax.set_ylabel("genes")
     ax.set_title(f"PCC_gene: {len(values)} genes")
-    ax.legend(loc="center right", frameon=False, fontsize=8)
+    ax.legend(loc="center right", frameon=False, fontsize=9)
     ax.spines[["top", "right"]].set_visible(False)
-    return ax
+    return finish_figure(ax.figure, ax, "metrics", show=show, save=save, return_fig=return_fig)

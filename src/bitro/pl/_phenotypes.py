@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -9,11 +10,12 @@ import pandas as pd
 
 from bitro._constants import Key
 from bitro._deprecate import renamed_args
-from bitro.pl._spatial import draw_tissue, frame, new_axes, split_data, tissue
+from bitro.pl._spatial import check_figure_args, draw_tissue, finish_figure, frame, new_axes, split_data, tissue
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
     from spatialdata import SpatialData
 
 #: Fraction of cells on each side that may fall outside the view (stray detections off the tissue).
@@ -50,7 +52,10 @@ def phenotypes(
     image_size: int = 1500,
     legend: bool = True,
     ax: Axes | None = None,
-) -> Axes:
+    show: bool | None = None,
+    save: bool | str | os.PathLike | None = None,
+    return_fig: bool | None = None,
+) -> Axes | Figure | None:
     """Cells coloured by phenotype on the H&E.
 
     Parameters
@@ -78,16 +83,27 @@ def phenotypes(
         Draw a legend of the phenotypes beside the axes.
     ax
         Axes to draw into; by default a new figure.
+    show
+        Show the figure (``plt.show()``) and return None, as scanpy's ``show=True``. The default (None, or False)
+        returns the axes and leaves showing to Jupyter, which draws the figure at the end of the cell.
+    save
+        Write the figure, after scanpy's rules: ``True`` to ``{sc.settings.figdir}/phenotypes_{sample}.png``
+        (scanpy's ``figdir``, ``plot_suffix`` and ``file_format_figs``); a string is appended to that name and may
+        end in the file type (``save="_C3.pdf"`` -> ``figures/phenotypes_{sample}_C3.pdf``); a :class:`pathlib.Path` is the
+        file itself.
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure` instead of the axes.
 
     Returns
     -------
-    The axes.
+    The axes; the Figure with ``return_fig=True``; None with ``show=True``.
 
     Examples
     --------
     >>> import bitro as bt
     >>> bt.pl.phenotypes(sdata, sample="B4")  # doctest: +SKIP
     """
+    check_figure_args(show, save, return_fig)
     sdata, cells = split_data(data, table_key)
     if phenotype_key not in cells.obs:
         msg = (
@@ -116,4 +132,5 @@ def phenotypes(
             markerscale=max(1.0, 12 / size) ** 0.5,
         )
     ax.set_title(f"{phenotype_key}" + (f" — {t.sample}" if t.sample is not None else ""))
-    return ax
+    writekey = "phenotypes" + (f"_{t.sample}" if t.sample is not None else "")
+    return finish_figure(ax.figure, ax, writekey, show=show, save=save, return_fig=return_fig)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -16,6 +18,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.axes import Axes
     from matplotlib.collections import EllipseCollection
+    from matplotlib.figure import Figure
     from spatialdata import SpatialData
 
 #: Margin around the plotted spots or cells, as a fraction of the larger side of their bounding box.
@@ -30,6 +33,7 @@ class Tissue:
     rows: np.ndarray  # row indices of the table in this section
     xy: np.ndarray  # (n, 2) centres in section pixels
     sdata: SpatialData | None
+    um_per_px: float | None = None  # the table's record of the pixel size (for the scale bar without an image)
 
 
 def split_data(data: AnnData | SpatialData, table_key: str) -> tuple[SpatialData | None, AnnData]:
@@ -75,7 +79,26 @@ def tissue(adata: AnnData, sdata: SpatialData | None, sample: str | None) -> Tis
             raise KeyError(msg)
         rows = np.arange(adata.n_obs)
     xy = np.asarray(adata.obsm[Key.SPATIAL])[rows, :2].astype(float)
-    return Tissue(sample, rows, xy, sdata)
+    return Tissue(sample, rows, xy, sdata, recorded_pixel_size(adata, sample))
+
+
+def recorded_pixel_size(adata: AnnData, sample: str | None) -> float | None:
+    """The pixel size (um/px) of ``sample`` the table records in ``.uns["bitro"]["pixel_size"]``; None if none.
+
+    Cell tables (:func:`bitro.pp.extract_cells`) and the prediction tables of :func:`bitro.tl.predict` record it.
+    """
+    record = adata.uns.get(Key.UNS)
+    sizes = record.get(Key.PIXEL_SIZE) if isinstance(record, Mapping) else None
+    if not isinstance(sizes, Mapping) or not sizes:
+        return None
+    px = sizes.get(sample) if sample is not None else None
+    if px is None and len(sizes) == 1:
+        px = next(iter(sizes.values()))
+    try:
+        px = float(px)
+    except (TypeError, ValueError):
+        return None
+    return px if np.isfinite(px) and px > 0 else None
 
 
 def spot_radius(adata: AnnData, t: Tissue) -> np.ndarray:
@@ -184,6 +207,8 @@ def draw_tissue(ax: Axes, t: Tissue, box: tuple[float, float, float, float], *, 
                 px = pixel_size(t.sdata, key)
             except ValueError:
                 logger.info("No pixel size recorded for %r; no scale bar.", key)
+    if px is None:
+        px = t.um_per_px
     x0, x1, y0, y1 = box
     ax.set_xlim(x0, x1)
     ax.set_ylim(y1, y0)
@@ -257,3 +282,87 @@ def new_axes(n: int, axs: Sequence[Axes] | Axes | None, panel: float = 4.5) -> l
         msg = f"This plot draws {n} panel(s) but {len(axs)} axes were given; pass {n} axes or none."
         raise ValueError(msg)
     return axs
+
+
+def shared_limits(
+    values: Sequence[np.ndarray], vmin: float | None, vmax: float | None
+) -> tuple[float | None, float | None]:
+    """One colour scale over all ``values`` (finite ones): ``(vmin, vmax)``, each given one kept."""
+    finite = [np.asarray(v, float)[np.isfinite(v)] for v in values]
+    finite = [v for v in finite if v.size]
+    if not finite:
+        return vmin, vmax
+    lo = float(min(v.min() for v in finite)) if vmin is None else vmin
+    hi = float(max(v.max() for v in finite)) if vmax is None else vmax
+    return lo, hi
+
+
+def check_figure_args(show: bool | None, save: bool | str | os.PathLike | None, return_fig: bool | None) -> None:
+    """Clear errors for ``show``, ``save`` and ``return_fig`` before anything is drawn."""
+    for name, value in (("show", show), ("return_fig", return_fig)):
+        if value is not None and not isinstance(value, bool | np.bool_):
+            msg = f"`{name}` must be True, False or None, got {value!r}."
+            raise TypeError(msg)
+    if save is not None and not isinstance(save, bool | np.bool_ | str | os.PathLike):
+        msg = f"`save` must be True, False, a file name suffix (str) or a path (pathlib.Path), got {save!r}."
+        raise TypeError(msg)
+    if isinstance(save, str) and not save:
+        msg = "`save` is an empty string; use `save=True` for the default file name."
+        raise ValueError(msg)
+
+
+#: File types matplotlib writes that a ``save`` string may end with (scanpy infers .pdf/.png/.svg the same way).
+_FIGURE_TYPES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".tif", ".tiff", ".eps", ".ps")
+
+
+def figure_path(writekey: str, save: bool | str | os.PathLike) -> Path:
+    """Where ``save`` writes the figure, after scanpy's rules.
+
+    ``True``: ``{sc.settings.figdir}/{writekey}{sc.settings.plot_suffix}.{sc.settings.file_format_figs}``; a string:
+    appended to ``writekey`` in the same folder, its file type taken from its ending (``"_C3.pdf"`` ->
+    ``figures/expression_ERBB2_C3.pdf``); a :class:`pathlib.Path` (any ``os.PathLike``): that file, as given.
+    """
+    import scanpy as sc
+
+    if isinstance(save, os.PathLike):
+        path = Path(save)
+        return path if path.suffix else path.with_suffix(f".{sc.settings.file_format_figs}")
+    ext = sc.settings.file_format_figs
+    if isinstance(save, str):
+        ending = next((e for e in _FIGURE_TYPES if save.lower().endswith(e)), None)
+        if ending is not None:
+            ext, save = ending[1:], save[: -len(ending)]
+        writekey = f"{writekey}{save}"
+    return Path(sc.settings.figdir) / f"{writekey}{sc.settings.plot_suffix}.{ext}"
+
+
+def finish_figure(
+    fig: Figure,
+    result,
+    writekey: str,
+    *,
+    show: bool | None,
+    save: bool | str | os.PathLike | None,
+    return_fig: bool | None,
+):
+    """Save and show a finished figure after scanpy's conventions; what the plot function returns.
+
+    ``save`` writes the figure (:func:`figure_path`); ``return_fig=True`` returns the Figure; ``show=True`` shows it
+    (``plt.show``) and returns None; otherwise (``show`` None or False, bitro's default) ``result``, the axes.
+    """
+    import matplotlib as mpl
+    import matplotlib.pyplot as plt
+
+    if save:
+        path = figure_path(writekey, save)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        dpi = mpl.rcParams["savefig.dpi"]
+        dpi = max(150.0, float(fig.dpi)) if isinstance(dpi, str) or dpi < 150 else dpi  # readable files
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        logger.info("Saved the figure to %s.", path)
+    if return_fig:
+        return fig
+    if show:
+        plt.show()
+        return None
+    return result

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from bitro.pl._spatial import new_axes
+from bitro.pl._spatial import check_figure_args, finish_figure, new_axes
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 #: Curves whose name contains one of these are scores (higher is better), drawn on a second y axis.
 _SCORES = ("pcc", "corr", "r2")
@@ -64,7 +66,16 @@ def history_frames(history: Any) -> list[tuple[pd.DataFrame, int | None]]:
     return [_member_frame(h) for h in history]
 
 
-def training(history: Any, *, log: bool = False, best: bool = True, ax: Axes | None = None) -> Axes:
+def training(
+    history: Any,
+    *,
+    log: bool = False,
+    best: bool = True,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    save: bool | str | os.PathLike | None = None,
+    return_fig: bool | None = None,
+) -> Axes | Figure | None:
     """Training and validation curves per epoch.
 
     Losses are drawn on the left axis; scores (curves named like ``"val_pcc_gene"``) on a second
@@ -83,16 +94,28 @@ def training(history: Any, *, log: bool = False, best: bool = True, ax: Axes | N
         the first curve whose name starts with ``"val"``.
     ax
         Axes to draw into; by default a new figure.
+    show
+        Show the figure (``plt.show()``) and return None, as scanpy's ``show=True``. The default (None, or False)
+        returns the axes and leaves showing to Jupyter, which draws the figure at the end of the cell.
+    save
+        Write the figure, after scanpy's rules: ``True`` to ``{sc.settings.figdir}/training.png``
+        (scanpy's ``figdir``, ``plot_suffix`` and ``file_format_figs``); a string is appended to that name and may
+        end in the file type (``save="_C3.pdf"`` -> ``figures/training_C3.pdf``); a :class:`pathlib.Path` is the
+        file itself.
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure` instead of the axes.
 
     Returns
     -------
-    The axes of the losses (the score axis is its ``twinx``).
+    The axes of the losses (the score axis is its ``twinx``); the Figure with ``return_fig=True``; None with
+    ``show=True``.
 
     Examples
     --------
     >>> import bitro as bt
     >>> bt.pl.training({"train_loss": [1.0, 0.7, 0.6], "val_mse": [1.1, 0.9, 0.95]})  # doctest: +SKIP
     """
+    check_figure_args(show, save, return_fig)
     members = history_frames(history)
     (ax,) = new_axes(1, ax, panel=4.5)
     names = list(dict.fromkeys(c for frame, _ in members for c in frame.columns))
@@ -132,9 +155,9 @@ def training(history: Any, *, log: bool = False, best: bool = True, ax: Axes | N
         h2, l2 = ax_score.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
         ax_score.spines[["top"]].set_visible(False)
-    ax.legend(handles, labels, frameon=False, fontsize=8)
+    ax.legend(handles, labels, frameon=False, fontsize=9)
     ax.set_title("Training" + (f" ({len(members)} ensemble members)" if len(members) > 1 else ""))
     ax.spines[["top"]].set_visible(False)
     if ax_score is None:
         ax.spines[["right"]].set_visible(False)
-    return ax
+    return finish_figure(ax.figure, ax, "training", show=show, save=save, return_fig=return_fig)
