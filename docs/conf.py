@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from datetime import datetime
 from importlib.metadata import metadata
 from pathlib import Path
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE / "_ext"))  # bitro_nb: the notebook reader below
 
 # The tutorials live in ../tutorials (executed, outputs committed); copy them in for the build.
 _tutorials = HERE / "tutorials"
@@ -52,7 +54,10 @@ always_use_bars_union = True
 myst_enable_extensions = ["colon_fence", "dollarmath"]
 myst_heading_anchors = 3
 nb_execution_mode = "off"
-nb_output_stderr = "remove"
+# Keep stderr: bitro logs what each step did there ("INFO bitro: Found 24122 nuclei ..."), and the tutorials' text
+# relies on it. The reader drops only known import noise (docrep's SyntaxWarning); see docs/_ext/bitro_nb.py.
+nb_output_stderr = "show"
+nb_custom_formats = {".ipynb": ["bitro_nb.read", {}, False]}
 nb_merge_streams = True
 suppress_warnings = ["mystnb.unknown_mime_type"]
 
