@@ -60,6 +60,10 @@ class Key:
     CELL_ID: Final = "cell_id"
     PHENOTYPE: Final = "phenotype"
     CELL_TYPE: Final = "cell_type"
+    #: TPIR (issue #16): labels transferred by scANVI (``ExpressionEncoder.transfer_labels``) and regions predicted
+    #: from the image (``RegionClassifier.predict``); each with a ``"{key}_confidence"`` / ``"{key}_probability"``.
+    TRANSFERRED: Final = "region_transferred"
+    REGION_PREDICTED: Final = "region_predicted"
     ARRAY_ROW: Final = "array_row"
     ARRAY_COL: Final = "array_col"
     #: Predicted tables: the cells pooled by a spot's bag, and where its prediction came from
@@ -89,6 +93,11 @@ class Key:
     BASELINE_MEAN: Final = "bitro_baseline_mean"
     BASELINE_RIDGE: Final = "bitro_baseline_ridge"
     BASELINE_RRR: Final = "bitro_baseline_rrr"
+    #: TPIR (issue #16): the expression encoder's latent (``bt.tl.expression_encoder``), each spot's pooled image
+    #: features (``bt.tl.spot_image_features``) and their projection aligned to the latent (``bt.tl.align_images``).
+    EXPRESSION_LATENT: Final = "X_bitro_latent"
+    IMAGE_FEATURES: Final = "X_bitro_image"
+    IMAGE_EMBEDDING: Final = "X_bitro_aligned"
 
     # --- .obsp (as squidpy writes them with key_added="spatial") ---------------------------
     GRAPH: Final = "spatial"
