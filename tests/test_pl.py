@@ -398,3 +398,12 @@ def test_scale_bar_from_the_tables_pixel_size(sdata):
     ax = bt.pl.phenotypes(cells)
     (bar,) = [a for a in ax.artists if a.__class__.__name__ == "AnchoredSizeBar"]
     assert bar.txt_label.get_text().endswith("µm")
+
+
+def test_scale_bar_from_a_spot_tables_reader_record(sdata):
+    table = sdata.tables[Key.SPOTS_TABLE]
+    table.uns[Key.UNS]["read_st"] = {"s1": {"pixel_size": PX}}  # as bt.io.read_st records it
+    axs = bt.pl.expression(table, "EPCAM")  # the table alone: no image
+    for ax in axs:
+        assert not ax.images
+        assert [a for a in ax.artists if a.__class__.__name__ == "AnchoredSizeBar"]

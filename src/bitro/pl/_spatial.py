@@ -83,12 +83,17 @@ def tissue(adata: AnnData, sdata: SpatialData | None, sample: str | None) -> Tis
 
 
 def recorded_pixel_size(adata: AnnData, sample: str | None) -> float | None:
-    """The pixel size (um/px) of ``sample`` the table records in ``.uns["bitro"]["pixel_size"]``; None if none.
+    """The pixel size (um/px) of ``sample`` the table records; None if none.
 
-    Cell tables (:func:`bitro.pp.extract_cells`) and the prediction tables of :func:`bitro.tl.predict` record it.
+    Cell tables (:func:`bitro.pp.extract_cells`) and the prediction tables of :func:`bitro.tl.predict` record it in
+    ``.uns["bitro"]["pixel_size"]``, spot tables of :func:`bitro.io.read_st` in ``.uns["bitro"]["read_st"]``.
     """
     record = adata.uns.get(Key.UNS)
-    sizes = record.get(Key.PIXEL_SIZE) if isinstance(record, Mapping) else None
+    if not isinstance(record, Mapping):
+        return None
+    sizes = record.get(Key.PIXEL_SIZE)
+    if not isinstance(sizes, Mapping) and isinstance(record.get(Key.READ_ST), Mapping):
+        sizes = {s: p.get(Key.PIXEL_SIZE) for s, p in record[Key.READ_ST].items() if isinstance(p, Mapping)}
     if not isinstance(sizes, Mapping) or not sizes:
         return None
     px = sizes.get(sample) if sample is not None else None
