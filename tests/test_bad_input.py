@@ -1032,6 +1032,127 @@ for _id, _what, _call, _exc, _words in [
     case(_id, "pl", _what, _exc, *_words)(_call)
 
 
+# -- TPIR: bt.tl.expression_encoder, align_images, region_classifier, evaluate_regions, bt.pl.regions (issue #16) --
+def _counts_table(labels=("tumour", None, "stroma", None), patients=("P1", "P1", "P2", "P2")):
+    """A tiny spots x genes table of integer counts with a patient and a (partly missing) region per spot."""
+    import anndata as ad
+    import pandas as pd
+
+    obs = pd.DataFrame({"patient": list(patients), "region": list(labels)}, index=[f"s{i}" for i in range(4)])
+    return ad.AnnData(np.arange(12, dtype=np.float32).reshape(4, 3), obs=obs)
+
+
+def _embedded_spots(n: int = 12):
+    """Spots with image features, an expression embedding, two regions and two sections."""
+    import anndata as ad
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    obs = pd.DataFrame(
+        {"sample": np.repeat(["S1", "S2"], n // 2), "region": np.tile(["tumour", "stroma"], n // 2)},
+        index=[f"s{i}" for i in range(n)],
+    )
+    a = ad.AnnData(obs=obs)
+    a.obsm["X_bitro_image"] = rng.normal(size=(n, 5)).astype(np.float32)
+    a.obsm["X_bitro_latent"] = rng.normal(size=(n, 3)).astype(np.float32)
+    a.obsm["spatial"] = rng.uniform(0, 100, size=(n, 2))
+    return a
+
+
+def _halved(a):
+    a.X = a.X * 0.5
+    return a
+
+
+def _nan_image(a):
+    a.obsm["X_bitro_image"][0, 0] = np.nan
+    return a
+
+
+for _id, _what, _call, _exc, _words in [
+    (
+        "expression_encoder_not_counts",
+        "`expression_encoder` on normalised (non-integer) values",
+        lambda ctx: bt.tl.expression_encoder(_halved(_counts_table())),
+        ValueError,
+        ("non-integer", "raw counts"),
+    ),
+    (
+        "expression_encoder_batch_key_unknown",
+        "`expression_encoder(batch_key=...)` naming no column",
+        lambda ctx: bt.tl.expression_encoder(_counts_table(), batch_key="donor"),
+        KeyError,
+        ("`batch_key='donor'`", "columns", "'patient'"),
+    ),
+    (
+        "expression_encoder_labels_key_unknown",
+        "`expression_encoder(labels_key=...)` naming no column",
+        lambda ctx: bt.tl.expression_encoder(_counts_table(), labels_key="tissue"),
+        KeyError,
+        ("`labels_key='tissue'`", "columns"),
+    ),
+    (
+        "expression_encoder_unlabeled_collides",
+        "`expression_encoder(unlabeled_category=...)` equal to a real label",
+        lambda ctx: bt.tl.expression_encoder(_counts_table(), labels_key="region", unlabeled_category="tumour"),
+        ValueError,
+        ("`unlabeled_category='tumour'`", "also a label"),
+    ),
+    (
+        "expression_encoder_scanvi_without_labels",
+        "`expression_encoder(method='scanvi')` without `labels_key`",
+        lambda ctx: bt.tl.expression_encoder(_counts_table(), method="scanvi"),
+        ValueError,
+        ("labels_key",),
+    ),
+    (
+        "load_expression_encoder_missing",
+        "`load_expression_encoder` of a folder without an encoder",
+        lambda ctx: bt.tl.load_expression_encoder(ctx.tmp),
+        FileNotFoundError,
+        ("not a saved expression encoder",),
+    ),
+    (
+        "align_images_loss_unknown",
+        "`align_images(loss=...)` not a known loss",
+        lambda ctx: bt.tl.align_images(_embedded_spots(), loss="triplet"),
+        ValueError,
+        ("`loss='triplet'`", "'clip', 'bleep'"),
+    ),
+    (
+        "align_images_nan_features",
+        "`align_images` on NaN image features",
+        lambda ctx: bt.tl.align_images(_nan_image(_embedded_spots())),
+        ValueError,
+        ("NaN or infinite",),
+    ),
+    (
+        "region_classifier_one_region",
+        "`region_classifier` with a single region",
+        lambda ctx: bt.tl.region_classifier(
+            _embedded_spots()[::2].copy(), labels_key="region", use_rep="X_bitro_image"
+        ),
+        ValueError,
+        ("at least 2",),
+    ),
+    (
+        "evaluate_regions_groups_key_unknown",
+        "`evaluate_regions(groups_key=...)` naming no column",
+        lambda ctx: bt.tl.evaluate_regions(_embedded_spots(), labels_key="region", groups_key="slide"),
+        KeyError,
+        ("`groups_key='slide'`", "columns"),
+    ),
+    (
+        "pl_regions_before_predict",
+        "`pl.regions` before the regions are predicted",
+        lambda ctx: bt.pl.regions(_embedded_spots()),
+        KeyError,
+        ("No regions", "RegionClassifier.predict"),
+    ),
+]:
+    case(_id, "regions", _what, _exc, *_words)(_call)
+
+
 # -- the runner --------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(_toy_tl_cache, tmp_path_factory):

@@ -304,7 +304,7 @@ def align_images(
             opt.zero_grad()
             value.backward()
             opt.step()
-            total, n = total + float(value) * len(idx), n + len(idx)
+            total, n = total + float(value.detach()) * len(idx), n + len(idx)
         history.append(total / max(n, 1))
     if not np.isfinite(history[-1]):
         from bitro._checks import TrainingDivergedError

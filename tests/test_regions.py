@@ -1,0 +1,142 @@
+"""bt.tl.align_images, bt.tl.spot_image_features, bt.tl.region_classifier / evaluate_regions and bt.pl.regions.
+
+Simulated spots of three sections: a region per spot, an expression embedding that shows the region, and image
+features in which the region is a faint direction among many noisy ones. The tests fail when the classifier does
+no better than the majority class, or when aligning the image features to the expression embedding does not
+bring out the regions.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+import bitro as bt
+from bitro._constants import Key
+
+pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+REGIONS = np.array(["tumour", "stroma", "immune"])
+
+
+def toy_spots(n_per_section: int = 120, sections=("S1", "S2", "S3"), n_features: int = 40, seed: int = 0):
+    world = np.random.default_rng(42)  # the same regions and image formation in every call
+    centres, mixing = world.normal(size=(3, 6)) * 2, world.normal(size=(6, n_features)) * 0.5
+    rng = np.random.default_rng(seed)
+    n = n_per_section * len(sections)
+    region = rng.choice(3, n, p=[0.5, 0.3, 0.2])
+    latent = centres[region] + rng.normal(size=(n, 6)) * 0.5
+    image = latent @ mixing + rng.normal(size=(n, n_features)) * 1.5
+    obs = pd.DataFrame(
+        {Key.SAMPLE: np.repeat(sections, n_per_section), "region": REGIONS[region]}, index=[f"s{i}" for i in range(n)]
+    )
+    a = ad.AnnData(obs=obs)
+    a.obsm[Key.IMAGE_FEATURES] = image.astype(np.float32)
+    a.obsm[Key.EXPRESSION_LATENT] = latent.astype(np.float32)
+    grid = np.stack(np.meshgrid(np.arange(12), np.arange(10)), -1).reshape(-1, 2) * 100.0
+    a.obsm[Key.SPATIAL] = np.tile(grid, (len(sections), 1))[:n]
+    return a
+
+
+@pytest.mark.parametrize("loss", ["clip", "bleep"])
+def test_aligned_image_embedding_classifies_regions(loss):
+    spots = toy_spots()
+    before = spots.copy()
+    aligner = bt.tl.align_images(spots, loss=loss, dim=32, epochs=15, batch_size=64)
+    assert spots.obsm.keys() == before.obsm.keys()  # training writes nothing
+    assert aligner.history[-1] < aligner.history[0]
+    z = aligner.embed(spots)
+    assert z.shape == (spots.n_obs, 32) and Key.IMAGE_EMBEDDING in spots.obsm
+    res = bt.tl.evaluate_regions(spots, labels_key="region", use_rep=Key.IMAGE_EMBEDDING)
+    folds = res["folds"]
+    assert list(folds.index) == ["S1", "S2", "S3", "all"]
+    assert (folds.loc[["S1", "S2", "S3"], "macro_f1"] > folds.loc[["S1", "S2", "S3"], "majority_macro_f1"] + 0.3).all()
+    assert sorted(res["per_class"].index) == sorted(REGIONS)
+    assert res["per_class"]["support"].sum() == spots.n_obs
+
+
+def test_evaluate_regions_trains_the_alignment_inside_each_fold():
+    spots = toy_spots(n_per_section=60)
+    res = bt.tl.evaluate_regions(
+        spots, labels_key="region", use_rep=Key.IMAGE_FEATURES, align={"dim": 16, "epochs": 5, "loss": "bleep"}
+    )
+    assert res["folds"].loc["all", "macro_f1"] > res["folds"]["majority_macro_f1"].max() + 0.2
+    assert len(res["predictions"]) == spots.n_obs
+    assert Key.IMAGE_EMBEDDING not in spots.obsm
+
+
+def test_region_classifier_predicts_spots_of_an_unseen_section():
+    train, new = toy_spots(sections=("S1", "S2")), toy_spots(n_per_section=50, sections=("S9",), seed=1)
+    train.obs.loc[train.obs_names[::5], "region"] = np.nan  # unlabelled spots are left out
+    clf = bt.tl.region_classifier(train, labels_key="region", use_rep=Key.IMAGE_FEATURES)
+    assert sorted(clf.classes) == sorted(REGIONS)
+    out = clf.predict(new)
+    assert list(out.columns) == ["label", "probability", *clf.classes]
+    assert new.obs[Key.REGION_PREDICTED].dtype == "category"
+    assert ((new.obs[f"{Key.REGION_PREDICTED}_probability"] >= 1 / 3) & (out["probability"] <= 1)).all()
+    assert (out["label"].astype(str) == new.obs["region"]).mean() > 0.6
+
+
+def test_spot_image_features_pools_the_tokens_of_each_spot():
+    from spatialdata import SpatialData
+    from spatialdata.models import TableModel
+
+    spots = ad.AnnData(obs=pd.DataFrame({Key.SAMPLE: "S1", Key.SPOT_ID: ["a", "b", "c"]}, index=["0", "1", "2"]))
+    tokens = np.arange(2 * 4 * 3, dtype=np.float16).reshape(8, 3)  # spots b and a, 4 tokens (2 x 2) each
+    patches = ad.AnnData(obs=pd.DataFrame({Key.SAMPLE: "S1", Key.SPOT_ID: list("bbbbaaaa")}, index=list("01234567")))
+    patches.obsm[Key.PATCHES] = tokens
+    patches.uns[Key.UNS] = {Key.SPOT_PATCHES: {"encoder": "efficientnet", "grid": 2}}
+    sdata = SpatialData(tables={Key.SPOTS_TABLE: TableModel.parse(spots), Key.PATCHES_TABLE: TableModel.parse(patches)})
+    out = bt.tl.spot_image_features(sdata)
+    np.testing.assert_allclose(out[0], tokens[4:].astype(np.float32).mean(0))
+    np.testing.assert_allclose(out[1], tokens[:4].astype(np.float32).mean(0))
+    assert np.isnan(out[2]).all()  # no patch (outside="drop")
+    sdata.tables[Key.PATCHES_TABLE].uns[Key.UNS][Key.SPOT_PATCHES]["encoder"] = "pixels"
+    with pytest.raises(ValueError, match="encoder='efficientnet'"):
+        bt.tl.spot_image_features(sdata)
+
+
+def test_pl_regions_draws_labels_and_probability(tmp_path):
+    import matplotlib.pyplot as plt
+
+    spots = toy_spots(sections=("S1",))
+    clf = bt.tl.region_classifier(spots, labels_key="region", use_rep=Key.IMAGE_FEATURES)
+    clf.predict(spots)
+    axs = bt.pl.regions(spots)
+    assert len(axs) == 2 and axs[0].get_legend().get_title().get_text() == Key.REGION_PREDICTED
+    fig = bt.pl.regions(spots, confidence=False, return_fig=True, save=tmp_path / "regions.png")
+    assert len(fig.axes) == 1 and (tmp_path / "regions.png").is_file()
+    with pytest.raises(KeyError, match="No regions in"):
+        bt.pl.regions(spots, key="nope")
+    plt.close("all")
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "match"),
+    [
+        (lambda a: bt.tl.align_images(a, loss="triplet"), ValueError, "`loss='triplet'`"),
+        (lambda a: bt.tl.align_images(a, image_rep="X_none"), KeyError, "`image_rep='X_none'` is not in"),
+        (lambda a: bt.tl.align_images(a, temperature=0), ValueError, "`temperature`"),
+        (lambda a: bt.tl.region_classifier(a, labels_key="nope", use_rep=Key.IMAGE_FEATURES), KeyError, "columns"),
+        (lambda a: bt.tl.region_classifier(a, labels_key="one", use_rep=Key.IMAGE_FEATURES), ValueError, "at least 2"),
+        (lambda a: bt.tl.evaluate_regions(a, labels_key="region", groups_key="slide"), KeyError, "`groups_key"),
+        (lambda a: bt.tl.evaluate_regions(a, labels_key="region", align="clip"), TypeError, "`align` must be a dict"),
+    ],
+)
+def test_bad_input(call, exc, match):
+    spots = toy_spots(n_per_section=20)
+    spots.obs["one"] = "tumour"
+    before = spots.copy()
+    with pytest.raises(exc, match=match):
+        call(spots)
+    assert spots.obsm.keys() == before.obsm.keys() and spots.obs.equals(before.obs)
+
+
+def test_nan_features_are_refused():
+    spots = toy_spots(n_per_section=20)
+    spots.obsm[Key.IMAGE_FEATURES][3, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite values in 1 spots"):
+        bt.tl.region_classifier(spots, labels_key="region", use_rep=Key.IMAGE_FEATURES)
