@@ -133,14 +133,6 @@ class ExpressionEncoder:
 
     Attributes
     ----------
-    method
-        ``"scvi"`` or ``"scanvi"``.
-    genes
-        The genes it reads, in order.
-    batches
-        The batches (patients) it was trained on.
-    labels
-        The labels it transfers (scANVI), without the unlabelled category; empty for scVI.
     config
         The settings it was trained with (JSON-serialisable).
     model
@@ -152,19 +144,23 @@ class ExpressionEncoder:
         self.config = config
 
     @property
-    def method(self) -> str:  # noqa: D102
+    def method(self) -> str:
+        """``"scvi"`` or ``"scanvi"``."""
         return str(self.config["method"])
 
     @property
-    def genes(self) -> list[str]:  # noqa: D102
+    def genes(self) -> list[str]:
+        """The genes it reads, in order."""
         return list(self.config["genes"])
 
     @property
-    def batches(self) -> list[str]:  # noqa: D102
+    def batches(self) -> list[str]:
+        """The batches (patients) it was trained on."""
         return list(self.config["batches"])
 
     @property
-    def labels(self) -> list[str]:  # noqa: D102
+    def labels(self) -> list[str]:
+        """The labels it transfers (scANVI), without the unlabelled category; empty for scVI."""
         unlabeled = self.config["unlabeled_category"]
         return [c for c in self.config.get("label_categories", []) if c != unlabeled]
 

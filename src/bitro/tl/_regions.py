@@ -43,8 +43,6 @@ class RegionClassifier:
 
     Attributes
     ----------
-    classes
-        The regions, in the order of the probability columns.
     use_rep
         The ``.obsm`` key of the embedding it reads.
     pipeline
@@ -57,7 +55,8 @@ class RegionClassifier:
         self.n_features = n_features
 
     @property
-    def classes(self) -> list[str]:  # noqa: D102
+    def classes(self) -> list[str]:
+        """The regions, in the order of the probability columns."""
         return [str(c) for c in self.pipeline.classes_]
 
     def __repr__(self) -> str:
