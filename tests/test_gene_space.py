@@ -125,3 +125,22 @@ def test_transfer_gives_new_genes_rows_of_the_gene_space(toy_tl):
     assert (basis[new].abs().sum(1) > 0).all()  # fitted from the target data, not left at 0
     bt.tl.predict(tuned, spots, cells=cells, coverage="spots")
     assert np.isfinite(spots.obsm["bitro_predicted"].to_numpy()).all()
+
+
+def test_lora_retrains_the_gene_space_factors_not_the_basis(toy_tl):
+    """With a gene space, LoRA fine-tuning retrains the low-rank gene head (the factors, biases and size terms): a few
+    hundred weights instead of two rows per gene; the basis and every frozen layer stay as they were."""
+    spots, cells = toy_tl
+    model = bt.tl.fit(spots, cells=cells, gene_rank=2, **TINY)
+    base = {k: v.clone() for k, v in model.nets[0].state_dict().items()}
+    tuned = bt.tl.transfer(model, spots, "spot", cells=cells, epochs=2, lr=1e-2)
+    net = tuned.nets[0]
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    head = {"rank_queries", "rank_weight", "gene_bias", "gene_size"}
+    assert head <= trainable and trainable - head == {n for n in trainable if ".lora_" in n}
+    after = {k.replace(".base_layer", ""): v for k, v in net.state_dict().items() if ".lora_" not in k}
+    assert torch.equal(after["gene_basis"], base["gene_basis"])
+    assert not torch.equal(after["rank_weight"], base["rank_weight"])
+    assert all(torch.equal(after[k], v) for k, v in base.items() if k not in head)
+    info = tuned.config.transfer
+    assert info["n_trained"] == sum(p.numel() for n, p in net.named_parameters() if p.requires_grad)

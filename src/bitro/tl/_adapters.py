@@ -86,14 +86,9 @@ def carry_genes(
     return net
 
 
-def _shared_head(net: CellBagNetwork) -> str:
-    """The name of the network's head shared by all genes (trained in full with its gene rows), or ``""``."""
-    return getattr(net, "shared_head", "") or ""
-
-
 def _in_shared_head(net: CellBagNetwork, name: str) -> bool:
-    head = _shared_head(net)
-    return bool(head) and (name == head or name.startswith(head + "."))
+    """Whether ``name`` is in a part of the gene head shared by all genes (trained in full with the gene rows)."""
+    return any(name == head or name.startswith(head + ".") for head in getattr(net, "shared_head", ()))
 
 
 def check_lora_targets(net: CellBagNetwork, targets: list[str]) -> None:
@@ -138,6 +133,33 @@ def inject(net: CellBagNetwork, lora: dict[str, Any], *, seed: int) -> CellBagNe
         bias="none",
     )
     return inject_adapter_in_model(config, net, adapter_name=ADAPTER_NAME)
+
+
+def add_lora(net: CellBagNetwork, lora: dict[str, Any], *, train_genes: str, new_rows, seed: int) -> None:
+    """Prepare ``net`` for LoRA fine-tuning in place: adapters on, base weights frozen, the gene head trainable.
+
+    Adapters go on ``lora["target_modules"]``. The gene head trains with ``train_genes="all"``; with ``"new"`` only
+    while some gene of ``new_rows`` (a boolean tensor over the genes) is new.
+    """
+    check_lora_targets(net, lora["target_modules"])
+    inject(net, lora, seed=seed)
+    for name, p in net.named_parameters():
+        if is_head(net, name, train_genes):
+            p.requires_grad_(train_genes == "all" or bool(new_rows.any()))
+
+
+def count_trained(net: CellBagNetwork, train_genes: str, new_rows) -> tuple[int, int]:
+    """How many parameters fine-tuning trains, and how many the network has (LoRA weights not counted in the total).
+
+    With ``train_genes="new"`` only the new genes' rows of a per-gene parameter count (the others are masked).
+    """
+    n_total = sum(p.numel() for n, p in net.named_parameters() if ".lora_" not in n)
+    n_trained = sum(
+        (int(new_rows.sum()) * p[0].numel() if train_genes == "new" and n in net.gene_params else p.numel())
+        for n, p in net.named_parameters()
+        if p.requires_grad
+    )
+    return n_trained, n_total
 
 
 def is_head(net: CellBagNetwork, name: str, train_genes: str) -> bool:
@@ -317,5 +339,3 @@ def load_adapters(base: BitroModel, path: str | Path, *, device: str | None = No
         net.load_state_dict(own, strict=False)
         nets.append(net.to(dev).eval())
     return TransferredModel(nets, tuned, history, base.cell_reference)
-
-

@@ -176,7 +176,7 @@ def transfer(
     params = {k: v for k, v in locals().items() if k not in ("model", "data", "cells", "genes")}
     import torch
 
-    from bitro.tl._adapters import carry_genes, check_lora_targets, inject, is_head, merged_net, model_fingerprint
+    from bitro.tl._adapters import add_lora, carry_genes, count_trained, merged_net, model_fingerprint
     from bitro.tl._bags import cell_data, check_features, log_cell_count, make_bags, pooled_radius, resolve_tables
     from bitro.tl._targets import check_table, select_genes, training_targets
     from bitro.tl._train import TrainOptions, split, train_ensemble
@@ -247,19 +247,10 @@ def transfer(
         if hasattr(net, "fill_gene_basis"):  # a gene space (gene_rank): new genes get rows in it from the targets
             net.fill_gene_basis(torch.as_tensor(yz, dtype=torch.float32), new_rows)
         if method == "lora":
-            check_lora_targets(net, lora["target_modules"])
-            inject(net, lora, seed=seed + k)
-            for name, p in net.named_parameters():
-                if is_head(net, name, train_genes):
-                    p.requires_grad_(train_genes == "all" or bool(new_rows.any()))
+            add_lora(net, lora, train_genes=train_genes, new_rows=new_rows, seed=seed + k)
         nets.append(net)
     gene_params = nets[0].gene_params
-    n_total = sum(p.numel() for n, p in nets[0].named_parameters() if ".lora_" not in n)
-    n_trained = sum(
-        (int(new_rows.sum()) * p[0].numel() if train_genes == "new" and n in gene_params else p.numel())
-        for n, p in nets[0].named_parameters()
-        if p.requires_grad
-    )
+    n_trained, n_total = count_trained(nets[0], train_genes, new_rows)
     logger.info(
         f"Transfer {model.target} -> {target} ({method}): {len(shared)} genes carried over, {n_new} new, {n_dropped} dropped; "
         f"training {n_trained} of {n_total} parameters ({100 * n_trained / n_total:.1f}%) on {len(bags)} bags."

@@ -142,6 +142,9 @@ class CellBagNetwork(nn.Module):
     architecture_class: ClassVar[type[Architecture]] = Architecture
     #: Parameters with one row per gene (carried over by gene symbol in :func:`bitro.tl.transfer`).
     gene_params: ClassVar[tuple[str, ...]] = ()
+    #: Parts of the gene head shared by all genes (module or parameter names): fine-tuning retrains them with
+    #: the gene rows (:func:`bitro.tl.transfer`, ``train_genes="all"``).
+    shared_head: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, arch: Architecture):
         super().__init__()

@@ -194,8 +194,9 @@ class BitroNet(CellBagNetwork):
 
     architecture_class = BitroArchitecture
     gene_params = ("gene_queries", "gene_weight", "gene_bias", "gene_size", "gene_basis")
-    #: The shared readout MLP (``readout="shared"``): part of the gene head, but not one row per gene.
-    shared_head = "readout_mlp"
+    #: Parts of the gene head shared by all genes (not one row per gene): the readout MLP (``readout="shared"``)
+    #: and, with a gene space (``gene_rank``), the factors the per-gene query and output rows are made from.
+    shared_head = ("readout_mlp", "rank_queries", "rank_weight")
     #: The layers :func:`bitro.tl.transfer` puts LoRA adapters on by default: input projection, attention
     #: ``q``/``k``/``v``/``o`` and feed-forward layers of every Transformer layer.
     lora_targets = ("in_proj", "q", "k", "v", "o", "ff1", "ff2")
