@@ -184,3 +184,13 @@ def test_integration_scores_checks_its_arguments(scvi_encoder):
     one.obsm["X_pca"] = np.zeros((one.n_obs, 2))
     with pytest.raises(ValueError, match="single batch"):
         bt.tl.integration_scores(one, use_rep="X_pca")
+
+
+def test_spots_without_counts_are_left_out_of_training(caplog_bitro):
+    data = toy_counts(n=30, n_genes=10)
+    x = data.X.toarray()
+    x[0] = 0
+    data.X = sp.csr_matrix(x)
+    enc = bt.tl.expression_encoder(data, n_top_genes=None, max_epochs=1, n_latent=2)
+    assert "1 spots without counts" in caplog_bitro.text
+    assert enc.config["n_spots"] == 59 and np.isfinite(enc.embed(data, key_added=None)).all()

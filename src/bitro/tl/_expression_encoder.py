@@ -452,6 +452,15 @@ def expression_encoder(
             inplace=False,
         )
         train = train[:, np.asarray(hvg["highly_variable"])].copy()
+    empty = np.asarray(train.X.sum(axis=1)).ravel() == 0
+    if empty.all():
+        msg = "Every spot of `adata` has zero counts in the genes trained on; the encoder needs counts."
+        raise ValueError(msg)
+    if empty.any():
+        logger.warning(
+            "%d spots without counts in the %d genes are left out of training.", int(empty.sum()), train.n_vars
+        )
+        train = train[~empty].copy()
     config: dict[str, Any] = {
         "method": method,
         "batch_key": batch_key,
