@@ -9,6 +9,9 @@ for the notebooks' time and memory notes), and the notebook's metadata records w
 
     metadata["bitro"] = {"version": bitro.__version__, "cells_sha256": <hash of the code cells>, ...}
 
+Figures larger than ``SHRINK_BYTES`` are stored as 256-colour PNGs (H&E backgrounds compress badly as full-colour
+PNGs), so that a notebook stays under the size limit of ``tests/test_tutorials.py`` at matplotlib's default dpi.
+
 ``tests/test_tutorials.py`` fails when a notebook's code cells no longer match the hash (a cell was edited after
 its outputs were made) or when the recorded version's major.minor is not the package's: re-execute it with this
 script. A notebook that raises is left untouched.
@@ -39,6 +42,36 @@ def cells_sha256(nb) -> str:
         if c["cell_type"] == "code"
     ]
     return hashlib.sha256(_SEP.join(code).encode()).hexdigest()
+
+
+#: PNG outputs above this size are re-encoded with a 256-colour palette.
+SHRINK_BYTES = 150_000
+
+
+def shrink_figures(nb) -> int:
+    """Re-encode large PNG outputs as 256-colour palette PNGs (median cut) where that is smaller; bytes saved."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    saved = 0
+    for cell in nb["cells"]:
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if "image/png" not in data:
+                continue
+            raw = base64.b64decode(data["image/png"])
+            if len(raw) <= SHRINK_BYTES:
+                continue
+            with Image.open(io.BytesIO(raw)) as im:
+                small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+            buf = io.BytesIO()
+            small.save(buf, "PNG", optimize=True)
+            if buf.tell() < len(raw):
+                data["image/png"] = base64.b64encode(buf.getvalue()).decode()
+                saved += len(raw) - buf.tell()
+    return saved
 
 
 def major_minor(version: str) -> str:
@@ -157,6 +190,7 @@ def execute(path: Path, *, timeout: int = 7200) -> dict:
         "commit": _git_commit(Path(__file__).resolve().parents[1]),
     }
     nb.metadata["bitro"] = stamp
+    shrink_figures(nb)
     nbformat.write(nb, path)
     return stamp
 
