@@ -24,11 +24,15 @@ Three stages, each printing its tables:
   (CLIP / BLEEP without batch correction). Median over ``--seeds`` seeds of the alignment; per-class table of
   the raw features and of the best aligned row.
 
-Run from the repository root (2 busy CPU cores)::
+Run from the repository root (2 busy CPU cores; the image features need ``python benchmarks/her2st.py --embed``
+first, or are computed here once)::
 
-    python benchmarks/tpir.py --threads 1                      # all stages, the defaults below
-    python benchmarks/tpir.py --stages encoder --threads 1     # one stage
-    python benchmarks/tpir.py --stages regions --seeds 3 --threads 1
+    python benchmarks/tpir.py --threads 1                                       # all stages, the defaults
+    python benchmarks/tpir.py --stages encoder regions --retrain --threads 1    # the full models (~15 min) + regions
+    python benchmarks/tpir.py --stages transfer --threads 1                     # 8 folds, ~2.5 min each
+
+The full models are saved to ``benchmarks/_cache/tpir/{scvi,scanvi}`` and reused by later runs unless
+``--retrain``. The one spot of the atlas without counts (D5_18x20) is left out.
 """
 
 from __future__ import annotations

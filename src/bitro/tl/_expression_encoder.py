@@ -273,7 +273,7 @@ class ExpressionEncoder:
             axis=1,
         )
         if key_added is not None:
-            adata.obs[key_added] = out["label"].to_numpy()
+            adata.obs[key_added] = out["label"].array  # categorical
             adata.obs[f"{key_added}_confidence"] = out["confidence"].to_numpy()
         return out
 
