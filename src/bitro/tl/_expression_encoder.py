@@ -668,6 +668,7 @@ def log1p_pca(adata: AnnData, *, n_comps: int = 10, layer: str | None = None, ke
 
     check_anndata(adata, "`adata`", "pass the spots x genes counts table")
     check_int("n_comps", n_comps, minimum=1)
+    check_number("n_comps", n_comps, high=min(adata.shape) - 1, hint="Fewer components than spots and genes.")
     x = sp.csr_matrix(_counts(adata, layer, "adata"), dtype=np.float64)
     total = np.asarray(x.sum(axis=1)).ravel()
     if (total == 0).any():
@@ -675,7 +676,6 @@ def log1p_pca(adata: AnnData, *, n_comps: int = 10, layer: str | None = None, ke
         raise ValueError(msg)
     y = sp.diags(1e4 / total) @ x
     y.data = np.log1p(y.data)
-    check_number("n_comps", n_comps, high=min(y.shape) - 1, hint="Fewer components than spots and genes.")
     z = sc.pp.pca(y, n_comps=n_comps, random_state=0)
     adata.obsm[key_added] = np.asarray(z, dtype=np.float32)
     return adata.obsm[key_added]
