@@ -19,9 +19,9 @@ section of the cohort, held-out ones included: unsupervised and transductive, li
 - ``mean``: the training-mean profile of the same training rows (PCC_gene 0 by construction at spot level).
 
 Methods (``--methods``): ``default`` (``bt.tl.transfer`` with its defaults), ``full`` (every weight) and LoRA
-variants ``lora:rank=R,targets=q+v`` (any of ``rank``, ``targets``, ``alpha``). Every fit and fine-tuning runs
+variants ``lora:rank=R,targets=q+v`` (any of ``rank``, ``targets``, ``alpha``, ``lr``). Every fit and fine-tuning runs
 ``--epochs`` epochs without early stopping (``validation=None``: a cohort of one or two sections has no samples to
-spare), ``n_members=1``, ``max_cells=256`` (bulk bags are random subsets of at most 256 cells per step, as a whole
+spare), ``n_members=1``, ``max_cells=128`` (bulk bags are random subsets of at most 128 cells per step, as a whole
 slide's would be), default architecture otherwise (``gene_rank=5``), one torch thread. ``gain`` = method - scratch
 on the same cells and seed. ``trained %`` = trained parameters / parameters of the network (from
 ``config.transfer``); ``adapter KB`` = size of ``save_adapters`` (LoRA weights and the retrained gene head).
@@ -68,10 +68,10 @@ def parse_method(spec: str) -> dict:
         key, _, value = item.partition("=")
         if key == "targets":
             kw["target_modules"] = value.split("+")
-        elif key in ("rank", "alpha"):
+        elif key in ("rank", "alpha", "lr"):
             kw[key] = ast.literal_eval(value)
         else:
-            msg = f"unknown LoRA option {key!r} in {spec!r}: use rank, alpha or targets"
+            msg = f"unknown LoRA option {key!r} in {spec!r}: use rank, alpha, lr or targets"
             raise SystemExit(msg)
     return kw
 
@@ -110,7 +110,7 @@ def run_seed(seed: int, args) -> list[dict]:
     genes = list(map(str, spots.var_names))
     s_truth = to_scale(dense(spots.X), "cp10k")
     b_truth = to_scale(dense(bulk.X), "cp10k")
-    fit_kw = {"epochs": args.epochs, "validation": None, "n_members": 1, "max_cells": 256, "seed": seed}
+    fit_kw = {"epochs": args.epochs, "validation": None, "n_members": 1, "max_cells": 128, "seed": seed}
     ft_kw = {"epochs": args.epochs, "validation": None, "seed": seed}
 
     def predict(model, table, rows):
@@ -195,6 +195,10 @@ def run_seed(seed: int, args) -> list[dict]:
                             "adapter_kb": size / 1024,
                         }
                     )
+            if args.csv:  # written as the grid goes, so a long run can be summarised part way
+                import pandas as pd
+
+                pd.DataFrame(rows).to_csv(args.csv, index=False)
             print(f"seed {seed}: {b} bulk-only x {k} spot sections done", flush=True)
     return rows
 
@@ -324,22 +328,25 @@ def cost_table() -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bulk-slides", nargs="*", type=int, default=[0, 4, 16, 64], help="bulk-only sections (grid rows)")
-    p.add_argument("--spot-slides", nargs="*", type=int, default=[1, 2, 8, 24], help="spot sections (grid columns)")
+    p.add_argument("--spot-slides", nargs="*", type=int, default=[1, 2, 8, 16], help="spot sections (grid columns)")
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="data seeds (one cohort each)")
-    p.add_argument("--test", type=int, default=8, help="held-out sections per cohort")
+    p.add_argument("--test", type=int, default=6, help="held-out sections per cohort")
     p.add_argument("--size", type=int, default=1024, help="section image edge (pixels at 0.5 um)")
-    p.add_argument("--epochs", type=int, default=30, help="epochs of every fit and fine-tuning")
+    p.add_argument("--epochs", type=int, default=20, help="epochs of every fit and fine-tuning")
     p.add_argument("--methods", nargs="*", default=["default", "full"], help="default, full, lora:rank=4,targets=q+v")
     p.add_argument("--threads", type=int, default=1, help="torch threads per job")
     p.add_argument("--jobs", type=int, default=1, help="data seeds run in parallel")
     p.add_argument("--figure", default=str(FIGURE), help="where to write the heatmaps ('' for none)")
-    p.add_argument("--csv", default="", help="also write every row (seed, cell, direction, method) to this CSV file")
+    p.add_argument("--csv", default="", help="write every row (seed, cell, direction, method) to this CSV (one seed)")
+    p.add_argument(
+        "--skip-full", action="store_true", help="no full fine-tuning (rows to join others' with --from-csv)"
+    )
     p.add_argument("--cost-only", action="store_true", help="print only the LoRA cost table (no training)")
     p.add_argument("--from-csv", nargs="*", default=[], help="summarise rows written by --csv instead of running")
     args = p.parse_args()
     for spec in args.methods:
         parse_method(spec)
-    if "full" not in args.methods:
+    if "full" not in args.methods and not args.skip_full:
         args.methods.append("full")
     if args.cost_only:
         cost_table()
@@ -359,10 +366,6 @@ def main() -> None:
     else:
         with ProcessPoolExecutor(args.jobs) as pool:
             rows = [r for out in pool.map(run_seed, args.seeds, [args] * len(args.seeds)) for r in out]
-    if args.csv:
-        import pandas as pd
-
-        pd.DataFrame(rows).to_csv(args.csv, index=False)
     summarise(rows, args)
     cost_table()
     print(f"\nwall time {time.perf_counter() - t:.0f} s")

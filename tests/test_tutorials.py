@@ -94,9 +94,11 @@ SIZE, EPOCHS = 1024, 4
 # test harness: smaller slides, fewer epochs
 SIZE, EPOCHS = 768, 10
 """,
+    "transfer_bulk_spot.ipynb": """
+# test harness: smaller slides, fewer epochs
+SIZE, EPOCHS = 640, 5
+""",
 }
-#: Notebooks not yet converted to the parameters cell and the stamp: they still read ``BITRO_TUTORIAL_SMALL``.
-LEGACY = {"transfer_bulk_spot.ipynb"}
 
 #: Largest committed notebook, outputs included (figures are PNGs at modest dpi).
 MAX_BYTES = 3_000_000
@@ -140,7 +142,7 @@ def _parameters_index(nb) -> int:
 
 def test_every_tutorial_is_listed():
     assert sorted(p.name for p in TUTORIALS.glob("*.ipynb")) == sorted(NOTEBOOKS) == sorted(CHECKS)
-    assert sorted(SMALL) == sorted(set(NOTEBOOKS) - LEGACY)
+    assert sorted(SMALL) == sorted(NOTEBOOKS)
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -152,20 +154,17 @@ def test_committed_notebook(name):
     assert path.stat().st_size < MAX_BYTES, f"{name} is {path.stat().st_size} bytes; shrink its outputs"
     nb = nbformat.read(path, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
-    if name in LEGACY:
-        assert 'SMALL = os.environ.get("BITRO_TUTORIAL_SMALL") == "1"' in code[0].source
-    else:  # no test plumbing in view: the harness injects the small run after the parameters cell
-        _parameters_index(nb)
-        for cell in code:
-            for plumbing in ("BITRO_TUTORIAL_SMALL", "SMALL", "figure.dpi", "logging.getLogger", "from bitro.tl._"):
-                assert plumbing not in cell.source, f"{name}: {plumbing!r} in a cell:\n{cell.source}"
+    _parameters_index(nb)  # no test plumbing in view: the harness injects the small run after the parameters cell
+    for cell in code:
+        for plumbing in ("BITRO_TUTORIAL_SMALL", "SMALL", "figure.dpi", "logging.getLogger", "from bitro.tl._"):
+            assert plumbing not in cell.source, f"{name}: {plumbing!r} in a cell:\n{cell.source}"
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), "re-run the notebook top to bottom"
     errors = [o for c in code for o in c.outputs if o.output_type == "error"]
     assert not errors, f"{name} was committed with an error: {errors[0].ename}: {errors[0].evalue}"
     assert any("image/png" in o.get("data", {}) for c in code for o in c.outputs), "no figure in the outputs"
 
 
-@pytest.mark.parametrize("name", sorted(set(NOTEBOOKS) - LEGACY))
+@pytest.mark.parametrize("name", NOTEBOOKS)
 def test_outputs_are_fresh(name):
     """The committed outputs were made by the committed code cells with this bitro's major.minor version."""
     import nbformat
@@ -209,12 +208,11 @@ def test_tutorial_runs(name, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
-    monkeypatch.setenv("BITRO_TUTORIAL_SMALL", "1")  # read by the LEGACY notebooks only
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's own inline backend
     before = _snapshot(TUTORIALS)
     nb = nbformat.read(TUTORIALS / name, as_version=4)
-    if name not in LEGACY:  # papermill-style: the small run's parameters right after the notebook's own
-        nb.cells.insert(_parameters_index(nb) + 1, nbformat.v4.new_code_cell(SMALL[name]))
+    # papermill-style: the small run's parameters right after the notebook's own
+    nb.cells.insert(_parameters_index(nb) + 1, nbformat.v4.new_code_cell(SMALL[name]))
     work = tmp_path / "work"
     work.mkdir()
     client = NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=600, resources={"metadata": {"path": str(work)}})

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 METHODS: tuple[str, ...] = ("lora", "full")
+#: Default learning rates of LoRA and of full fine-tuning (``lr=None``).
+LORA_LR: float = 5e-3
+FULL_LR: float = 1e-3
 TRAIN_GENES: tuple[str, ...] = ("all", "new")
 
 
@@ -84,7 +87,7 @@ def transfer(
     validation: Literal["sample"] | float | None = "sample",
     epochs: int = 50,
     patience: int = 6,
-    lr: float = 1e-3,
+    lr: float | None = None,
     weight_decay: float = 0.0,
     batch_size: int = 32,
     cell_dropout: float = 0.1,
@@ -96,8 +99,10 @@ def transfer(
 
     Every weight of ``model`` is the starting point. With ``method="lora"`` its shared layers stay frozen and
     low-rank adapters (:mod:`peft` LoRA) on ``target_modules`` are trained; ``method="full"`` fine-tunes every
-    weight. The gene-specific head (gene queries, per-gene readout or the shared readout MLP) is trained with
-    ``train_genes="all"``: the target level has its own normalisation, so each gene's output is re-calibrated.
+    weight. The gene head is trained with ``train_genes="all"``: the target level has its own normalisation, so each
+    gene's output is re-calibrated. With a gene space (``gene_rank``, the default of :func:`bitro.tl.fit`) that head
+    is small: the low-rank factors of the gene queries and output weights, and each gene's bias and bag-size term
+    (the gene basis stays fixed); without one it is every gene's query and output row (or the shared readout MLP).
     Genes are matched by symbol: a gene of both keeps its query and readout, a gene new to the target starts
     fresh (and is always trained), a gene absent from the target is dropped. The target's z-score statistics
     replace the source's. Data preparation, the training loop, the validation split (from the target's training
@@ -132,8 +137,9 @@ def transfer(
     dropout
         Dropout on the LoRA branch input.
     target_modules
-        Layers that get adapters (names or name suffixes of :class:`torch.nn.Linear` layers); default: the input
-        projection, the attention ``q``/``k``/``v``/``o`` and feed-forward ``ff1``/``ff2`` layers.
+        Layers that get adapters (names or name suffixes of :class:`torch.nn.Linear` layers); default: the model's
+        own choice; for BiTro the attention query and value projections ``["q", "v"]`` (the others:
+        ``"in_proj"``, ``"k"``, ``"o"``, ``"ff1"``, ``"ff2"``).
     genes
         Genes to predict; default: the source model's genes found in ``data``.
     train_genes
@@ -149,7 +155,9 @@ def transfer(
     patience
         Epochs without improvement of the validation score before stopping.
     lr
-        Adam learning rate.
+        Adam learning rate; default :data:`LORA_LR` (5e-3) with ``method="lora"``, :data:`FULL_LR` (1e-3) with
+        ``"full"``: adapters start at zero and move only through their low-rank product, so they need larger steps
+        (measured in ``docs/benchmarks.md``, "When does transfer pay off?").
     weight_decay
         Adam weight decay on the trained parameters.
     batch_size
@@ -189,6 +197,8 @@ def transfer(
     params["cluster_weight"] = cluster_weight
     lora_default = getattr(model.nets[0], "lora_targets", ())
     params["target_modules"] = list(lora_default if target_modules is None else target_modules)
+    if params["lr"] is None:
+        params["lr"] = LORA_LR if method == "lora" else FULL_LR
     _check_params(params)
     table, cells = resolve_tables(data, target, cells=cells, table_key=table_key, cells_key=cells_key)
     counts = check_table(table, target)

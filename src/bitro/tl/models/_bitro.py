@@ -197,9 +197,11 @@ class BitroNet(CellBagNetwork):
     #: Parts of the gene head shared by all genes (not one row per gene): the readout MLP (``readout="shared"``)
     #: and, with a gene space (``gene_rank``), the factors the per-gene query and output rows are made from.
     shared_head = ("readout_mlp", "rank_queries", "rank_weight")
-    #: The layers :func:`bitro.tl.transfer` puts LoRA adapters on by default: input projection, attention
-    #: ``q``/``k``/``v``/``o`` and feed-forward layers of every Transformer layer.
-    lora_targets = ("in_proj", "q", "k", "v", "o", "ff1", "ff2")
+    #: The layers :func:`bitro.tl.transfer` puts LoRA adapters on by default: the attention query and value
+    #: projections of every Transformer layer, as in the LoRA paper (Hu et al. 2021). Measured against every
+    #: linear layer (``in_proj``, ``q``/``k``/``v``/``o``, ``ff1``/``ff2``) and full fine-tuning in
+    #: ``docs/benchmarks.md``, "When does transfer pay off?".
+    lora_targets = ("q", "v")
 
     def __init__(self, arch: BitroArchitecture):
         super().__init__(arch)
