@@ -26,8 +26,9 @@ slide's would be), default architecture otherwise (``gene_rank=5``), one torch t
 on the same cells and seed. ``trained %`` = trained parameters / parameters of the network (from
 ``config.transfer``); ``adapter KB`` = size of ``save_adapters`` (LoRA weights and the retrained gene head).
 
-The summary gives, per direction and method, the mean gain over the grid (cells and seeds) and the share of full
-fine-tuning's mean gain it keeps (``kept %``, when full fine-tuning gains on average). The
+The summary gives, per direction and method, the mean gain over the grid (cells and seeds), in how many cells it
+gains, and the share of full fine-tuning's gain it keeps over the cells where full fine-tuning gains (``kept %``: the
+sum of the method's mean gains over those cells / the sum of full's). The
 heatmaps (``--figure``) show the mean PCC_gene gain of ``default`` and ``full`` per cell, one row per direction.
 
 Run from the repository root (about 40 min on one core with the defaults)::
@@ -237,19 +238,25 @@ def summarise(rows: list[dict], args) -> None:
             f"{r.pcc_overall:7.3f} {js} {gain} {r.seconds:7.1f} {r.share:9.1f} {kb}"
         )
     print(
-        "\nGain over the whole grid: mean over grid cells (and seeds) of PCC_gene - scratch; kept = that mean / full's"
+        "\nGain over the grid: mean over grid cells (and seeds) of PCC_gene - scratch; where full fine-tuning gains "
+        "(mean over seeds > 0), the share of its gain the method keeps (sum over those cells)"
     )
-    print(f"{'direction':13} {'method':24} {'mean gain':>9} {'kept %':>7} {'trained %':>9} {'cells > scratch':>15}")
+    print(
+        f"{'direction':13} {'method':44} {'mean gain':>9} {'cells > 0':>9} {'full gains in':>13} {'kept %':>7} "
+        f"{'trained %':>9}"
+    )
     means = agg.reset_index()
     for direction in dict.fromkeys(means["direction"]):
         d = means[means["direction"] == direction]
-        full = d.loc[d["method"] == "full", "gain"].mean()
-        for method in args.methods:
-            m = d[d["method"] == method]
-            kept = 100 * m["gain"].mean() / full if full > 0 else float("nan")
+        full = d[d["method"] == "full"].set_index(["bulk_slides", "spot_slides"])["gain"]
+        helped = full.index[full > 0]
+        for method in [m for m in args.methods if m in set(d["method"])]:
+            m = d[d["method"] == method].set_index(["bulk_slides", "spot_slides"])["gain"]
+            kept = 100 * m.loc[helped].sum() / full.loc[helped].sum() if len(helped) else float("nan")
+            share = d.loc[d["method"] == method, "share"].median()
             print(
-                f"{direction:13} {method:24} {m['gain'].mean():9.3f} {kept:7.1f} {m['share'].median():9.1f} "
-                f"{int((m['gain'] > 0).sum()):>9d} / {len(m)}"
+                f"{direction:13} {method:44} {m.mean():9.3f} {int((m > 0).sum()):>4d} / {len(m):<2d} "
+                f"{len(helped):>7d} cells {kept:7.1f} {share:9.1f}"
             )
     if args.figure:
         heatmaps(means, args)
@@ -277,7 +284,7 @@ def heatmaps(means, args) -> None:
             ax.set_xticks(range(grid.shape[1]), [f"{k}\n({int(spots[k])})" for k in grid.columns])
             ax.set_yticks(range(grid.shape[0]), grid.index)
             for (y, x), v in np.ndenumerate(grid.to_numpy()):
-                ax.text(x, y, f"{v:+.2f}", ha="center", va="center", fontsize=9)
+                ax.text(x, y, f"{v:+.2f}" if np.isfinite(v) else "n/a", ha="center", va="center", fontsize=9)
             ax.set_xlabel("spot training sections (spots)")
             ax.set_ylabel("bulk-only sections")
             ax.set_title(f"{direction}, {method}: PCC_gene gain")
@@ -296,7 +303,7 @@ def cost_table() -> None:
     from bitro.tl.models._bitro import BitroArchitecture, BitroNet
 
     ranks = (2, 4, 8, 16)
-    targets = {"all": list(BitroNet.lora_targets), "q+v": ["q", "v"]}
+    targets = {"all": ["in_proj", "q", "k", "v", "o", "ff1", "ff2"], "q+v": ["q", "v"]}
     print("\nLoRA cost by rank: trained % of the parameters (adapter file KB, float32), default network (dim 64,")
     print("43 cell features); 'all' targets = in_proj, q, k, v, o, ff1, ff2; train_genes='new' with no new gene")
     print(
@@ -361,6 +368,8 @@ def main() -> None:
         import pandas as pd
 
         table = pd.concat([pd.read_csv(f) for f in args.from_csv])
+        # runs joined for more methods repeat the same scratch and mean rows: keep the first
+        table = table.drop_duplicates(["seed", "bulk_slides", "spot_slides", "direction", "method"])
         args.seeds = sorted(set(table["seed"]))
         rows = table.to_dict("records")
     else:
