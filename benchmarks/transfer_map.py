@@ -31,7 +31,7 @@ gains, and the share of full fine-tuning's gain it keeps over the cells where fu
 sum of the method's mean gains over those cells / the sum of full's). The
 heatmaps (``--figure``) show the mean PCC_gene gain of ``default`` and ``full`` per cell, one row per direction.
 
-Run from the repository root (about 40 min on one core with the defaults)::
+Run from the repository root (one seed per process: about 25-40 min each on 2 busy cores with the defaults)::
 
     python benchmarks/transfer_map.py
     python benchmarks/transfer_map.py --seeds 0 --bulk-slides 0 16 --spot-slides 1 8 --methods default full
