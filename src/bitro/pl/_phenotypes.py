@@ -22,21 +22,32 @@ if TYPE_CHECKING:
 _TRIM = 0.001
 
 
-def category_colors(adata: AnnData, key: str, categories: list[str], palette: str | list[str] | None) -> list:
-    """Colours of the categories: ``palette``, else scanpy's ``.uns["{key}_colors"]``, else tab10/tab20."""
+def section_categories(
+    adata: AnnData, key: str, rows: np.ndarray, palette: str | list[str] | None
+) -> tuple[np.ndarray, list[str], list]:
+    """The category codes of ``.obs[key]`` on ``rows`` (-1: missing), the categories and their colours.
+
+    A categorical column keeps its own category order. Colours: ``palette``, else scanpy's ``.uns["{key}_colors"]``,
+    else tab10/tab20.
+    """
     import matplotlib as mpl
 
+    labels = pd.Categorical(adata.obs[key].to_numpy()[rows])
+    if isinstance(adata.obs[key].dtype, pd.CategoricalDtype):
+        labels = labels.set_categories(adata.obs[key].cat.categories)
+    categories = [str(c) for c in labels.categories]
+    codes = np.asarray(labels.codes)
     stored = adata.uns.get(f"{key}_colors")
     if palette is None and stored is not None and len(stored) == len(categories):
-        return list(stored)
+        return codes, categories, list(stored)
     if isinstance(palette, list | tuple):
         if len(palette) < len(categories):
             msg = f"`palette` has {len(palette)} colours for {len(categories)} categories of {key!r}; give one per category."
             raise ValueError(msg)
-        return list(palette[: len(categories)])
+        return codes, categories, list(palette[: len(categories)])
     name = palette if palette is not None else ("tab10" if len(categories) <= 10 else "tab20")
     cmap = mpl.colormaps[name]
-    return [cmap(i % cmap.N) for i in range(len(categories))]
+    return codes, categories, [cmap(i % cmap.N) for i in range(len(categories))]
 
 
 @renamed_args(key="phenotype_key")
@@ -112,14 +123,9 @@ def phenotypes(
         )
         raise KeyError(msg)
     t = tissue(cells, sdata, sample)
-    labels = pd.Categorical(cells.obs[phenotype_key].to_numpy()[t.rows])
-    if isinstance(cells.obs[phenotype_key].dtype, pd.CategoricalDtype):
-        labels = labels.set_categories(cells.obs[phenotype_key].cat.categories)
-    categories = [str(c) for c in labels.categories]
-    colors = category_colors(cells, phenotype_key, categories, palette)
+    codes, categories, colors = section_categories(cells, phenotype_key, t.rows, palette)
     (ax,) = new_axes(1, ax, panel=6.0)
     draw_tissue(ax, t, frame(t.xy, trim=_TRIM), image_size=image_size)
-    codes = np.asarray(labels.codes)
     for i, (cat, color) in enumerate(zip(categories, colors, strict=True)):
         m = codes == i
         ax.scatter(t.xy[m, 0], t.xy[m, 1], s=size, color=color, alpha=alpha, linewidths=0, label=cat)

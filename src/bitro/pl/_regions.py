@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from bitro._constants import Key
-from bitro.pl._phenotypes import category_colors
+from bitro.pl._phenotypes import section_categories
 from bitro.pl._spatial import (
     check_figure_args,
     colorbar,
@@ -97,15 +97,10 @@ def regions(
         raise KeyError(msg)
     conf_key = next((key + s for s in CONFIDENCE_SUFFIXES if key + s in adata.obs), None) if confidence else None
     t = tissue(adata, sdata, sample)
-    labels = pd.Categorical(adata.obs[key].to_numpy()[t.rows])
-    if isinstance(adata.obs[key].dtype, pd.CategoricalDtype):
-        labels = labels.set_categories(adata.obs[key].cat.categories)
-    categories = [str(c) for c in labels.categories]
-    colors = category_colors(adata, key, categories, palette)
+    codes, categories, colors = section_categories(adata, key, t.rows, palette)
     axs = new_axes(1 + int(conf_key is not None), axs)
     radius = spot_radius(adata, t)
     box = frame(t.xy, radius.max())
-    codes = np.asarray(labels.codes)
     ax = axs[0]
     draw_tissue(ax, t, box, image_size=image_size)
     import matplotlib.colors as mcolors
