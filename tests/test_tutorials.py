@@ -9,8 +9,6 @@ stamps the notebook with the bitro version and a hash of its code cells; ``test_
 from __future__ import annotations
 
 import importlib.util
-import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -108,24 +106,6 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
-def _kernel_manager(tmp: Path):
-    """A kernel manager whose kernel runs this interpreter (the environment under test), via a spec in ``tmp``."""
-    from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import KernelManager
-
-    spec_dir = tmp / "kernels" / "bitro-test"
-    spec_dir.mkdir(parents=True)
-    spec = {
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "bitro test",
-        "language": "python",
-    }
-    (spec_dir / "kernel.json").write_text(json.dumps(spec))
-    return KernelManager(
-        kernel_name="bitro-test", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(tmp / "kernels")])
-    )
-
-
 def _execute_module():
     """``tutorials/execute.py``, which runs and stamps the notebooks (one definition of the hash)."""
     spec = importlib.util.spec_from_file_location("bitro_tutorials_execute", TUTORIALS / "execute.py")
@@ -215,7 +195,9 @@ def test_tutorial_runs(name, tmp_path, monkeypatch):
     nb.cells.insert(_parameters_index(nb) + 1, nbformat.v4.new_code_cell(SMALL[name]))
     work = tmp_path / "work"
     work.mkdir()
-    client = NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=600, resources={"metadata": {"path": str(work)}})
+    client = NotebookClient(
+        nb, km=_execute_module().kernel_manager(tmp_path), timeout=600, resources={"metadata": {"path": str(work)}}
+    )
     nb.cells.append(nbformat.v4.new_code_cell(CHECKS[name]))  # run last, in the notebook's own kernel
     with client.setup_kernel():
         for index, cell in enumerate(nb.cells):  # raises CellExecutionError, naming the cell, on any error
