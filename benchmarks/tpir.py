@@ -62,16 +62,9 @@ def load_atlas():
     file = CACHE / "tpir_atlas_v2.h5ad"
     if file.is_file():
         return ad.read_h5ad(file)
-    atlas = bt.datasets.her2st_atlas(path=ATLAS)
-    region = pd.Series(np.nan, index=atlas.obs_names, dtype=object)
+    atlas = bt.datasets.her2st_atlas(path=ATLAS, regions=True)  # the pathologist's regions, NaN where none
     for s in LABELLED:
-        lab = pd.read_csv(ATLAS / "pathologist" / f"{s}.tsv", sep="\t")
-        lab = lab[(lab["label"] != "undetermined") & lab["x"].notna() & lab["y"].notna()]  # F1: one row without x, y
-        names = [f"{s}_{round(x)}x{round(y)}" for x, y in zip(lab["x"], lab["y"], strict=True)]
-        found = pd.Index(names).isin(atlas.obs_names)
-        print(f"  {s}: {found.sum()} of {len(lab)} labelled spots matched to counts", flush=True)
-        region[np.asarray(names)[found]] = lab["label"].to_numpy()[found]
-    atlas.obs[REGION] = pd.Categorical(region)
+        print(f"  {s}: {int(atlas.obs[REGION][atlas.obs['sample'] == s].notna().sum())} labelled spots", flush=True)
     empty = np.asarray(atlas.X.sum(axis=1)).ravel() == 0
     print(f"  spots without counts left out: {list(atlas.obs_names[empty])}")
     atlas = atlas[~empty].copy()

@@ -140,3 +140,140 @@ def test_nan_features_are_refused():
     spots.obsm[Key.IMAGE_FEATURES][3, 0] = np.nan
     with pytest.raises(ValueError, match="NaN or infinite values in 1 spots"):
         bt.tl.region_classifier(spots, labels_key="region", use_rep=Key.IMAGE_FEATURES)
+
+
+# -- saving and loading (no pickle) --------------------------------------------------------------------------------
+@pytest.mark.parametrize("sections", [("S1", "S2"), ("S1",)])
+def test_region_classifier_round_trip_predicts_the_same(tmp_path, sections):
+    import json
+
+    spots = toy_spots(sections=sections)
+    if len(sections) == 1:  # two regions: scikit-learn keeps one row of coefficients
+        spots = spots[spots.obs["region"] != "immune"].copy()
+    clf = bt.tl.region_classifier(spots, labels_key="region", use_rep=Key.IMAGE_FEATURES)
+    folder = clf.save(tmp_path / "clf")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "weights.safetensors"]
+    assert json.loads((folder / "config.json").read_text())["classes"] == clf.classes
+    again = bt.tl.load_region_classifier(folder)
+    assert again.classes == clf.classes and again.use_rep == clf.use_rep and again.n_features == clf.n_features
+    new = toy_spots(n_per_section=50, sections=("S9",), seed=1)
+    pd.testing.assert_frame_equal(clf.predict(new.copy()), again.predict(new))  # exactly, not approximately
+    clf.save(folder)  # saving over a saved classifier replaces it
+    assert bt.tl.load_region_classifier(folder).classes == clf.classes
+
+
+def test_image_aligner_round_trip_embeds_the_same(tmp_path):
+    spots = toy_spots(n_per_section=40)
+    aligner = bt.tl.align_images(spots, loss="bleep", dim=16, epochs=3, batch_size=64)
+    folder = aligner.save(tmp_path / "aligner")
+    again = bt.tl.load_image_aligner(folder)
+    assert again.config == aligner.config and again.history == pytest.approx(aligner.history)
+    np.testing.assert_array_equal(again.embed(spots, key_added=None), aligner.embed(spots, key_added=None))
+    for a, b in zip(again.gene_head.state_dict().values(), aligner.gene_head.state_dict().values(), strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # the classifier of a saved pipeline (aligner + classifier) reads the reloaded aligner's embedding unchanged
+    aligner.embed(spots)
+    clf = bt.tl.region_classifier(spots, labels_key="region")
+    clf.save(tmp_path / "clf")
+    new = toy_spots(n_per_section=30, sections=("S9",), seed=2)
+    again.embed(new)
+    expected = clf.predict(new.copy(), key_added=None)
+    pd.testing.assert_frame_equal(bt.tl.load_region_classifier(tmp_path / "clf").predict(new, key_added=None), expected)
+
+
+def _flip_bytes(file, offset_from_end: int = 40) -> None:
+    raw = bytearray(file.read_bytes())
+    raw[-offset_from_end:] = bytes(b ^ 0xFF for b in raw[-offset_from_end:])
+    file.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("what", ["classifier", "aligner"])
+def test_loading_bad_folders_fails_clearly(tmp_path, what):
+    import json
+
+    spots = toy_spots(n_per_section=30)
+    if what == "classifier":
+        obj = bt.tl.region_classifier(spots, labels_key="region", use_rep=Key.IMAGE_FEATURES)
+        load, name = bt.tl.load_region_classifier, "region classifier"
+    else:
+        obj = bt.tl.align_images(spots, dim=8, epochs=1)
+        load, name = bt.tl.load_image_aligner, "image aligner"
+    with pytest.raises(FileNotFoundError, match="no folder there"):
+        load(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"not a saved {name}"):
+        load(tmp_path / "empty")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        obj.save(tmp_path / "a_file")
+    folder = obj.save(tmp_path / "saved")
+    config = (folder / "config.json").read_text()
+    (folder / "config.json").write_text(config[: len(config) // 2])
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        load(folder)
+    (folder / "config.json").write_text(json.dumps({**json.loads(config), "format": "something else"}))
+    with pytest.raises(ValueError, match=f"not the config of a bitro {name}"):
+        load(folder)
+    (folder / "config.json").write_text(config)
+    weights = folder / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        load(folder)
+    # the other kind's folder is refused by its format
+    other = (
+        bt.tl.align_images(spots, dim=8, epochs=1)
+        if what == "classifier"
+        else bt.tl.region_classifier(spots, labels_key="region", use_rep=Key.IMAGE_FEATURES)
+    )
+    with pytest.raises(ValueError, match=f"not the config of a bitro {name}"):
+        load(other.save(tmp_path / "other"))
+
+
+def test_loaded_objects_refuse_other_features(tmp_path):
+    spots = toy_spots(n_per_section=30)
+    clf = bt.tl.load_region_classifier(
+        bt.tl.region_classifier(spots, labels_key="region", use_rep=Key.IMAGE_FEATURES).save(tmp_path / "clf")
+    )
+    aligner = bt.tl.load_image_aligner(bt.tl.align_images(spots, dim=8, epochs=1).save(tmp_path / "aligner"))
+    narrow = spots.copy()
+    narrow.obsm[Key.IMAGE_FEATURES] = narrow.obsm[Key.IMAGE_FEATURES][:, :10]
+    with pytest.raises(ValueError, match="has 10 features; the classifier was fitted on 40"):
+        clf.predict(narrow)
+    with pytest.raises(ValueError, match="has 10 features; the aligner was trained on 40"):
+        aligner.embed(narrow)
+    del narrow.obsm[Key.IMAGE_FEATURES]
+    with pytest.raises(KeyError, match="is not in `adata.obsm`"):
+        clf.predict(narrow)
+
+
+def test_atlas_regions_from_the_pathologist_files(tmp_path):
+    """``her2st_atlas(regions=True)`` reads ``pathologist/{S}.tsv``: rounded x, y name the spots; undetermined is NaN."""
+    import gzip
+
+    for sub in ("counts", "pathologist"):
+        (tmp_path / sub).mkdir()
+    for s in ("A1", "A2"):
+        with gzip.open(tmp_path / "counts" / f"{s}.tsv.gz", "wt") as f:
+            f.write("\tG1\tG2\n10x5\t1\t2\n11x5\t0\t3\n12x6\t4\t0\n")
+    (tmp_path / "pathologist" / "A1.tsv").write_text(
+        "Row.names\tx\ty\tpixel_x\tpixel_y\tlabel\n"
+        "a\t10.02\t4.99\t1\t1\tinvasive cancer\n"
+        "b\t11.1\t5.0\t1\t1\tundetermined\n"
+        "c\t12\t6\t1\t1\tadipose tissue\n"
+        "d\t\t\t1\t1\tadipose tissue\n"  # no coordinates: left out
+        "e\t30\t30\t1\t1\tadipose tissue\n"  # no such spot
+    )
+    atlas = bt.datasets.her2st_atlas(path=tmp_path, regions=True)
+    region = atlas.obs["region"]
+    assert region.dtype == "category" and list(region.cat.categories) == ["adipose tissue", "invasive cancer"]
+    assert region.astype(object).where(region.notna(), None).to_dict() == {
+        "A1_10x5": "invasive cancer",
+        "A1_11x5": None,
+        "A1_12x6": "adipose tissue",
+        "A2_10x5": None,
+        "A2_11x5": None,
+        "A2_12x6": None,
+    }
+    assert "region" not in bt.datasets.her2st_atlas(path=tmp_path).obs
+    with pytest.raises(TypeError, match="`regions` must be True or False"):
+        bt.datasets.her2st_atlas(path=tmp_path, regions="yes")

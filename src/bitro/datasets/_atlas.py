@@ -26,6 +26,8 @@ ATLAS_ENV = "BITRO_HER2ST_ATLAS_DIR"
 ATLAS_DIR_NAME = "her2st_atlas"
 #: ``.obs`` column of each spot's patient (the section id's letter).
 PATIENT = "patient"
+#: The pathologist's label that marks no region; read as missing (NaN).
+UNDETERMINED = "undetermined"
 _SECTION = re.compile(r"^([A-Za-z]+)\d+$")
 
 
@@ -80,7 +82,32 @@ def _read_section(folder: Path, sample: str) -> AnnData:
     )
 
 
-def her2st_atlas(samples: Sequence[str] | str | None = None, *, path: str | Path | None = None) -> AnnData:
+def pathologist_regions(folder: Path, sample: str, obs_names: pd.Index) -> pd.Series | None:
+    """The pathologist's region of each spot of ``sample`` (``pathologist/{S}.tsv``), NaN where none; None without a file.
+
+    The file's ``x``, ``y`` are adjusted array coordinates: rounded, they give the count rows' ``{x}x{y}`` names.
+    ``"undetermined"`` and rows without coordinates are left out (missing).
+    """
+    file = folder / "pathologist" / f"{sample}.tsv"
+    if not file.is_file():
+        return None
+    lab = pd.read_csv(file, sep="\t")
+    if not {"x", "y", "label"} <= set(lab.columns):
+        msg = f"{str(file)!r} needs the columns 'x', 'y' and 'label' (got {list(lab.columns)})."
+        raise ValueError(msg)
+    lab = lab[(lab["label"] != UNDETERMINED) & lab["x"].notna() & lab["y"].notna() & lab["label"].notna()]
+    names = pd.Index([f"{sample}_{round(x)}x{round(y)}" for x, y in zip(lab["x"], lab["y"], strict=True)])
+    found = names.isin(obs_names)
+    logger.info("Atlas section %r: %d of %d labelled spots matched to counts.", sample, int(found.sum()), len(lab))
+    out = pd.Series(np.nan, index=obs_names, dtype=object)
+    matched = names[found]
+    out[matched[~matched.duplicated()]] = lab["label"].astype(str).to_numpy()[found][~matched.duplicated()]
+    return out
+
+
+def her2st_atlas(
+    samples: Sequence[str] | str | None = None, *, path: str | Path | None = None, regions: bool = False
+) -> AnnData:
     """Raw counts of the HER2ST expression atlas: 34 sections of 8 patients (A-H), expression only.
 
     The sections of Andersson et al. (Nat Commun 2021) as the authors published them (two sections of patient C
@@ -103,13 +130,16 @@ def her2st_atlas(samples: Sequence[str] | str | None = None, *, path: str | Path
     Spots x genes of all sections (sparse float32 raw counts, genes outer-joined with 0, sorted by name),
     with ``.obs["sample"]`` (the section), ``.obs["patient"]`` (its letter), ``.obs["spot_id"]``
     (``"{x}x{y}"``), ``.obs["array_row"]``/``.obs["array_col"]``, and the citation in
-    ``.uns["bitro"]["dataset"]``. No images and no spot pixel coordinates.
+    ``.uns["bitro"]["dataset"]``; with ``regions=True`` also ``.obs["region"]``. No images and no spot pixel
+    coordinates.
 
     Examples
     --------
     >>> import bitro as bt
     >>> atlas = bt.datasets.her2st_atlas(path="../shared/data/her2st_atlas")  # doctest: +SKIP
     >>> reference = atlas[atlas.obs["patient"] != "C"].copy()  # for a model tested on C3  # doctest: +SKIP
+    >>> labelled = bt.datasets.her2st_atlas(["A1", "B1"], path="../shared/data/her2st_atlas", regions=True)  # doctest: +SKIP
+    >>> labelled.obs["region"].value_counts()  # doctest: +SKIP
     """
     import anndata as ad
 
@@ -123,6 +153,9 @@ def her2st_atlas(samples: Sequence[str] | str | None = None, *, path: str | Path
         msg = f"No section in {str(counts_dir)!r}: expected files '{{S}}.tsv.gz' (spots x genes)."
         raise FileNotFoundError(msg)
     samples = choose_sections(samples, found, counts_dir)
+    if not isinstance(regions, bool):
+        msg = f"`regions` must be True or False, got {regions!r}."
+        raise TypeError(msg)
 
     parts = [_read_section(folder, s) for s in tqdm(samples, desc="HER2ST atlas", disable=not settings.progress)]
     atlas = ad.concat(parts, join="outer", fill_value=0.0)
@@ -131,6 +164,19 @@ def her2st_atlas(samples: Sequence[str] | str | None = None, *, path: str | Path
     for col in (Key.SAMPLE, PATIENT):
         atlas.obs[col] = pd.Categorical(atlas.obs[col], categories=list(dict.fromkeys(atlas.obs[col])))
     atlas.X = atlas.X.tocsr().astype(np.float32)
+    if regions:
+        region = pd.Series(np.nan, index=atlas.obs_names, dtype=object)
+        labelled = []
+        for s in samples:
+            part = pathologist_regions(folder, s, atlas.obs_names)
+            if part is not None:
+                region = region.where(part.isna(), part)
+                labelled.append(s)
+        if not labelled:
+            logger.warning(
+                "No pathologist labels for sections %s in %s; `.obs['region']` is all missing.", samples, folder
+            )
+        atlas.obs[Key.REGION] = pd.Categorical(region.to_numpy(), categories=sorted(region.dropna().unique()))
     atlas.uns[Key.UNS] = {
         Key.DATASET: {
             **{k: v for k, v in CITATION.items() if k != "genes"},

@@ -8,7 +8,7 @@ from bitro._deprecate import renamed_function
 from bitro.tl._adapters import TransferredModel, load_adapters
 from bitro.tl._baselines import add_baselines, color_statistics, reduced_rank_ridge
 from bitro.tl._config import ModelConfig
-from bitro.tl._contrastive import ImageAligner, align_images, spot_image_features
+from bitro.tl._contrastive import ImageAligner, align_images, load_image_aligner, spot_image_features
 from bitro.tl._cross_validate import cross_validate
 from bitro.tl._evaluate import evaluate
 from bitro.tl._evaluate_cells import evaluate_cells
@@ -23,7 +23,7 @@ from bitro.tl._fit import fit
 from bitro.tl._persist import BitroModel, bundled_models, load_model
 from bitro.tl._predict import predict
 from bitro.tl._pseudobulk import pseudobulk
-from bitro.tl._regions import RegionClassifier, evaluate_regions, region_classifier
+from bitro.tl._regions import RegionClassifier, evaluate_regions, load_region_classifier, region_classifier
 from bitro.tl._transfer import transfer
 
 colour_statistics = renamed_function(color_statistics, "colour_statistics")
@@ -50,7 +50,9 @@ __all__ = [
     "integration_scores",
     "load_adapters",
     "load_expression_encoder",
+    "load_image_aligner",
     "load_model",
+    "load_region_classifier",
     "log1p_pca",
     "predict",
     "pseudobulk",

@@ -6,10 +6,14 @@ residual, layer norm), one on the image features and one on the frozen expressio
 :func:`bitro.tl.expression_encoder`, or a PCA of log1p expression as the uncorrected baseline), so that a spot's
 two views are close: symmetric InfoNCE (CLIP, ``loss="clip"``) or BLEEP's soft targets from the similarities
 within each modality (``loss="bleep"``). The image head then embeds spots of any slide (:meth:`ImageAligner.embed`).
+:meth:`ImageAligner.save` writes both heads and the standardisation (safetensors) and the settings (JSON), no
+pickle; :func:`load_image_aligner` reads them back.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -24,6 +28,10 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 LOSSES = ("clip", "bleep")
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+#: ``format`` of the saved config, checked when loading.
+FORMAT = "bitro.image_aligner/1"
 
 
 def spot_image_features(
@@ -204,6 +212,91 @@ class ImageAligner:
         if key_added is not None:
             adata.obsm[key_added] = z
         return z
+
+    def save(self, path: str | Path) -> Path:
+        """Write the aligner to the folder ``path``: ``config.json`` and ``weights.safetensors`` (no pickle).
+
+        Both projection heads (``image_head.*``, ``gene_head.*``) and the image features' standardisation
+        (``image_mean``, ``image_std``) go to the safetensors file, the settings and the loss history to the JSON
+        config. The folder is written aside and swapped in once complete; read it back with
+        :func:`load_image_aligner`.
+
+        Parameters
+        ----------
+        path
+            The folder; replaced when it exists.
+
+        Returns
+        -------
+        The folder.
+        """
+        import torch
+        from safetensors.torch import save_file
+
+        from bitro._atomic import staged
+
+        path = Path(path)
+        if path.is_file():
+            msg = f"{str(path)!r} is a file; `ImageAligner.save` writes a folder: pass a folder path."
+            raise FileExistsError(msg)
+        state = {f"image_head.{k}": v for k, v in self.image_head.state_dict().items()}
+        state |= {f"gene_head.{k}": v for k, v in self.gene_head.state_dict().items()}
+        state["image_mean"] = torch.from_numpy(np.asarray(self.mean, dtype=np.float32))
+        state["image_std"] = torch.from_numpy(np.asarray(self.std, dtype=np.float32))
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        config = {"format": FORMAT, **self.config, "history": [float(v) for v in self.history]}
+        with staged(path) as tmp:
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+        return path
+
+
+def load_image_aligner(path: str | Path) -> ImageAligner:
+    """Read an image aligner written by :meth:`ImageAligner.save`.
+
+    Parameters
+    ----------
+    path
+        The folder with ``config.json`` and ``weights.safetensors``.
+
+    Returns
+    -------
+    The aligner, in evaluation mode; :meth:`ImageAligner.embed` gives exactly the saved one's embedding.
+
+    Examples
+    --------
+    >>> import bitro as bt
+    >>> aligner = bt.tl.load_image_aligner("image_aligner")  # doctest: +SKIP
+    >>> aligner.embed(new_spots)  # doctest: +SKIP
+    """
+    import torch
+
+    from bitro.tl._regions import _read_saved
+
+    folder = Path(path)
+    config, arrays = _read_saved(folder, "image aligner", FORMAT, CONFIG_FILE, WEIGHTS_FILE, "ImageAligner.save")
+    history = config.pop("history", [])
+    try:
+        n_in, n_expr = int(config["n_image_features"]), int(config["n_expression_features"])
+        dim, dropout = int(config["dim"]), float(config["dropout"])
+        mean, std = arrays.pop("image_mean"), arrays.pop("image_std")
+        image_head, gene_head = _head(n_in, dim, dropout), _head(n_expr, dim, dropout)
+        for prefix, head in (("image_head.", image_head), ("gene_head.", gene_head)):
+            head.load_state_dict(
+                {k[len(prefix) :]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith(prefix)}
+            )
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        msg = (
+            f"{str(folder)!r} holds an incomplete or inconsistent image aligner ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}); save it again."
+        )
+        raise ValueError(msg) from None
+    if mean.shape != (n_in,) or std.shape != (n_in,):
+        msg = f"{str(folder)!r}: the image standardisation has the wrong shape for {n_in} features; save it again."
+        raise ValueError(msg)
+    image_head.eval()
+    gene_head.eval()
+    return ImageAligner(image_head, gene_head, mean.astype(np.float32), std.astype(np.float32), config, history)
 
 
 def align_images(

@@ -4,7 +4,8 @@
 embedding (:meth:`ImageAligner.embed`, or raw image features as the baseline) and the regions of the training
 spots; :meth:`RegionClassifier.predict` labels the spots of any slide with a probability.
 :func:`evaluate_regions` scores it leave-one-section-out (balanced accuracy, macro-F1, per class), optionally
-re-training the image alignment inside every fold.
+re-training the image alignment inside every fold. :meth:`RegionClassifier.save` writes the fitted arrays
+(safetensors) and the settings (JSON), no pickle; :func:`load_region_classifier` reads them back.
 
 When the regions were transferred from expression (:meth:`ExpressionEncoder.transfer_labels`), they are a
 silver standard, not a pathologist's ground truth.
@@ -12,7 +13,9 @@ silver standard, not a pathologist's ground truth.
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,6 +27,13 @@ from bitro._logging import logger
 
 if TYPE_CHECKING:
     from anndata import AnnData
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+#: ``format`` of the saved config, checked when loading.
+FORMAT = "bitro.region_classifier/1"
+#: The fitted arrays of the pipeline, as saved: the scaler's, then the logistic regression's.
+_ARRAYS = ("scaler_mean", "scaler_scale", "scaler_var", "coef", "intercept")
 
 
 def _region_labels(adata: AnnData, labels_key: str) -> pd.Series:
@@ -93,6 +103,54 @@ class RegionClassifier:
             adata.obs[f"{key_added}_probability"] = out["probability"].to_numpy()
         return out
 
+    def save(self, path: str | Path) -> Path:
+        """Write the classifier to the folder ``path``: ``config.json`` and ``weights.safetensors`` (no pickle).
+
+        The fitted arrays (the standardisation's mean and scale, the logistic regression's coefficients and
+        intercepts) go to the safetensors file, the regions and settings to the JSON config. The folder is written
+        aside and swapped in once complete; read it back with :func:`load_region_classifier`.
+
+        Parameters
+        ----------
+        path
+            The folder; replaced when it exists.
+
+        Returns
+        -------
+        The folder.
+        """
+        from safetensors.numpy import save_file
+
+        from bitro._atomic import staged
+
+        path = Path(path)
+        if path.is_file():
+            msg = f"{str(path)!r} is a file; `RegionClassifier.save` writes a folder: pass a folder path."
+            raise FileExistsError(msg)
+        scaler, clf = self.pipeline[0], self.pipeline[-1]
+        arrays = {
+            "scaler_mean": scaler.mean_,
+            "scaler_scale": scaler.scale_,
+            "scaler_var": scaler.var_,
+            "coef": clf.coef_,
+            "intercept": clf.intercept_,
+        }
+        arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}  # their own dtypes: the same predictions
+        config = {
+            "format": FORMAT,
+            "use_rep": self.use_rep,
+            "n_features": int(self.n_features),
+            "classes": self.classes,
+            "C": float(clf.C),
+            "max_iter": int(clf.max_iter),
+            "seed": None if clf.random_state is None else int(clf.random_state),
+            "n_samples_seen": int(np.max(scaler.n_samples_seen_)),
+        }
+        with staged(path) as tmp:
+            save_file(arrays, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+        return path
+
 
 def _fit(x: np.ndarray, y: np.ndarray, C: float, seed: int) -> Any:
     from sklearn.linear_model import LogisticRegression
@@ -148,6 +206,88 @@ def region_classifier(
         msg = f"`.obs[{labels_key!r}]` holds {len(np.unique(y))} region(s); a classifier needs at least 2."
         raise ValueError(msg)
     return RegionClassifier(_fit(x[keep], y, float(C), seed), use_rep, x.shape[1])
+
+
+def _read_saved(folder: Path, what: str, fmt: str, config_file: str, weights_file: str, saver: str) -> tuple:
+    """The config (``format`` removed) and the arrays of a folder written by ``saver``; clear errors otherwise."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not folder.is_dir():
+        msg = f"{str(folder)!r}: no folder there; pass the folder written by `{saver}`."
+        raise FileNotFoundError(msg)
+    files = (folder / config_file, folder / weights_file)
+    if not all(f.is_file() for f in files):
+        msg = (
+            f"{str(folder)!r} is not a saved {what}: it needs {config_file} and {weights_file} (written by `{saver}`)."
+        )
+        raise FileNotFoundError(msg)
+    try:
+        config = json.loads(files[0].read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        msg = f"{str(files[0])!r} is corrupted or truncated (not valid JSON: {e}); save the {what} again."
+        raise ValueError(msg) from None
+    if not isinstance(config, dict) or config.pop("format", None) != fmt:
+        msg = f"{str(files[0])!r} is not the config of a bitro {what} (format {fmt!r})."
+        raise ValueError(msg)
+    try:
+        arrays = load_file(str(files[1]))
+    except (SafetensorError, OSError, ValueError) as e:
+        msg = f"{str(files[1])!r} is corrupted or truncated ({e}); save the {what} again."
+        raise ValueError(msg) from None
+    return config, arrays
+
+
+def load_region_classifier(path: str | Path) -> RegionClassifier:
+    """Read a region classifier written by :meth:`RegionClassifier.save`.
+
+    Parameters
+    ----------
+    path
+        The folder with ``config.json`` and ``weights.safetensors``.
+
+    Returns
+    -------
+    The classifier; it predicts exactly what the saved one did (same arrays, same scikit-learn pipeline).
+
+    Examples
+    --------
+    >>> import bitro as bt
+    >>> clf = bt.tl.load_region_classifier("region_classifier")  # doctest: +SKIP
+    >>> clf.predict(new_spots)  # doctest: +SKIP
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    folder = Path(path)
+    config, arrays = _read_saved(
+        folder, "region classifier", FORMAT, CONFIG_FILE, WEIGHTS_FILE, "RegionClassifier.save"
+    )
+    try:
+        classes = [str(c) for c in config["classes"]]
+        n, use_rep = int(config["n_features"]), str(config["use_rep"])
+        mean, scale, var, coef, intercept = (np.asarray(arrays[k]) for k in _ARRAYS)
+    except (KeyError, TypeError, ValueError) as e:
+        msg = f"{str(folder)!r} lacks part of a region classifier ({e!r} missing or wrong); save it again."
+        raise ValueError(msg) from None
+    rows = 1 if len(classes) == 2 else len(classes)
+    if not (mean.shape == scale.shape == var.shape == (n,) and coef.shape == (rows, n) and intercept.shape == (rows,)):
+        msg = (
+            f"{str(folder)!r} holds arrays of the wrong shapes for {len(classes)} regions and {n} features "
+            "(corrupted, or edited by hand); save the classifier again."
+        )
+        raise ValueError(msg)
+    scaler = StandardScaler()
+    scaler.mean_, scaler.scale_, scaler.var_ = mean, scale, var
+    scaler.n_features_in_, scaler.n_samples_seen_ = n, int(config.get("n_samples_seen", 0))
+    clf = LogisticRegression(
+        C=float(config["C"]), class_weight="balanced", max_iter=int(config["max_iter"]), random_state=config["seed"]
+    )
+    clf.classes_ = np.asarray(classes, dtype=str)
+    clf.coef_, clf.intercept_, clf.n_features_in_ = coef, intercept, n
+    clf.n_iter_ = np.zeros(1, dtype=np.int32)
+    return RegionClassifier(make_pipeline(scaler, clf), use_rep, n)
 
 
 def region_scores(truth: Any, predicted: Any) -> dict[str, float]:
