@@ -21,7 +21,13 @@ size over all genes; ``log1p``: log1p of raw counts; ``hist2st``: log1p of count
 - with ``--models m2ort "m2ort effnet" cmrcnet``: registered predictors that read spot patches
   (``bt.pp.spot_patches``: 112 um / 224 px / 3 scales / 7 x 7 tokens, of pixels or of frozen EfficientNet-Lite0
   tokens, ``PATCH_TABLES``), trained beside BiTro on every scale;
-- the gene space of BiTro (``--configs "free gene rows" "gene rank 10" "gene rank 20" "atlas gene space"``).
+- the gene space of BiTro (``--configs "free gene rows" "gene rank 10" "gene rank 20" "atlas gene space"``);
+- the batch-agnostic latent (issue #16; ``--configs "latent aux" "latent decode" "latent aux + decode" "atlas gene
+  space 10"``): scVI (``bt.tl.expression_encoder``, batch = patient, 10 latent dimensions, 30 epochs) trained on the
+  atlas's counts of the 785 genes without the held-out section's patient (``load_latent``; cached in
+  ``benchmarks/_cache/her2st_latent_no{B,C}/``, ~1 min each), its latent of the training spots as BiTro's
+  auxiliary target (``aux_key``), and/or the gene space (rank 10) spanned by its decoder: the atlas without the
+  patient decoded from its latent, batch-free (``gene_reference``).
 
 Every trained row is a name and the keyword arguments of ``bt.tl.fit`` (``ABLATIONS``, ``MODELS``); a model whose
 input table is the patch table gets the patch table as ``cells=``, the others the cell table.
@@ -98,6 +104,14 @@ ABLATIONS = {
     "gene rank 10": {"gene_rank": 10},
     "gene rank 20": {"gene_rank": 20},
     "atlas gene space": {"gene_reference": "atlas"},
+    # the batch-agnostic latent (issue #16): scVI's latent as an auxiliary target (``"latent"``: the held-out
+    # patient's encoder, ``load_latent``), and a gene space spanned by its decoder (``"decoded"``: the atlas without
+    # the patient as the decoder gives it back, batch-free; rank 10 = the latent's width), beside the raw atlas's
+    # axes at the same rank
+    "latent aux": {"aux_key": "latent"},
+    "latent decode": {"gene_reference": "decoded", "gene_rank": 10},
+    "latent aux + decode": {"aux_key": "latent", "gene_reference": "decoded", "gene_rank": 10},
+    "atlas gene space 10": {"gene_reference": "atlas", "gene_rank": 10},
 }
 
 
@@ -232,6 +246,59 @@ def load_atlas(genes: list[str]):
     return atlas
 
 
+#: The expression encoder of the latent rows (``"latent aux"``, ``"latent decode"``): scVI, batch = patient, on the
+#: atlas's counts of the predicted genes, without every section of the held-out section's patient.
+LATENT_ENCODER = {"n_latent": 10, "max_epochs": 30, "n_top_genes": None, "seed": 0}
+
+
+def latent_file(held_patient: str) -> Path:
+    return CACHE / f"her2st_latent_no{held_patient}"
+
+
+def load_latent(held_patient: str, spots, genes: list[str]):
+    """The batch-agnostic latent of ``spots`` and the atlas decoded through it, from an encoder without a patient.
+
+    scVI (``bt.tl.expression_encoder``, ``LATENT_ENCODER``: 10 latent dimensions, only 30 epochs) trained on the
+    atlas's counts of ``genes`` leaving out every section of ``held_patient``, cached in
+    ``benchmarks/_cache/her2st_latent_no{patient}/`` with the decoded atlas. Returns the spots' latent (posterior
+    means, ``(n_spots, 10)``) and ``decoded``: the atlas without the patient as scVI's decoder gives it back, the
+    expected counts of ``genes`` from each spot's latent, decoded with the mean over the training patients' batches
+    (batch-free) at the spot's observed library over ``genes``, plus the atlas's ``"(other genes)"`` column, so its
+    scales equal the atlas's (a ``gene_reference``).
+    """
+    import anndata as ad
+
+    import bitro as bt
+
+    folder = latent_file(held_patient)
+    atlas = load_atlas(genes)
+    atlas = atlas[(atlas.obs["patient"].astype(str) != held_patient).to_numpy()].copy()
+    if (folder / "decoded.h5ad").is_file():
+        enc = bt.tl.load_expression_encoder(folder / "encoder")
+        decoded = ad.read_h5ad(folder / "decoded.h5ad")
+    else:
+        t = time.perf_counter()
+        present = [g for g in genes if g in set(atlas.var_names)]
+        train = atlas[:, present].copy()
+        enc = bt.tl.expression_encoder(train, batch_key="patient", **LATENT_ENCODER)
+        enc.save(folder / "encoder")
+        with_counts = np.asarray(train.X.sum(axis=1)).ravel() > 0
+        query = enc._query(train[with_counts], None, "adata")
+        rate = enc.model.get_normalized_expression(
+            query, library_size=1.0, transform_batch=enc.batches, return_numpy=True
+        )
+        lib = np.asarray(train.X[with_counts].sum(axis=1)).ravel()
+        other = np.asarray(atlas[with_counts, "(other genes)"].X.todense()).ravel()
+        x = np.zeros((int(with_counts.sum()), atlas.n_vars), np.float32)
+        x[:, atlas.var_names.get_indexer(enc.genes)] = rate * lib[:, None]
+        x[:, -1] = other
+        decoded = ad.AnnData(x, obs=atlas.obs[with_counts].copy())
+        decoded.var_names = atlas.var_names
+        decoded.write_h5ad(folder / "decoded.h5ad")
+        print(f"latent encoder without patient {held_patient}: {time.perf_counter() - t:.0f} s", flush=True)
+    return enc.embed(spots, key_added=None), decoded
+
+
 def patient(section: str) -> str:
     """The patient of a HER2ST section: its letter (B4 -> B, C3 -> C)."""
     return section.rstrip("0123456789")
@@ -337,6 +404,10 @@ def run_fold(held: str, args: argparse.Namespace) -> list[tuple]:
     atlas = load_atlas(genes)
     reference = atlas[(atlas.obs["patient"].astype(str) != patient(held)).to_numpy()].copy()
     fold_cells = fold_features(cells, cells.obs[Key.SAMPLE].astype(str).to_numpy() != held) if need_cells else None
+    decoded = None
+    if any(kw.get("aux_key") == "latent" or kw.get("gene_reference") == "decoded" for kw in rows_to_fit.values()):
+        latent, decoded = load_latent(patient(held), spots, genes)
+        spots.obsm[Key.EXPRESSION_LATENT] = latent  # read by fit on the training spots only
     patches = {
         kind: bt.pp.spot_patches(sdata, key_added=f"patches_{kind}", **PATCH_TABLES[kind])
         for kind in dict.fromkeys(MODELS[name][0] for name in args.models)
@@ -350,8 +421,10 @@ def run_fold(held: str, args: argparse.Namespace) -> list[tuple]:
             if scale != "cp10k" and name in ABLATIONS and name != "bitro" and not args.full:
                 continue
             table = patches[MODELS[name][0]] if reads_patches(kwargs) else fold_cells
-            if kwargs.get("gene_reference") == "atlas":
-                kwargs = {**kwargs, "gene_reference": reference}
+            if kwargs.get("gene_reference") in ("atlas", "decoded"):
+                kwargs = {**kwargs, "gene_reference": reference if kwargs["gene_reference"] == "atlas" else decoded}
+            if kwargs.get("aux_key") == "latent":
+                kwargs = {**kwargs, "aux_key": Key.EXPRESSION_LATENT}
             t = time.perf_counter()
             model = bt.tl.fit(spots[~test].copy(), cells=table, genes=genes, scale=scale, **kwargs)
             fit_s[name] = time.perf_counter() - t

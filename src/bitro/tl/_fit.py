@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -56,7 +57,7 @@ def _check_params(p: dict[str, Any]) -> None:
     check_bool("refit", p["refit"])
     check_bool("center_samples", p["center_samples"], allow_none=True)
     check_keys(**{k: p[k] for k in ("graph_key", "phenotype_key")})
-    check_keys(**{k: p[k] for k in ("table_key", "cells_key", "use_rep") if p[k] is not None})
+    check_keys(**{k: p[k] for k in ("table_key", "cells_key", "use_rep", "aux_key") if p[k] is not None})
     if p["device"] is not None and not isinstance(p["device"], str):
         msg = f"`device` must be a torch device name such as 'cpu' or 'cuda', got {p['device']!r}."
         raise TypeError(msg)
@@ -92,6 +93,7 @@ def fit(
     seed: int = 0,
     n_members: int = 3,
     gene_reference: AnnData | None = None,
+    aux_key: str | None = None,
     refit: bool = False,
     checkpoint_dir: str | Path | None = None,
     device: str | None = None,
@@ -185,6 +187,16 @@ def fit(
         ``.obs["sample"]``, e.g. :func:`bitro.datasets.her2st_atlas`), whose principal axes (each section centred,
         on the target scale, z-scored like the targets) span the gene space instead of the training targets'.
         Expression only, no images; it must not hold the sections (or patients) a model is evaluated on.
+    aux_key
+        An auxiliary training target (a BiTro option): a per-row embedding in the expression table's ``.obsm``,
+        e.g. the batch-agnostic latent of :func:`bitro.tl.expression_encoder` (``enc.embed(spots)`` writes
+        ``.obsm["X_bitro_latent"]``). A small head predicts it from the pooled spot embedding during training; the
+        loss becomes the gene loss plus ``aux_weight`` (a BiTro option, default 1.0) times the MSE of the
+        auxiliary target, centred within samples like the gene targets and z-scored per column (the MSE on
+        z-scores keeps the latent's magnitude, which a cosine would drop, and puts the two losses on one scale).
+        Training only: predictions stay genes, early stopping watches the genes; the head's width and weight are
+        saved in the architecture. Measured on HER2ST (``docs/benchmarks.md``, "The latent as a target"). Every
+        row needs finite values.
     refit
         After early stopping, train again on all the training data (validation included) for the chosen
         number of epochs.
@@ -239,7 +251,7 @@ def fit(
     from bitro.tl._bags import cell_data, feature_config, log_cell_count, make_bags, pooled_radius, resolve_tables
     from bitro.tl._config import BagSettings, ModelConfig
     from bitro.tl._persist import BitroModel, cell_reference
-    from bitro.tl._targets import check_table, reference_targets, training_targets
+    from bitro.tl._targets import aux_targets, aux_values, check_table, reference_targets, training_targets
     from bitro.tl._train import TrainOptions, split, train_ensemble
 
     params["checkpoint_dir"] = None if checkpoint_dir is None else str(checkpoint_dir)
@@ -258,6 +270,12 @@ def fit(
             f"{'' if hasattr(probe, 'gene_rank') else f' (model={spec.name!r} has no such option: drop gene_reference)'}."
         )
         raise ValueError(msg)
+    if aux_key is not None and not hasattr(probe, "aux_dim"):
+        msg = f"`aux_key` trains an auxiliary head of BiTro; model={spec.name!r} has none: drop aux_key."
+        raise ValueError(msg)
+    if aux_key is None and "aux_weight" in model_options:
+        msg = "`aux_weight` weighs the auxiliary target of `aux_key`, which is not given; give aux_key or drop aux_weight."
+        raise ValueError(msg)
     if genes is not None:
         genes = check_names("genes", genes)
     table, cells = resolve_tables(data, target, cells=cells, table_key=table_key, cells_key=cells_key)
@@ -268,6 +286,7 @@ def fit(
         )
         raise ValueError(msg)
     counts = check_table(table, target)
+    aux_all = None if aux_key is None else aux_values(table, aux_key)
     cells_data = cell_data(
         cells,
         use_rep=use_rep,
@@ -286,6 +305,7 @@ def fit(
         counts[keep], table.var_names, samples, scale=scale, genes=genes, n_top_genes=n_top_genes, center=center
     )
     reference = None if gene_reference is None else reference_targets(gene_reference, chosen, scale, zscore)
+    aux = None if aux_all is None else aux_targets(aux_all[keep], samples, center=center)
     splits = [split(samples, validation, seed, k) for k in range(n_members)]  # raises before any training
     arch = spec.architecture.for_data(
         n_features=cells_data.n_features,
@@ -294,6 +314,8 @@ def fit(
         features=features,
         **model_options,
     )
+    if aux is not None:
+        arch = dataclasses.replace(arch, aux_dim=aux.shape[1])
     options = TrainOptions.from_params(params)
     dev = resolve_device(device)
     logger.info(
@@ -315,6 +337,7 @@ def fit(
         refit=refit,
         checkpoint_dir=checkpoint_dir,
         reference=reference,
+        aux=aux,
     )
     settings.spot_radius = pooled_radius(bags, cells_data) if target == "spot" else None
     config = ModelConfig(

@@ -278,3 +278,54 @@ def reference_targets(reference: Any, genes: Sequence[str], scale: str, zscore: 
     values[:, found] = observed_on_scale(reference, rows, cols[found], scale, library=cols[found])
     centred = center_within(values, reference.obs[Key.SAMPLE].astype(str).to_numpy())
     return (centred / zscore.std).astype(np.float32)
+
+
+def aux_values(table: Any, aux_key: str) -> np.ndarray:
+    """The auxiliary target of :func:`bitro.tl.fit` (``aux_key``): ``table.obsm[aux_key]`` as a float array.
+
+    Raises before any work when the key is missing, or the values are not one finite numeric row per row of the
+    table.
+    """
+    import pandas as pd
+
+    fix = (
+        f"write one row of numbers per row of the expression table to `.obsm[{aux_key!r}]` first, e.g. the "
+        "expression encoder's latent: `bt.tl.expression_encoder(atlas).embed(spots, key_added=aux_key)`"
+    )
+    if aux_key not in table.obsm:
+        msg = f"`aux_key`: the expression table has no `.obsm[{aux_key!r}]` (it has {sorted(table.obsm)}); {fix}."
+        raise KeyError(msg)
+    raw = table.obsm[aux_key]
+    if isinstance(raw, pd.DataFrame):
+        raw = raw.to_numpy()
+    elif sp.issparse(raw):
+        raw = raw.toarray()
+    try:
+        values = np.asarray(raw, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        msg = f"`.obsm[{aux_key!r}]` (`aux_key`) is not numeric ({e}); {fix}."
+        raise TypeError(msg) from e
+    if values.ndim != 2 or values.shape[0] != table.n_obs or values.shape[1] < 1:
+        msg = (
+            f"`.obsm[{aux_key!r}]` (`aux_key`) has shape {values.shape}, but the expression table has {table.n_obs} "
+            f"rows: it must be ({table.n_obs}, k); {fix}."
+        )
+        raise ValueError(msg)
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        msg = (
+            f"`.obsm[{aux_key!r}]` (`aux_key`) has NaN or infinite values in {int(bad.sum())} of {len(values)} rows "
+            f"(e.g. row {int(np.flatnonzero(bad)[0])}); embed every spot, or train on the rows that have values."
+        )
+        raise ValueError(msg)
+    return values
+
+
+def aux_targets(values: np.ndarray, samples: np.ndarray, *, center: bool) -> np.ndarray:
+    """The auxiliary targets of the training bags: centred within samples like the gene targets, z-scored per column.
+
+    ``center``: as :func:`standardize_targets`'s ``center_samples`` (the gene targets and the auxiliary target then
+    ask for the same kind of variation, within sections). Constant columns stay 0.
+    """
+    _, z = standardize_targets(values, samples, center_samples=center)
+    return z

@@ -128,13 +128,16 @@ def train_network(
     desc: str,
     prepare: bool = False,
     reference: np.ndarray | None = None,
+    aux: np.ndarray | None = None,
 ) -> tuple[CellBagNetwork, dict[str, Any]]:
     """Train one network; early stopping on ``val_idx`` when it is not empty. Returns ``(net, history)``.
 
     Only the parameters that require gradients are optimised (LoRA adapters, :func:`bitro.tl.transfer`). The loss is
     the network's own (:meth:`~bitro.tl.models._base.CellBagNetwork.loss`); its parts go into the history as
-    ``"train_{part}"``. With ``folder`` a checkpoint is written after every epoch and a run with the same data and
-    settings resumes from it.
+    ``"train_{part}"``. ``aux``: the bags' z-scored auxiliary targets ``(n_bags, k)`` (``aux_key`` of
+    :func:`bitro.tl.fit`), passed to the loss as ``aux=`` (only networks with an auxiliary head take it); early
+    stopping still watches the genes. With ``folder`` a checkpoint is written after every epoch and a run with the
+    same data and settings resumes from it.
     """
     import torch
     from tqdm.auto import tqdm
@@ -149,8 +152,16 @@ def train_network(
     net = net.to(device)
     trainable = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.Adam(trainable, lr=options.lr, weight_decay=options.weight_decay)
+    with_aux = () if aux is None else (aux.shape, float(aux.sum()))  # runs without one keep their fingerprint
     run_id = fingerprint(
-        net.arch.to_dict(), asdict(options), seed, train_idx.tolist(), val_idx.tolist(), yz.shape, float(yz.sum())
+        net.arch.to_dict(),
+        asdict(options),
+        seed,
+        train_idx.tolist(),
+        val_idx.tolist(),
+        yz.shape,
+        float(yz.sum()),
+        *with_aux,
     )
     history: dict[str, Any] = {"train_loss": [], "val_mse": [], "val_pcc_gene": []}
     state = {
@@ -170,6 +181,7 @@ def train_network(
             history = state["history"]
     monitor_pcc = len(val_idx) >= 3
     target = torch.as_tensor(yz, dtype=torch.float32)
+    aux_target = None if aux is None else torch.as_tensor(aux, dtype=torch.float32)
     bs = options.batch_size
     bar = tqdm(total=epochs, desc=desc, disable=not settings.progress, initial=state["epoch"])
     for epoch in range(state["epoch"], epochs):
@@ -185,7 +197,8 @@ def train_network(
             batch = collate(
                 [bags[j] for j in idx], cells, rng=rng, cell_dropout=options.cell_dropout, max_cells=options.max_cells
             ).to(device)
-            loss, parts = net.loss(batch, target[idx].to(device))
+            extra = {} if aux_target is None else {"aux": aux_target[idx].to(device)}
+            loss, parts = net.loss(batch, target[idx].to(device), **extra)
             if not torch.isfinite(loss):
                 diverged(f"the training loss became {loss.item()} in epoch {epoch + 1}", options.lr)
             if state.get("start_loss") is None:
@@ -254,13 +267,15 @@ def train_ensemble(
     checkpoint_dir: str | Path | None = None,
     prepare: bool = True,
     reference: np.ndarray | None = None,
+    aux: np.ndarray | None = None,
 ) -> tuple[list[CellBagNetwork], list[dict[str, Any]], list[dict[str, Any]]]:
     """Train one network per split (ensemble member ``k``: ``build(k)``, seed ``seed + k``, ``splits[k]``).
 
     With ``refit`` each member is trained again on all bags for its best number of epochs (a fresh ``build(k)``).
     ``prepare``: call each fresh network's :meth:`~bitro.tl.models._base.CellBagNetwork.prepare` with its training
     targets (and ``reference``, other sections' z-scored expression) first (:func:`bitro.tl.fit`; not for the
-    fine-tuning of a trained network).
+    fine-tuning of a trained network). ``aux``: the bags' z-scored auxiliary targets, or ``None``
+    (:func:`train_network`).
     Returns the networks, their histories and the members' records (seed, validation samples).
     """
     import torch
@@ -273,7 +288,7 @@ def train_ensemble(
     for k, (train_idx, val_idx) in enumerate(splits):
         s = seed + k
         folder = None if checkpoint_dir is None else Path(checkpoint_dir) / f"member{k}"
-        common = {"options": options, "seed": s, "device": device, "prepare": prepare, "reference": reference}
+        common = {"options": options, "seed": s, "device": device, "prepare": prepare, "reference": reference, "aux": aux}
         net, hist = train_network(
             seeded(k), bags, yz, cells, train_idx, val_idx, epochs=epochs, folder=folder, desc=f"{desc} seed {s}", **common
         )

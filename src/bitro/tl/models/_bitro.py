@@ -75,8 +75,13 @@ class BitroArchitecture(Architecture):
     gene_rank: int = 0
     #: With ``gene_rank``: whether the gene queries of the attention pooling are factored too (else one per gene).
     rank_queries: bool = True
+    #: Width of the auxiliary target (``aux_key`` of :func:`bitro.tl.fit`, e.g. an expression latent), predicted by
+    #: a small head from the pooled spot embedding during training only; 0: no auxiliary head (set from the data).
+    aux_dim: int = 0
+    #: Weight of the auxiliary loss (MSE on the z-scored auxiliary target) beside the gene loss.
+    aux_weight: float = 1.0
 
-    data_fields = ("n_features", "n_genes", "size_mean", "size_std")
+    data_fields = ("n_features", "n_genes", "size_mean", "size_std", "aux_dim")
     extra_options = ("heads",)
 
     def validate(self) -> None:
@@ -94,6 +99,9 @@ class BitroArchitecture(Architecture):
                 raise ValueError(msg)
         if not 0 <= self.dropout < 1:
             msg = f"`dropout` must be in [0, 1), got {self.dropout!r}."
+            raise ValueError(msg)
+        if self.aux_weight < 0:
+            msg = f"`aux_weight` must be >= 0, got {self.aux_weight!r}."
             raise ValueError(msg)
         if self.cluster_weight < 0 or self.size_std <= 0:
             msg = f"`cluster_weight` must be >= 0 and `size_std` > 0, got {self.cluster_weight!r} and {self.size_std!r}."
@@ -236,6 +244,9 @@ class BitroNet(CellBagNetwork):
             )
         if arch.bag_size:
             self.gene_size = nn.Parameter(torch.zeros(g))
+        if arch.aux_dim:  # the auxiliary target's head (training only)
+            self.aux_norm = nn.LayerNorm(d)
+            self.aux_head = nn.Linear(d, arch.aux_dim)
 
     def prepare(self, target: torch.Tensor, reference: torch.Tensor | None = None) -> None:
         """With ``gene_rank``: the gene basis, the top principal axes of the training targets ``(n_bags, n_genes)``.
@@ -348,25 +359,47 @@ class BitroNet(CellBagNetwork):
 
         Both ``(n_pooled, n_genes)``; the expression as :meth:`cell_expression` gives it.
         """
+        return self._outputs(batch)[:3]
+
+    def _outputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`outputs` and the pooled embeddings ``z`` ``(n_bags, n_genes, dim)``."""
         h = self.encode(batch)
         bag = batch.pooled_bag
         h_pooled = h[batch.pool]
         logits, lse, z = self.attend(h_pooled, bag, batch.n_bags)
         y, att = self.readout(z, batch.size), torch.exp(logits - lse[bag])
-        return y, att, self.cell_expression(h_pooled, att, y, bag, batch.size)
+        return y, att, self.cell_expression(h_pooled, att, y, bag, batch.size), z
+
+    def aux_output(self, z: torch.Tensor) -> torch.Tensor:
+        """The auxiliary target's prediction ``(n_bags, aux_dim)`` from the pooled embeddings ``z`` (:meth:`attend`).
+
+        A linear head on the mean over genes of the gene-pooled embeddings (LayerNorm first): the spot's summary
+        that every gene's pooling contributes to, so the auxiliary loss shapes the shared encoder and the queries.
+        """
+        return self.aux_head(self.aux_norm(z.mean(1)))
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Predictions of the bags ``(n_bags, n_genes)`` and the expression of the pooled cells (:meth:`outputs`)."""
         y, _, cell_expr = self.outputs(batch)
         return y, cell_expr
 
-    def loss(self, batch: Batch, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """MSE of the bags plus ``cluster_weight`` times the paper's cluster loss on the cells (Eq. 12)."""
-        y, cell_expr = self(batch)
+    def loss(
+        self, batch: Batch, target: torch.Tensor, aux: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """MSE of the bags plus ``cluster_weight`` times the paper's cluster loss on the cells (Eq. 12).
+
+        With an auxiliary head (``aux_dim``) and ``aux``, the bags' z-scored auxiliary targets ``(n_bags, aux_dim)``,
+        plus ``aux_weight`` times the MSE of :meth:`aux_output` (the history's ``"aux"``).
+        """
+        y, _, cell_expr, z = self._outputs(batch)
         mse = F.mse_loss(y, target)
         cw = self.arch.cluster_weight
         cl = cluster_loss(cell_expr, batch.phenotype[batch.pool]) if cw > 0 else y.new_zeros(())
-        return mse + cw * cl, {"mse": mse, "cluster": cl}
+        total, parts = mse + cw * cl, {"mse": mse, "cluster": cl}
+        if aux is not None and self.arch.aux_dim:
+            parts["aux"] = F.mse_loss(self.aux_output(z), aux)
+            total = total + self.arch.aux_weight * parts["aux"]
+        return total, parts
 
     def _parts(self, bags: Sequence[Sequence[Seq]], tokens_per_batch: int) -> list[list[tuple[int, Seq]]]:
         return token_groups([(b, s) for b, bag in enumerate(bags) for s in bag], tokens_per_batch)
