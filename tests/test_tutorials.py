@@ -19,6 +19,7 @@ NOTEBOOKS = (
     "her2st_end_to_end.ipynb",
     "your_own_visium.ipynb",
     "cell_resolved_data.ipynb",
+    "regions_and_batch_free_expression.ipynb",
     "transfer_bulk_spot.ipynb",
 )
 #: What each tutorial computed, checked in its own kernel after the run: a notebook that runs but gets a wrong
@@ -50,6 +51,19 @@ ours, equal = scores.set_index("method").loc["bitro"], scores.set_index("method"
 assert ours["pcc_gene"] > equal["pcc_gene"] and ours["within_spot"] > 0.05, scores  # the default readout's cells
 assert abs(equal["within_spot"]) < 1e-9
 assert every_cell.n_obs == slide_cells.n_obs  # a slide without counts: every cell predicted
+""",
+    "regions_and_batch_free_expression.ipynb": """
+import numpy as np
+import bitro as bt
+assert new_spots.n_obs > 100 and new_spots.obs["region_predicted"].notna().all()  # every spot of the new slide
+assert predicted.equals(classifier.predict(new_spots.copy(), key_added=None))  # loaded = trained, exactly
+reloaded = bt.tl.load_image_aligner("regions_model/aligner").embed(new_spots, key_added=None)
+assert np.array_equal(reloaded, aligner.embed(new_spots, key_added=None))
+assert scores.loc["raw image features", "macro-F1"] > scores.iloc[-1]["macro-F1"], scores  # above the majority class
+assert raw["folds"].loc["all", "macro_f1"] > raw["folds"]["majority_macro_f1"].max(), raw["folds"]
+mixing = pd.DataFrame(rows).T.iloc[:, 0]
+assert mixing["scANVI latent"] > mixing["log1p CP10k PCA"], mixing  # the patients mix better than in PCA
+assert spots.obs["region_transferred"].notna().all() and spots.obs["region_transferred_confidence"].between(0, 1).all()
 """,
     "transfer_bulk_spot.ipynb": """
 import numpy as np
@@ -91,6 +105,11 @@ SIZE, EPOCHS = 1024, 4
     "cell_resolved_data.ipynb": """
 # test harness: smaller slides, fewer epochs
 SIZE, EPOCHS = 768, 10
+""",
+    "regions_and_batch_free_expression.ipynb": """
+# test harness: four labelled atlas sections, two imaged sections, few epochs
+ATLAS_SECTIONS, IMAGED = ["A1", "B1", "D1", "G2"], ["B4", "C3"]
+EPOCHS, SCANVI_EPOCHS, ALIGN_EPOCHS, UMAP_SPOTS = 20, 5, 5, 800
 """,
     "transfer_bulk_spot.ipynb": """
 # test harness: smaller slides, fewer epochs

@@ -143,6 +143,9 @@ def her2st_atlas(
     """
     import anndata as ad
 
+    if not isinstance(regions, bool):
+        msg = f"`regions` must be True or False, got {regions!r}."
+        raise TypeError(msg)
     folder = atlas_dir(path)
     counts_dir = folder / "counts"
     if not counts_dir.is_dir():
@@ -153,9 +156,6 @@ def her2st_atlas(
         msg = f"No section in {str(counts_dir)!r}: expected files '{{S}}.tsv.gz' (spots x genes)."
         raise FileNotFoundError(msg)
     samples = choose_sections(samples, found, counts_dir)
-    if not isinstance(regions, bool):
-        msg = f"`regions` must be True or False, got {regions!r}."
-        raise TypeError(msg)
 
     parts = [_read_section(folder, s) for s in tqdm(samples, desc="HER2ST atlas", disable=not settings.progress)]
     atlas = ad.concat(parts, join="outer", fill_value=0.0)
