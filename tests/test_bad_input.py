@@ -1069,6 +1069,31 @@ def _nan_image(a):
     return a
 
 
+def _classifier():
+    return bt.tl.region_classifier(_embedded_spots(), labels_key="region", use_rep="X_bitro_image")
+
+
+def _saved_classifier(ctx):
+    return _classifier().save(ctx.tmp / "region_classifier")
+
+
+def _truncated(folder, name: str):
+    file = folder / name
+    file.write_bytes(file.read_bytes()[:40])
+    return folder
+
+
+def _a_file(ctx):
+    file = ctx.tmp / "a_file.txt"
+    file.write_text("not a folder")
+    return file
+
+
+def _narrow(a):
+    a.obsm["X_bitro_image"] = a.obsm["X_bitro_image"][:, :3]
+    return a
+
+
 for _id, _what, _call, _exc, _words in [
     (
         "expression_encoder_not_counts",
@@ -1141,6 +1166,55 @@ for _id, _what, _call, _exc, _words in [
         lambda ctx: bt.tl.evaluate_regions(_embedded_spots(), labels_key="region", groups_key="slide"),
         KeyError,
         ("`groups_key='slide'`", "columns"),
+    ),
+    (
+        "load_region_classifier_missing",
+        "`load_region_classifier` of a folder that does not exist",
+        lambda ctx: bt.tl.load_region_classifier(ctx.tmp / "nowhere"),
+        FileNotFoundError,
+        ("no folder there", "RegionClassifier.save"),
+    ),
+    (
+        "load_region_classifier_not_saved",
+        "`load_region_classifier` of a folder without a classifier",
+        lambda ctx: bt.tl.load_region_classifier(ctx.tmp),
+        FileNotFoundError,
+        ("not a saved region classifier", "config.json"),
+    ),
+    (
+        "load_region_classifier_truncated",
+        "`load_region_classifier` of truncated weights",
+        lambda ctx: bt.tl.load_region_classifier(_truncated(_saved_classifier(ctx), "weights.safetensors")),
+        ValueError,
+        ("corrupted or truncated",),
+    ),
+    (
+        "load_image_aligner_of_a_classifier",
+        "`load_image_aligner` of a saved region classifier",
+        lambda ctx: bt.tl.load_image_aligner(_saved_classifier(ctx)),
+        ValueError,
+        ("not the config of a bitro image aligner",),
+    ),
+    (
+        "region_classifier_save_onto_file",
+        "`RegionClassifier.save()` onto a file",
+        lambda ctx: _classifier().save(_a_file(ctx)),
+        FileExistsError,
+        ("is a file", "folder"),
+    ),
+    (
+        "region_classifier_other_features",
+        "`RegionClassifier.predict` on spots with other image features (wrong width)",
+        lambda ctx: _classifier().predict(_narrow(_embedded_spots())),
+        ValueError,
+        ("has 3 features", "fitted on 5"),
+    ),
+    (
+        "her2st_atlas_regions_not_bool",
+        "`datasets.her2st_atlas(regions='yes')`",
+        lambda ctx: bt.datasets.her2st_atlas(path=ctx.tmp, regions="yes"),
+        TypeError,
+        ("`regions`", "True or False"),
     ),
     (
         "pl_regions_before_predict",
