@@ -109,6 +109,8 @@ ABLATIONS = {
     # the patient as the decoder gives it back, batch-free; rank 10 = the latent's width), beside the raw atlas's
     # axes at the same rank
     "latent aux": {"aux_key": "latent"},
+    "latent aux 0.3": {"aux_key": "latent", "aux_weight": 0.3},
+    "latent aux 3": {"aux_key": "latent", "aux_weight": 3.0},
     "latent decode": {"gene_reference": "decoded", "gene_rank": 10},
     "latent aux + decode": {"aux_key": "latent", "gene_reference": "decoded", "gene_rank": 10},
     "atlas gene space 10": {"gene_reference": "atlas", "gene_rank": 10},
