@@ -79,8 +79,18 @@ def major_minor(version: str) -> str:
     return ".".join(version.split(".")[:2])
 
 
+#: The HER2ST expression atlas of the development checkout (``../shared/data/`` beside the repository, as CI has it).
+SHARED_ATLAS = Path(__file__).resolve().parents[2] / "shared" / "data" / "her2st_atlas"
+
+
 def kernel_manager(folder: Path):
-    """A kernel manager whose kernel runs this interpreter, via a kernel spec written to ``folder``."""
+    """A kernel manager whose kernel runs this interpreter, via a kernel spec written to ``folder``.
+
+    The kernel finds the shared HER2ST atlas through ``BITRO_HER2ST_ATLAS_DIR`` (as a user sets it) unless the
+    variable is set already.
+    """
+    import os
+
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import KernelManager
 
@@ -91,6 +101,8 @@ def kernel_manager(folder: Path):
         "display_name": "bitro",
         "language": "python",
     }
+    if SHARED_ATLAS.is_dir() and not os.environ.get("BITRO_HER2ST_ATLAS_DIR"):
+        spec["env"] = {"BITRO_HER2ST_ATLAS_DIR": str(SHARED_ATLAS)}
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
     return KernelManager(
         kernel_name="bitro-execute", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(folder / "kernels")])

@@ -484,6 +484,9 @@ def expression_encoder(
         "enable_progress_bar": False,
         "enable_model_summary": False,
         "batch_size": int(batch_size),
+        # a last training batch of a single spot breaks batch normalisation ("Expected more than 1 value per
+        # channel"): scANVI's labelled sampling can leave one, so the last incomplete batch of an epoch is dropped
+        "datasplitter_kwargs": {"drop_last": True},
     }
     logger.info(
         "Training %s on %d spots x %d genes, %d batches, %d epochs.",
