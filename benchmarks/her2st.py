@@ -22,6 +22,8 @@ size over all genes; ``log1p``: log1p of raw counts; ``hist2st``: log1p of count
   (``bt.pp.spot_patches``: 112 um / 224 px / 3 scales / 7 x 7 tokens, of pixels or of frozen EfficientNet-Lite0
   tokens, ``PATCH_TABLES``), trained beside BiTro on every scale;
 - the gene space of BiTro (``--configs "free gene rows" "gene rank 10" "gene rank 20" "atlas gene space"``);
+- retrieval blended with regression (``--configs "no retrieval" "retrieval alone"``: ``retrieval_weight`` 0 or 1
+  instead of the default 0.5);
 - the batch-agnostic latent (issue #16; ``--configs "latent aux" "latent decode" "latent aux + decode" "atlas gene
   space 10"``): scVI (``bt.tl.expression_encoder``, batch = patient, 10 latent dimensions, 30 epochs) trained on the
   atlas's counts of the 785 genes without the held-out section's patient (``load_latent``; cached in
@@ -104,6 +106,9 @@ ABLATIONS = {
     "gene rank 10": {"gene_rank": 10},
     "gene rank 20": {"gene_rank": 20},
     "atlas gene space": {"gene_reference": "atlas"},
+    # retrieval blended with regression (issue #15; on by default for spot models): off, or alone
+    "no retrieval": {"retrieval_weight": 0.0},
+    "retrieval alone": {"retrieval_weight": 1.0},
     # the batch-agnostic latent (issue #16): scVI's latent as an auxiliary target (``"latent"``: the held-out
     # patient's encoder, ``load_latent``), and a gene space spanned by its decoder (``"decoded"``: the atlas without
     # the patient as the decoder gives it back, batch-free; rank 10 = the latent's width), beside the raw atlas's

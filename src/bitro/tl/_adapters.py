@@ -80,7 +80,7 @@ def carry_genes(
     for name, t in source.state_dict().items():
         if name in source.gene_params:
             state[name][rows] = t[src_rows]
-        else:
+        elif name in state:  # not what the update switched off (e.g. the retrieval bank of the source's level)
             state[name] = t
     net.load_state_dict(state)
     return net

@@ -231,6 +231,11 @@ def fit(
           share strength; 0: one free row per gene. Measured (``docs/benchmarks.md``, "A gene space for BiTro"):
           HER2ST leave-one-section-out PCC_gene 0.149 (rank 10: 0.145; 20: 0.140; with the atlas's axes, rank 10:
           0.151) against 0.133 with free rows. ``rank_queries`` (True): factor the gene queries too.
+        - ``retrieval_weight`` (0.5 for spot models, 0 for bulk models): blend each prediction with retrieval from
+          the training spots, the mean of their measured profiles weighted by the softmax of their cosine similarity
+          to the predicted profile (``retrieval_temperature``, 0.1); 0 switches it off, 1 predicts by retrieval
+          alone. The training spots' targets are saved with the model (spots x genes float32 per network). Measured
+          (``docs/benchmarks.md``, "Retrieval blended with regression").
 
         M2ORT's and CMRCNet's options: :class:`bitro.tl.models.M2ORTArchitecture`,
         :class:`bitro.tl.models.CMRCNetArchitecture`.
@@ -316,6 +321,8 @@ def fit(
     )
     if aux is not None:
         arch = dataclasses.replace(arch, aux_dim=aux.shape[1])
+    if target != "spot" and getattr(arch, "retrieval_weight", 0) and "retrieval_weight" not in model_options:
+        arch = dataclasses.replace(arch, retrieval_weight=0.0)  # measured on spots; bulk has a few slides to retrieve
     options = TrainOptions.from_params(params)
     dev = resolve_device(device)
     logger.info(

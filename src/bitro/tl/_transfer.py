@@ -247,6 +247,8 @@ def transfer(
     update = {f: getattr(target_arch, f) for f in ("size_mean", "size_std") if hasattr(target_arch, f)}
     if hasattr(source_arch, "cluster_weight"):
         update["cluster_weight"] = float(cluster_weight)
+    if hasattr(source_arch, "retrieval_weight"):  # the source's bank holds the other level's profiles: no retrieval
+        update["retrieval_weight"] = 0.0
     lora = {
         "rank": int(rank),
         "alpha": float(alpha),

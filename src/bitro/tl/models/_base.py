@@ -214,6 +214,26 @@ class CellBagNetwork(nn.Module):
         return len(token_groups([(b, list(bag)) for b, bag in enumerate(bags)], tokens_per_batch))
 
 
+def fit_bank(net: nn.Module, state_dict: dict, prefix: str) -> None:
+    """Give ``net.bank`` (a retrieval bank: training profiles x genes) the saved bank's rows before loading.
+
+    A bank has as many rows as the network had training bags, so a freshly built network cannot know its size;
+    a bank for other genes is refused in one sentence.
+    """
+    key = prefix + "bank"
+    if key not in state_dict:
+        return
+    bank, n_genes = state_dict[key], net.arch.n_genes
+    if bank.ndim != 2 or bank.shape[1] != n_genes:
+        genes = bank.shape[1] if bank.ndim == 2 else f"a {tuple(bank.shape)}-shaped array of"
+        msg = (
+            f"The retrieval bank holds {genes} genes but the model predicts {n_genes}; these weights belong to "
+            f"another {type(net).__name__} (load them into one made with the same genes)."
+        )
+        raise ValueError(msg)
+    net.bank = torch.zeros(tuple(bank.shape), dtype=net.bank.dtype, device=net.bank.device)
+
+
 def token_groups(parts: list[tuple[int, Any]], tokens_per_batch: int) -> list[list[tuple[int, Any]]]:
     """Consecutive ``(bag, part)`` items grouped into batches of at most ``tokens_per_batch`` cells.
 

@@ -22,7 +22,7 @@ from torch import nn
 from torch_geometric.nn import GATConv
 from torch_geometric.utils import to_dense_batch
 
-from bitro.tl.models._base import Architecture, Batch, CellBagNetwork, token_groups
+from bitro.tl.models._base import Architecture, Batch, CellBagNetwork, fit_bank, token_groups
 
 if TYPE_CHECKING:
     from bitro.tl._bags import CellData, Seq
@@ -42,6 +42,10 @@ READOUTS: tuple[str, ...] = ("gene", "shared", "cell")
 #: (``docs/benchmarks.md``, "A gene space for BiTro"): HER2ST leave-one-section-out PCC_gene 0.149 with 5 (0.145 with
 #: 10, 0.140 with 20) against 0.133 with one free output row per gene (0).
 DEFAULT_GENE_RANK: int = 5
+#: The share of a spot model's prediction :func:`bitro.tl.fit` gives to retrieval (``retrieval_weight``): each
+#: predicted profile is blended with the similarity-weighted mean of the training spots' measured profiles
+#: (:meth:`BitroNet.retrieve`). Measured in ``docs/benchmarks.md`` ("Retrieval blended with regression").
+DEFAULT_RETRIEVAL_WEIGHT: float = 0.5
 
 
 @dataclass
@@ -80,6 +84,13 @@ class BitroArchitecture(Architecture):
     aux_dim: int = 0
     #: Weight of the auxiliary loss (MSE on the z-scored auxiliary target) beside the gene loss.
     aux_weight: float = 1.0
+    #: Share of retrieval in each prediction (0: none; 1: retrieval alone): the prediction is blended with the
+    #: softmax-weighted mean of the training bags' measured (z-scored) profiles, weighted by their cosine similarity
+    #: to the predicted profile (:meth:`BitroNet.retrieve`). 0 here, so that models saved before the option load as
+    #: they were; :func:`bitro.tl.fit` gives spot models :data:`DEFAULT_RETRIEVAL_WEIGHT` unless told otherwise.
+    retrieval_weight: float = 0.0
+    #: Softmax temperature of the retrieval's cosine similarities (smaller: fewer, closer training bags).
+    retrieval_temperature: float = 0.1
 
     data_fields = ("n_features", "n_genes", "size_mean", "size_std", "aux_dim")
     extra_options = ("heads",)
@@ -103,6 +114,12 @@ class BitroArchitecture(Architecture):
         if self.aux_weight < 0:
             msg = f"`aux_weight` must be >= 0, got {self.aux_weight!r}."
             raise ValueError(msg)
+        if not 0 <= self.retrieval_weight <= 1 or self.retrieval_temperature <= 0:
+            msg = (
+                f"`retrieval_weight` must be in [0, 1] (0: no retrieval) and `retrieval_temperature` > 0, got "
+                f"{self.retrieval_weight!r} and {self.retrieval_temperature!r}."
+            )
+            raise ValueError(msg)
         if self.cluster_weight < 0 or self.size_std <= 0:
             msg = f"`cluster_weight` must be >= 0 and `size_std` > 0, got {self.cluster_weight!r} and {self.size_std!r}."
             raise ValueError(msg)
@@ -122,6 +139,7 @@ class BitroArchitecture(Architecture):
                 raise ValueError(msg)
             options = {"gat_heads": heads, "transformer_heads": heads, **options}
         options.setdefault("gene_rank", DEFAULT_GENE_RANK)
+        options.setdefault("retrieval_weight", DEFAULT_RETRIEVAL_WEIGHT)
         std = float(np.std(bag_sizes))
         stats = {"size_mean": float(np.mean(bag_sizes)), "size_std": std if std > 1e-6 else 1.0}
         return cls.from_dict({"n_features": n_features, "n_genes": n_genes, **stats, **options})
@@ -247,12 +265,17 @@ class BitroNet(CellBagNetwork):
         if arch.aux_dim:  # the auxiliary target's head (training only)
             self.aux_norm = nn.LayerNorm(d)
             self.aux_head = nn.Linear(d, arch.aux_dim)
+        if arch.retrieval_weight > 0:  # the training bags' z-scored targets, filled by prepare(), saved with the weights
+            self.register_buffer("bank", torch.zeros(0, g))
 
     def prepare(self, target: torch.Tensor, reference: torch.Tensor | None = None) -> None:
         """With ``gene_rank``: the gene basis, the top principal axes of the training targets ``(n_bags, n_genes)``.
 
-        Of the ``reference`` expression instead when given (other sections, z-scored like the targets).
+        Of the ``reference`` expression instead when given (other sections, z-scored like the targets). With
+        ``retrieval_weight``: the training targets themselves, as the retrieval bank (:meth:`retrieve`).
         """
+        if hasattr(self, "bank"):
+            self.bank = target.detach().to(device=self.bank.device, dtype=self.bank.dtype).clone()
         if not hasattr(self, "gene_basis"):
             return
         r = self.gene_basis.shape[1]
@@ -277,6 +300,35 @@ class BitroNet(CellBagNetwork):
         rows = torch.linalg.lstsq(scores, target[:, new_rows].double()).solution.T  # (n_new, rank)
         with torch.no_grad():
             basis[new_rows] = rows.to(basis.dtype)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        if hasattr(self, "bank"):
+            fit_bank(self, state_dict, prefix)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def retrieve(self, y: torch.Tensor) -> torch.Tensor:
+        """Predicted profiles ``y`` ``(n, n_genes)`` (z-scores) blended with retrieval from the training bags.
+
+        Each profile's retrieval is the mean of the bank's measured profiles (the training targets, per-sample
+        centred and z-scored), weighted by the softmax of their cosine similarity to the profile over
+        ``retrieval_temperature``, rescaled to the profile's norm; the result is ``(1 - w) * y + w * retrieval`` with
+        ``w = retrieval_weight``. It pulls each prediction towards expression profiles that were measured, as
+        CMRCNet's retrieval does, while keeping the network's own estimate. Unchanged without a bank. It acts on
+        the bags' predictions (spots, slides); the ``"cell"`` readout's cells keep their own values.
+        """
+        w = self.arch.retrieval_weight
+        bank = getattr(self, "bank", None)
+        if not w or bank is None or bank.shape[0] < 2:
+            return y
+        bank = bank.to(y.dtype)
+        sim = F.normalize(y, dim=-1) @ F.normalize(bank, dim=-1).T
+        got = torch.softmax(sim / self.arch.retrieval_temperature, dim=-1) @ bank
+        scale = y.norm(dim=-1, keepdim=True) / got.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        return (1 - w) * y + w * scale * got
 
     def __getattr__(self, name: str) -> Any:
         if name in ("gene_queries", "gene_weight") and "gene_basis" in self._buffers:
@@ -462,12 +514,12 @@ class BitroNet(CellBagNetwork):
                     if last_group[b] != gi:
                         pending[b] = cur
                         continue
-                    yz = self.readout(cur[1], sizes[b : b + 1])[0].cpu().numpy()
+                    yz = self.retrieve(self.readout(cur[1], sizes[b : b + 1]))[0].cpu().numpy()
                     y_out[b] = yz
                     if cell_scale is not None:
                         r = cell_rows[torch.cat([t[0] for t in tokens[b]]).numpy()]
                         own_b = torch.cat([t[1] for t in tokens.pop(b)])
-                        if own_cells:  # the cells' own readout, at the training's mean bag size
+                        if own_cells:  # the cells' own readout, at the training's mean bag size (no retrieval)
                             cell_out[r] += cell_scale(own_b.numpy()).astype(np.float32)
                         else:  # attention relative to an equal share, times the bag's prediction
                             att = torch.exp(own_b - cur[0][0].cpu()).numpy()

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitro.tl.models._base import Batch, CellBagNetwork
+from bitro.tl.models._base import Batch, CellBagNetwork, fit_bank
 from bitro.tl.models._m2ort import PatchArchitecture, _heads, _merge, dihedral, masked_mean, patch_grid
 
 #: The variants' sizes: ``"published"`` (the from-scratch ViT-B/32-shaped image encoder of depth 8, and the fusion
@@ -295,17 +295,7 @@ class CMRCNet(CellBagNetwork):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        key = prefix + "bank"
-        if key in state_dict:  # the bank has as many rows as the network had training spots: take the saved size
-            bank = state_dict[key]
-            if bank.ndim != 2 or bank.shape[1] != self.arch.n_genes:
-                genes = bank.shape[1] if bank.ndim == 2 else f"a {tuple(bank.shape)}-shaped array of"
-                msg = (
-                    f"The retrieval bank holds {genes} genes but the model predicts {self.arch.n_genes}; these weights "
-                    "belong to another CMRCNet (load them into one made with the same genes)."
-                )
-                raise ValueError(msg)
-            self.bank = torch.zeros(tuple(bank.shape), dtype=self.bank.dtype, device=self.bank.device)
+        fit_bank(self, state_dict, prefix)
         self._keys = None
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
