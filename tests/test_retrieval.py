@@ -79,15 +79,18 @@ def test_retrieval_changes_the_spots_not_the_cells(toy_tl):
     np.testing.assert_allclose(np.asarray(cell_tables[1.0].X), np.asarray(cell_tables[0.0].X), rtol=1e-5, atol=1e-5)
 
 
-def test_bulk_models_and_transferred_models_have_no_retrieval(toy_tl):
+def test_bulk_models_do_not_retrieve_and_transfer_retrieves_from_its_own_bags(toy_tl):
     spots, cells = toy_tl
-    bulk_model = bt.tl.fit(bt.tl.pseudobulk(spots, block_size=2, method="kmeans"), target="bulk", cells=cells.copy(), **TINY)
+    bulk = bt.tl.pseudobulk(spots, block_size=2, method="kmeans")
+    bulk_model = bt.tl.fit(bulk, target="bulk", cells=cells.copy(), **TINY)
     assert bulk_model.config.architecture.retrieval_weight == 0.0
     assert not hasattr(bulk_model.nets[0], "bank")
-    model = bt.tl.fit(spots, cells=cells, **TINY)
-    moved = bt.tl.transfer(model, spots, "spot", cells=cells, epochs=1)
-    assert moved.config.architecture.retrieval_weight == 0.0
-    assert not hasattr(moved.nets[0], "bank")
+    to_spot = bt.tl.transfer(bulk_model, spots, "spot", cells=cells, epochs=1, validation=None)
+    assert to_spot.config.architecture.retrieval_weight == 0.5
+    assert to_spot.nets[0].bank.shape == (spots.n_obs, len(to_spot.config.genes))  # the fine-tuning spots
+    spot_model = bt.tl.fit(spots, cells=cells, **TINY)
+    to_bulk = bt.tl.transfer(spot_model, bulk, "bulk", cells=cells, epochs=1, validation=None)
+    assert to_bulk.config.architecture.retrieval_weight == 0.0 and not hasattr(to_bulk.nets[0], "bank")
 
 
 def test_a_bank_for_other_genes_is_refused():

@@ -80,7 +80,7 @@ def carry_genes(
     for name, t in source.state_dict().items():
         if name in source.gene_params:
             state[name][rows] = t[src_rows]
-        elif name in state:  # not what the update switched off (e.g. the retrieval bank of the source's level)
+        elif name != "bank":  # the retrieval bank holds the source's training profiles: the caller sets a new one
             state[name] = t
     net.load_state_dict(state)
     return net
@@ -168,8 +168,11 @@ def is_head(net: CellBagNetwork, name: str, train_genes: str) -> bool:
 
 
 def adapter_names(net: CellBagNetwork, train_genes: str) -> list[str]:
-    """Names of the tensors an adapter file holds: LoRA weights and the trained head."""
-    return [n for n in net.state_dict() if ".lora_" in n or is_head(net, n, train_genes)]
+    """Names of the tensors an adapter file holds: LoRA weights, the trained head and any retrieval bank.
+
+    The bank is the fine-tuning bags' targets (``retrieval_weight`` of a spot model).
+    """
+    return [n for n in net.state_dict() if ".lora_" in n or n == "bank" or is_head(net, n, train_genes)]
 
 
 # -- the fine-tuned model ----------------------------------------------------------------------------------

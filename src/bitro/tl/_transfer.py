@@ -247,8 +247,8 @@ def transfer(
     update = {f: getattr(target_arch, f) for f in ("size_mean", "size_std") if hasattr(target_arch, f)}
     if hasattr(source_arch, "cluster_weight"):
         update["cluster_weight"] = float(cluster_weight)
-    if hasattr(source_arch, "retrieval_weight"):  # the source's bank holds the other level's profiles: no retrieval
-        update["retrieval_weight"] = 0.0
+    if hasattr(source_arch, "retrieval_weight"):  # as bt.tl.fit: spot models retrieve (from these bags), bulk not
+        update["retrieval_weight"] = float(target_arch.retrieval_weight) if target == "spot" else 0.0
     lora = {
         "rank": int(rank),
         "alpha": float(alpha),
@@ -260,6 +260,8 @@ def transfer(
         net = carry_genes(merged_net(src).cpu(), source_genes, genes, seed=seed + k, **update)
         if hasattr(net, "fill_gene_basis"):  # a gene space (gene_rank): new genes get rows in it from the targets
             net.fill_gene_basis(torch.as_tensor(yz, dtype=torch.float32), new_rows)
+        if hasattr(net, "set_bank"):  # retrieval from this member's training bags of the new level
+            net.set_bank(torch.as_tensor(yz[splits[k][0]], dtype=torch.float32))
         if method == "lora":
             add_lora(net, lora, train_genes=train_genes, new_rows=new_rows, seed=seed + k)
         nets.append(net)

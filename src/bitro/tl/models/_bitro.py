@@ -274,8 +274,7 @@ class BitroNet(CellBagNetwork):
         Of the ``reference`` expression instead when given (other sections, z-scored like the targets). With
         ``retrieval_weight``: the training targets themselves, as the retrieval bank (:meth:`retrieve`).
         """
-        if hasattr(self, "bank"):
-            self.bank = target.detach().to(device=self.bank.device, dtype=self.bank.dtype).clone()
+        self.set_bank(target)
         if not hasattr(self, "gene_basis"):
             return
         r = self.gene_basis.shape[1]
@@ -300,6 +299,11 @@ class BitroNet(CellBagNetwork):
         rows = torch.linalg.lstsq(scores, target[:, new_rows].double()).solution.T  # (n_new, rank)
         with torch.no_grad():
             basis[new_rows] = rows.to(basis.dtype)
+
+    def set_bank(self, target: torch.Tensor) -> None:
+        """With ``retrieval_weight``: keep the training bags' z-scored targets ``(n_bags, n_genes)`` to retrieve from."""
+        if hasattr(self, "bank"):
+            self.bank = target.detach().to(device=self.bank.device, dtype=self.bank.dtype).clone()
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
