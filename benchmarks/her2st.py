@@ -24,12 +24,13 @@ size over all genes; ``log1p``: log1p of raw counts; ``hist2st``: log1p of count
 - the gene space of BiTro (``--configs "free gene rows" "gene rank 10" "gene rank 20" "atlas gene space"``);
 - retrieval blended with regression (``--configs "no retrieval" "retrieval alone"``: ``retrieval_weight`` 0 or 1
   instead of the default 0.5);
-- the batch-agnostic latent (issue #16; ``--configs "latent aux" "latent decode" "latent aux + decode" "atlas gene
-  space 10"``): scVI (``bt.tl.expression_encoder``, batch = patient, 10 latent dimensions, 30 epochs) trained on the
+- the batch-agnostic latent (issue #16; ``--configs "latent aux" "latent aux 0.3" "latent aux 3" "latent decode"
+  "latent aux + decode" "atlas gene space 10"``): scVI (``bt.tl.expression_encoder``, batch = patient, 10 latent dimensions, 30 epochs) trained on the
   atlas's counts of the 785 genes without the held-out section's patient (``load_latent``; cached in
   ``benchmarks/_cache/her2st_latent_no{B,C}/``, ~1 min each), its latent of the training spots as BiTro's
   auxiliary target (``aux_key``), and/or the gene space (rank 10) spanned by its decoder: the atlas without the
-  patient decoded from its latent, batch-free (``gene_reference``).
+  patient decoded from its latent, batch-free (``gene_reference``). Measured (docs/benchmarks.md, "The latent as
+  a target for BiTro"): no gain over the default, single networks or 3-member ensembles.
 
 Every trained row is a name and the keyword arguments of ``bt.tl.fit`` (``ABLATIONS``, ``MODELS``); a model whose
 input table is the patch table gets the patch table as ``cells=``, the others the cell table.
