@@ -93,6 +93,8 @@ for _id, _kw, _exc, _words in [
     ("fit_validation_out_of_range", {"validation": 1.5}, ValueError, ("validation=1.5",)),
     ("fit_model_unknown", {"model": "hist2st"}, ValueError, ("model='hist2st'", "'bitro', 'cmrcnet', 'm2ort'")),
     ("fit_option_of_another_model", {"qkv": "per_level"}, TypeError, ("'qkv' is an option of model='m2ort'",)),
+    ("fit_aux_key_missing", {"aux_key": "X_bitro_latent"}, KeyError, ("`.obsm['X_bitro_latent']`", "embed")),
+    ("fit_aux_weight_without_aux_key", {"aux_weight": 0.5}, ValueError, ("`aux_weight`", "aux_key")),
 ]:
     case(_id, "fit", f"`fit({', '.join(f'{k}={v!r}' for k, v in _kw.items())})`", _exc, *_words)(
         lambda ctx, kw=_kw: fit(ctx, **kw)

@@ -290,7 +290,8 @@ def aux_values(table: Any, aux_key: str) -> np.ndarray:
 
     fix = (
         f"write one row of numbers per row of the expression table to `.obsm[{aux_key!r}]` first, e.g. the "
-        "expression encoder's latent: `bt.tl.expression_encoder(atlas).embed(spots, key_added=aux_key)`"
+        f"expression encoder's latent: `enc.embed(spots, key_added={aux_key!r})` with "
+        "`enc = bt.tl.expression_encoder(atlas)`"
     )
     if aux_key not in table.obsm:
         msg = f"`aux_key`: the expression table has no `.obsm[{aux_key!r}]` (it has {sorted(table.obsm)}); {fix}."
