@@ -49,9 +49,10 @@ def test_fit_predict_writes_slots(toy_tl):
     assert list(expr.var_names) == model.genes and np.isfinite(expr.X).all()
     key = (expr.obs["sample"].astype(str) + "_" + expr.obs["spot_id"].astype(str)).to_numpy()
     assert (pd.DataFrame(expr.X).groupby(key).std() > 1e-3).to_numpy().mean() > 0.5  # the cells of a spot differ
-    # without the bag-size term a spot's prediction is the attention-weighted mean of its cells' values (the default
-    # per-cell readout), so it lies between their smallest and largest
-    plain, spots_plain = _fit(spots, cells, bag_size=False), spots.copy()
+    # without the bag-size term and retrieval (which blends a spot's prediction with measured training profiles, not
+    # its cells) a spot's prediction is the attention-weighted mean of its cells' values (the default per-cell
+    # readout), so it lies between their smallest and largest
+    plain, spots_plain = _fit(spots, cells, bag_size=False, retrieval_weight=0.0), spots.copy()
     expr_plain = bt.tl.predict(plain, spots_plain, cells=cells, coverage="spots")
     by_spot = pd.DataFrame(expr_plain.X, index=expr_plain.obs_names, columns=model.genes).groupby(key)
     pred_plain = spots_plain.obsm["bitro_predicted"]
