@@ -111,7 +111,9 @@ def predict(
     as in training, and predicts the cells from *virtual spots*: circles of the training spot size laid over
     the tissue (:func:`bitro.pp.virtual_spots`), so that every cell gets a value. A bulk model predicts each
     slide from all its cells. A patch model (``"m2ort"``, ``"cmrcnet"``) predicts the spots (measured or virtual)
-    that ``bt.pp.spot_patches`` cut patches around, and no cells.
+    that ``bt.pp.spot_patches`` cut patches around, and no cells. A BiTro spot model with retrieval
+    (``retrieval_weight``, the default of :func:`bitro.tl.fit`) blends each spot's prediction with the training
+    spots' measured profiles most similar to it; the cells keep the network's own values.
 
     Parameters
     ----------
