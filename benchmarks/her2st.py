@@ -493,7 +493,7 @@ def main() -> None:
 
     def report(fold_rows):
         for scale, name, held, po, pg, sec, best in fold_rows:
-            print(f"{scale:7} {name:18} {held:8} {po:11.3f} {pg:9.3f} {sec:7.1f} {best:>5}", flush=True)
+            print(f"{scale:7} {name:18} {held:8} {po:11.3f} {pg:9.4f} {sec:7.1f} {best:>5}", flush=True)
         rows.extend(fold_rows)
 
     if args.jobs > 1 and len(folds) > 1:
@@ -516,7 +516,7 @@ def main() -> None:
             sel = [r for r in rows if r[0] == scale and r[1] == name]
             if sel:
                 po, pg, sec = (np.mean([r[i] for r in sel]) for i in (3, 4, 5))
-                print(f"{scale:7} {name:18} {po:11.3f} {pg:9.3f} {sec:7.1f}")
+                print(f"{scale:7} {name:18} {po:11.3f} {pg:9.4f} {sec:7.1f}")
     print(
         f"\nwall time {time.perf_counter() - t0:.0f} s (features cached; {time.perf_counter() - t_all:.0f} s in all), "
         f"peak RSS {peak_gb:.2f} GB per process, {args.jobs} process(es) x {args.threads} torch thread(s)"

@@ -7,14 +7,16 @@ working folder, so nothing it writes lands in ``tutorials/``. On success its out
 cell gets its wall time and the kernel's peak memory while it ran (``cell.metadata["bitro"]``, read by the authors
 for the notebooks' time and memory notes), and the notebook's metadata records what the outputs were made with::
 
-    metadata["bitro"] = {"version": bitro.__version__, "cells_sha256": <hash of the code cells>, ...}
+    metadata["bitro"] = {"version": bitro.__version__, "cells_sha256": <hash of the code cells>,
+                         "defaults_sha256": <hash of bitro's defaults>, ...}
 
 Figures larger than ``SHRINK_BYTES`` are stored as 256-colour PNGs (H&E backgrounds compress badly as full-colour
 PNGs), so that a notebook stays under the size limit of ``tests/test_tutorials.py`` at matplotlib's default dpi.
 
 ``tests/test_tutorials.py`` fails when a notebook's code cells no longer match the hash (a cell was edited after
-its outputs were made) or when the recorded version's major.minor is not the package's: re-execute it with this
-script. A notebook that raises is left untouched.
+its outputs were made), when a default of bitro changed since (``defaults``: function keyword defaults, dataclass
+fields and ``DEFAULT_*`` constants), or when the recorded version's major.minor is not the package's: re-execute
+it with this script. A notebook that raises is left untouched.
 """
 
 from __future__ import annotations
@@ -42,6 +44,62 @@ def cells_sha256(nb) -> str:
         if c["cell_type"] == "code"
     ]
     return hashlib.sha256(_SEP.join(code).encode()).hexdigest()
+
+
+def defaults() -> dict[str, str]:
+    """Every default a tutorial's outputs can depend on, as ``name -> repr``.
+
+    The keyword defaults of the public functions and classes of ``bt.pp``, ``bt.tl``, ``bt.pl``, ``bt.io``,
+    ``bt.datasets`` and ``bt.predict_slide``; the field defaults of every dataclass in bitro's modules (the models'
+    architectures, bag and training settings); and the ``DEFAULT_*`` constants of bitro's modules (defaults applied
+    inside a function, such as ``gene_rank``). Defaults whose ``repr`` holds a memory address are left out.
+    """
+    import dataclasses
+    import importlib
+    import inspect
+    import pkgutil
+
+    import bitro
+
+    out: dict[str, str] = {}
+
+    def keep(name: str, value: object) -> None:
+        text = repr(value)
+        if " at 0x" not in text:
+            out[name] = text
+
+    def signature(name: str, obj: object) -> None:
+        try:
+            params = inspect.signature(obj).parameters.values()
+        except (TypeError, ValueError):
+            return
+        for p in params:
+            if p.default is not inspect.Parameter.empty:
+                keep(f"{name}({p.name})", p.default)
+
+    for mod in (bitro.pp, bitro.tl, bitro.pl, bitro.io, bitro.datasets):
+        for attr in sorted(getattr(mod, "__all__", [])):
+            obj = getattr(mod, attr)
+            if callable(obj):
+                signature(f"{mod.__name__}.{attr}", obj)
+    signature("bitro.predict_slide", bitro.predict_slide)
+    for info in pkgutil.walk_packages(bitro.__path__, "bitro."):
+        if info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        for name, value in sorted(vars(module).items()):
+            if name.startswith("DEFAULT_"):
+                keep(f"{info.name}.{name}", value)
+            elif isinstance(value, type) and dataclasses.is_dataclass(value) and value.__module__ == info.name:
+                for f in dataclasses.fields(value):
+                    if f.default is not dataclasses.MISSING:
+                        keep(f"{info.name}.{name}.{f.name}", f.default)
+    return out
+
+
+def defaults_sha256() -> str:
+    """SHA-256 of :func:`defaults`: changes when any default a tutorial relies on changes."""
+    return hashlib.sha256(json.dumps(defaults(), sort_keys=True).encode()).hexdigest()
 
 
 #: PNG outputs above this size are re-encoded with a 256-colour palette.
@@ -196,6 +254,7 @@ def execute(path: Path, *, timeout: int = 7200) -> dict:
     stamp = {
         "version": bitro.__version__,
         "cells_sha256": cells_sha256(nb),
+        "defaults_sha256": defaults_sha256(),
         "executed": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "wall_s": round(time.perf_counter() - start, 1),
         "peak_rss_gb": max(peaks, default=0.0),
