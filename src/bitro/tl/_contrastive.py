@@ -12,7 +12,6 @@ pickle; :func:`load_image_aligner` reads them back.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -230,25 +229,15 @@ class ImageAligner:
         -------
         The folder.
         """
-        import torch
-        from safetensors.torch import save_file
+        from bitro.tl._regions import _write_saved
 
-        from bitro._atomic import staged
-
-        path = Path(path)
-        if path.is_file():
-            msg = f"{str(path)!r} is a file; `ImageAligner.save` writes a folder: pass a folder path."
-            raise FileExistsError(msg)
         state = {f"image_head.{k}": v for k, v in self.image_head.state_dict().items()}
         state |= {f"gene_head.{k}": v for k, v in self.gene_head.state_dict().items()}
-        state["image_mean"] = torch.from_numpy(np.asarray(self.mean, dtype=np.float32))
-        state["image_std"] = torch.from_numpy(np.asarray(self.std, dtype=np.float32))
-        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        config = {"format": FORMAT, **self.config, "history": [float(v) for v in self.history]}
-        with staged(path) as tmp:
-            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
-        return path
+        arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in state.items()}
+        arrays["image_mean"] = np.ascontiguousarray(self.mean, dtype=np.float32)
+        arrays["image_std"] = np.ascontiguousarray(self.std, dtype=np.float32)
+        config = {**self.config, "history": [float(v) for v in self.history]}
+        return _write_saved(Path(path), arrays, config, FORMAT, CONFIG_FILE, WEIGHTS_FILE, "ImageAligner.save")
 
 
 def load_image_aligner(path: str | Path) -> ImageAligner:

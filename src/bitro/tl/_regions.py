@@ -119,14 +119,6 @@ class RegionClassifier:
         -------
         The folder.
         """
-        from safetensors.numpy import save_file
-
-        from bitro._atomic import staged
-
-        path = Path(path)
-        if path.is_file():
-            msg = f"{str(path)!r} is a file; `RegionClassifier.save` writes a folder: pass a folder path."
-            raise FileExistsError(msg)
         scaler, clf = self.pipeline[0], self.pipeline[-1]
         arrays = {
             "scaler_mean": scaler.mean_,
@@ -137,7 +129,6 @@ class RegionClassifier:
         }
         arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}  # their own dtypes: the same predictions
         config = {
-            "format": FORMAT,
             "use_rep": self.use_rep,
             "n_features": int(self.n_features),
             "classes": self.classes,
@@ -146,10 +137,7 @@ class RegionClassifier:
             "seed": None if clf.random_state is None else int(clf.random_state),
             "n_samples_seen": int(np.max(scaler.n_samples_seen_)),
         }
-        with staged(path) as tmp:
-            save_file(arrays, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
-        return path
+        return _write_saved(Path(path), arrays, config, FORMAT, CONFIG_FILE, WEIGHTS_FILE, "RegionClassifier.save")
 
 
 def _fit(x: np.ndarray, y: np.ndarray, C: float, seed: int) -> Any:
@@ -206,6 +194,26 @@ def region_classifier(
         msg = f"`.obs[{labels_key!r}]` holds {len(np.unique(y))} region(s); a classifier needs at least 2."
         raise ValueError(msg)
     return RegionClassifier(_fit(x[keep], y, float(C), seed), use_rep, x.shape[1])
+
+
+def _write_saved(
+    path: Path, arrays: dict[str, np.ndarray], config: dict, fmt: str, config_file: str, weights_file: str, saver: str
+) -> Path:
+    """Write ``arrays`` (safetensors) and ``config`` (JSON) to the folder ``path``, aside and swapped in once complete.
+
+    The counterpart of :func:`_read_saved`; ``path`` may not be a file.
+    """
+    from safetensors.numpy import save_file
+
+    from bitro._atomic import staged
+
+    if path.is_file():
+        msg = f"{str(path)!r} is a file; `{saver}` writes a folder: pass a folder path."
+        raise FileExistsError(msg)
+    with staged(path) as tmp:
+        save_file(arrays, str(tmp / weights_file), metadata={"format": fmt})
+        (tmp / config_file).write_text(json.dumps({"format": fmt, **config}, indent=1))
+    return path
 
 
 def _read_saved(folder: Path, what: str, fmt: str, config_file: str, weights_file: str, saver: str) -> tuple:
