@@ -1219,6 +1219,13 @@ for _id, _what, _call, _exc, _words in [
         ("`regions`", "True or False"),
     ),
     (
+        "her2st_regions_not_bool",
+        "`datasets.her2st(regions=1)`",
+        lambda ctx: bt.datasets.her2st(["B4"], regions=1),
+        TypeError,
+        ("`regions`", "True or False"),
+    ),
+    (
         "pl_regions_before_predict",
         "`pl.regions` before the regions are predicted",
         lambda ctx: bt.pl.regions(_embedded_spots()),

@@ -277,3 +277,29 @@ def test_atlas_regions_from_the_pathologist_files(tmp_path):
     assert "region" not in bt.datasets.her2st_atlas(path=tmp_path).obs
     with pytest.raises(TypeError, match="`regions` must be True or False"):
         bt.datasets.her2st_atlas(path=tmp_path, regions="yes")
+
+
+def test_imaged_sections_read_the_pathologist_regions(tmp_path, caplog_bitro):
+    """``her2st(regions=True)`` reads ``pathologist/{S}.tsv`` beside the sections into ``.obs["region_pathologist"]``,
+    for scoring regions from H&E against a pathologist (the full study through ``BITRO_HER2ST_DIR``)."""
+    from bitro.datasets._her2st import BUNDLED_DIR
+
+    for s in ("B4", "C2"):
+        for suffix in (".jpg", ".tsv.gz", "_selection.tsv"):
+            (tmp_path / f"{s}{suffix}").symlink_to(BUNDLED_DIR / f"{s}{suffix}")
+    (tmp_path / "pathologist").mkdir()
+    (tmp_path / "pathologist" / "B4.tsv").write_text(
+        "Row.names\tx\ty\tpixel_x\tpixel_y\tlabel\n"
+        "a\t9.03\t13.0\t1\t1\tbreast glands\n"
+        "b\t8\t13\t1\t1\tundetermined\n"
+        "c\t11\t14\t1\t1\tinvasive cancer\n"
+    )
+    spots = bt.datasets.her2st(path=tmp_path, regions=True)["spots"]
+    region = spots.obs["region_pathologist"]
+    assert region.dtype == "category" and list(region.cat.categories) == ["breast glands", "invasive cancer"]
+    labelled = region.dropna().astype(str).to_dict()
+    assert labelled == {"B4_9x13": "breast glands", "B4_11x14": "invasive cancer"}
+    assert "No pathologist labels" in caplog_bitro.text and "C2" in caplog_bitro.text  # C2 has no file
+    assert "region_pathologist" not in bt.datasets.her2st(["B4"], path=tmp_path)["spots"].obs
+    with pytest.raises(TypeError, match="`regions` must be True or False"):
+        bt.datasets.her2st(path=tmp_path, regions=1)

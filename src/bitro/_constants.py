@@ -64,6 +64,8 @@ class Key:
     #: from the image (``RegionClassifier.predict``); each with a ``"{key}_confidence"`` / ``"{key}_probability"``.
     TRANSFERRED: Final = "region_transferred"
     REGION_PREDICTED: Final = "region_predicted"
+    #: A pathologist's region of each spot of an imaged HER2ST section (``bt.datasets.her2st(regions=True)``).
+    REGION_PATHOLOGIST: Final = "region_pathologist"
     ARRAY_ROW: Final = "array_row"
     ARRAY_COL: Final = "array_col"
     #: Predicted tables: the cells pooled by a spot's bag, and where its prediction came from

@@ -64,7 +64,9 @@ def available_sections(folder: Path) -> list[str]:
     return samples
 
 
-def her2st(samples: Sequence[str] | str | None = None, *, path: str | Path | None = None) -> SpatialData:
+def her2st(
+    samples: Sequence[str] | str | None = None, *, path: str | Path | None = None, regions: bool = False
+) -> SpatialData:
     """HER2-positive breast tumour sections on legacy ST arrays (Andersson et al., Nat Commun 2021).
 
     Four sections ship with bitro (B4 of patient B; C2, C3, C4 of patient C). Other sections of the
@@ -79,13 +81,21 @@ def her2st(samples: Sequence[str] | str | None = None, *, path: str | Path | Non
     path
         Folder with the sections (``{S}.tsv.gz``, ``{S}_selection.tsv``, ``{S}.jpg``); default
         ``bitro.settings.data_dir``, else the bundled copy.
+    regions
+        Also read the pathologist's region of each spot from ``pathologist/{S}.tsv`` in the same folder (the
+        study's ``data/ST-pat/lbl`` files; one section per patient is labelled) into
+        ``.obs["region_pathologist"]``: NaN for unlabelled and "undetermined" spots, and for sections without a
+        file (logged). The bundled sections have none; with the full study (``BITRO_HER2ST_DIR``) the regions
+        classified from H&E can be scored against a pathologist, leave one patient out
+        (:func:`bitro.tl.evaluate_regions` with ``labels_key="region_pathologist"``).
 
     Returns
     -------
     One SpatialData with, per section ``S``, the image ``"{S}_image"``, the spot circles
     ``"{S}_spots"`` and the coordinate systems ``"{S}"`` / ``"{S}_um"``, plus one table ``"spots"``
     (raw counts of all sections, genes outer-joined with 0) with the citation and provenance in
-    ``.uns["bitro"]["dataset"]`` and each section's reader parameters in ``.uns["bitro"]["read_st"]``.
+    ``.uns["bitro"]["dataset"]`` and each section's reader parameters in ``.uns["bitro"]["read_st"]``;
+    with ``regions=True`` also ``.obs["region_pathologist"]`` (categorical).
 
     Examples
     --------
@@ -99,6 +109,9 @@ def her2st(samples: Sequence[str] | str | None = None, *, path: str | Path | Non
     from bitro.io._build import spots_table
     from bitro.io._st import read_st_section
 
+    if not isinstance(regions, bool):
+        msg = f"`regions` must be True or False, got {regions!r}."
+        raise TypeError(msg)
     folder = _data_dir(path)
     if not folder.is_dir():
         msg = f"The HER2ST folder {str(folder)!r} does not exist; check `path=` or BITRO_HER2ST_DIR."
@@ -123,8 +136,30 @@ def her2st(samples: Sequence[str] | str | None = None, *, path: str | Path | Non
         Key.DATASET: {**CITATION, "path": str(folder.resolve()), "samples": samples},
         Key.READ_ST: params,
     }
+    if regions:
+        _add_pathologist_regions(table, folder, samples)
     logger.info("HER2ST: %d sections, %d spots, %d genes.", len(samples), table.n_obs, table.n_vars)
     return SpatialData(images=images, shapes=shapes, tables={Key.SPOTS_TABLE: table})
+
+
+def _add_pathologist_regions(table, folder: Path, samples: list[str]) -> None:
+    """``.obs["region_pathologist"]`` from ``folder / "pathologist" / "{S}.tsv"`` (the atlas's reader)."""
+    import numpy as np
+    import pandas as pd
+
+    from bitro.datasets._atlas import pathologist_regions
+
+    region = pd.Series(np.nan, index=table.obs_names, dtype=object)
+    missing = []
+    for s in samples:
+        part = pathologist_regions(folder, s, table.obs_names)
+        if part is None:
+            missing.append(s)
+        else:
+            region = region.where(part.isna(), part)
+    if missing:
+        logger.warning("No pathologist labels (pathologist/{S}.tsv) in %s for sections %s.", folder, missing)
+    table.obs[Key.REGION_PATHOLOGIST] = pd.Categorical(region.to_numpy(), categories=sorted(region.dropna().unique()))
 
 
 def her2st_genes(*, path: str | Path | None = None) -> list[str]:
