@@ -176,17 +176,16 @@ def test_outputs_are_fresh(name):
     rerun = f"re-execute it: python tutorials/execute.py tutorials/{name}"
     assert stamp, f"{name} has no execution stamp; {rerun}"
     assert stamp["cells_sha256"] == execute.cells_sha256(nb), f"{name}: code cells changed since its outputs; {rerun}"
-    assert stamp.get("defaults_sha256") == execute.defaults_sha256(), (
-        f"{name}: a default of bitro changed since its outputs were made (or they were made before defaults were "
-        f"recorded); {rerun}"
-    )
+    assert "defaults" in stamp, f"{name}: its outputs were made before bitro's defaults were recorded; {rerun}"
+    changed = execute.changed_defaults(stamp["defaults"])
+    assert not changed, f"{name}: defaults changed since its outputs were made ({', '.join(changed[:5])}); {rerun}"
     assert execute.major_minor(stamp["version"]) == execute.major_minor(bitro.__version__), (
         f"{name}: outputs from bitro {stamp['version']}, the package is {bitro.__version__}; {rerun}"
     )
 
 
-def test_defaults_fingerprint_sees_a_changed_default(monkeypatch):
-    """The defaults' hash moves with a function's keyword default, a model's architecture field and a DEFAULT_*."""
+def test_changed_defaults_sees_a_changed_default_not_a_new_option(monkeypatch):
+    """A function's keyword default, a model's architecture field and a DEFAULT_* count; a new option does not."""
     import dataclasses
     import inspect
 
@@ -194,27 +193,29 @@ def test_defaults_fingerprint_sees_a_changed_default(monkeypatch):
     from bitro.tl.models import _bitro
 
     execute = _execute_module()
-    before = execute.defaults_sha256()
-    assert execute.defaults()["bitro.tl.models._bitro.DEFAULT_GENE_RANK"] == repr(_bitro.DEFAULT_GENE_RANK)
+    recorded = execute.defaults()
+    assert recorded["bitro.tl.models._bitro.DEFAULT_GENE_RANK"] == repr(_bitro.DEFAULT_GENE_RANK)
+    assert execute.changed_defaults(recorded) == []
     monkeypatch.setattr(_bitro, "DEFAULT_GENE_RANK", _bitro.DEFAULT_GENE_RANK + 1)
-    assert execute.defaults_sha256() != before
+    assert execute.changed_defaults(recorded) == ["bitro.tl.models._bitro.DEFAULT_GENE_RANK"]
     monkeypatch.undo()
-    sig = inspect.signature(bt.tl.fit)  # fit as it is, but one more epoch by default
+    sig = inspect.signature(bt.tl.fit)  # fit as it is, but one more epoch by default, and a new option
 
-    def fit_more_epochs(*args, **kwargs):
+    def fit_changed(*args, **kwargs):
         return None
 
-    fit_more_epochs.__signature__ = sig.replace(
-        parameters=[p.replace(default=p.default + 1) if p.name == "epochs" else p for p in sig.parameters.values()]
-    )
-    monkeypatch.setattr(bt.tl, "fit", fit_more_epochs)
-    assert execute.defaults_sha256() != before
+    params = [p.replace(default=p.default + 1) if p.name == "epochs" else p for p in sig.parameters.values()]
+    new = inspect.Parameter("new_option", inspect.Parameter.KEYWORD_ONLY, default=None)
+    last = len(params) - (params[-1].kind is inspect.Parameter.VAR_KEYWORD)  # before **options
+    fit_changed.__signature__ = sig.replace(parameters=[*params[:last], new, *params[last:]])
+    monkeypatch.setattr(bt.tl, "fit", fit_changed)
+    assert execute.changed_defaults(recorded) == ["bitro.tl.fit(epochs)"]
     monkeypatch.undo()
     field = next(f for f in dataclasses.fields(_bitro.BitroArchitecture) if f.name == "retrieval_weight")
     monkeypatch.setattr(field, "default", 0.25)
-    assert execute.defaults_sha256() != before
+    assert execute.changed_defaults(recorded) == ["bitro.tl.models._bitro.BitroArchitecture.retrieval_weight"]
     monkeypatch.undo()
-    assert execute.defaults_sha256() == before
+    assert execute.changed_defaults(recorded) == []
 
 
 def test_freshness_stamp_sees_edits():

@@ -8,14 +8,14 @@ cell gets its wall time and the kernel's peak memory while it ran (``cell.metada
 for the notebooks' time and memory notes), and the notebook's metadata records what the outputs were made with::
 
     metadata["bitro"] = {"version": bitro.__version__, "cells_sha256": <hash of the code cells>,
-                         "defaults_sha256": <hash of bitro's defaults>, ...}
+                         "defaults": <every default of bitro, name -> repr>, ...}
 
 Figures larger than ``SHRINK_BYTES`` are stored as 256-colour PNGs (H&E backgrounds compress badly as full-colour
 PNGs), so that a notebook stays under the size limit of ``tests/test_tutorials.py`` at matplotlib's default dpi.
 
 ``tests/test_tutorials.py`` fails when a notebook's code cells no longer match the hash (a cell was edited after
-its outputs were made), when a default of bitro changed since (``defaults``: function keyword defaults, dataclass
-fields and ``DEFAULT_*`` constants), or when the recorded version's major.minor is not the package's: re-execute
+its outputs were made), when a default of bitro changed or went away since (``defaults``: function keyword defaults,
+dataclass fields and ``DEFAULT_*`` constants; options added since do not count), or when the recorded version's major.minor is not the package's: re-execute
 it with this script. A notebook that raises is left untouched.
 """
 
@@ -97,9 +97,13 @@ def defaults() -> dict[str, str]:
     return out
 
 
-def defaults_sha256() -> str:
-    """SHA-256 of :func:`defaults`: changes when any default a tutorial relies on changes."""
-    return hashlib.sha256(json.dumps(defaults(), sort_keys=True).encode()).hexdigest()
+def changed_defaults(recorded: dict[str, str]) -> list[str]:
+    """The defaults of ``recorded`` (a notebook's stamp) that are no longer what they were, or are gone.
+
+    Options added since are not changes: a new option's default keeps the old behaviour.
+    """
+    now = defaults()
+    return sorted(k for k, v in recorded.items() if now.get(k) != v)
 
 
 #: PNG outputs above this size are re-encoded with a 256-colour palette.
@@ -254,7 +258,7 @@ def execute(path: Path, *, timeout: int = 7200) -> dict:
     stamp = {
         "version": bitro.__version__,
         "cells_sha256": cells_sha256(nb),
-        "defaults_sha256": defaults_sha256(),
+        "defaults": defaults(),
         "executed": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "wall_s": round(time.perf_counter() - start, 1),
         "peak_rss_gb": max(peaks, default=0.0),
