@@ -291,10 +291,7 @@ def load_latent(held_patient: str, spots, genes: list[str]):
         enc = bt.tl.expression_encoder(train, batch_key="patient", **LATENT_ENCODER)
         enc.save(folder / "encoder")
         with_counts = np.asarray(train.X.sum(axis=1)).ravel() > 0
-        query = enc._query(train[with_counts], None, "adata")
-        rate = enc.model.get_normalized_expression(
-            query, library_size=1.0, transform_batch=enc.batches, return_numpy=True
-        )
+        rate = enc.normalized_expression(train[with_counts], n_samples=1).to_numpy()  # as measured
         lib = np.asarray(train.X[with_counts].sum(axis=1)).ravel()
         other = np.asarray(atlas[with_counts, "(other genes)"].X.todense()).ravel()
         x = np.zeros((int(with_counts.sum()), atlas.n_vars), np.float32)

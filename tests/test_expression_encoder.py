@@ -129,6 +129,24 @@ def test_scanvi_transfers_labels_with_confidence(scanvi_encoder):
     assert f"{Key.TRANSFERRED}_confidence" in data.obs
 
 
+def test_normalized_expression_is_batch_free(scvi_encoder):
+    """The decoded expression sums to 1 per spot and does not depend on the patient a spot is labelled with."""
+    _, enc = scvi_encoder
+    new = toy_counts(n=40, patients=("P9",), seed=0)  # the training data's gene programmes (seed 0)
+    rate = enc.normalized_expression(new)
+    assert rate.shape == (40, 80) and list(rate.columns) == enc.genes and list(rate.index) == list(new.obs_names)
+    np.testing.assert_allclose(rate.sum(axis=1), 1.0, rtol=1e-4)
+    renamed = new.copy()
+    renamed.obs["patient"] = "P1"
+    np.testing.assert_allclose(enc.normalized_expression(renamed).to_numpy(), rate.to_numpy(), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="n_samples"):
+        enc.normalized_expression(new, n_samples=0)
+    # decoded from the latent: each spot's decoded profile follows its measured one
+    x = np.asarray(new.X.todense())
+    share, decoded = x / x.sum(axis=1, keepdims=True), rate[list(new.var_names)].to_numpy()
+    assert np.median([np.corrcoef(share[i], decoded[i])[0, 1] for i in range(40)]) > 0.8
+
+
 def test_scvi_cannot_transfer_labels(scvi_encoder):
     data, enc = scvi_encoder
     with pytest.raises(ValueError, match="without labels"):

@@ -234,6 +234,44 @@ class ExpressionEncoder:
             adata.obsm[key_added] = z
         return z
 
+    def normalized_expression(
+        self, adata: AnnData, *, layer: str | None = None, n_samples: int = 10, seed: int = 0
+    ) -> pd.DataFrame:
+        """Every spot's expression as the decoder gives it back from its latent, free of the patient effect.
+
+        scVI's normalised expression (each spot's expected share of its counts per gene, summing to 1 over the
+        encoder's genes), decoded as if the spot belonged to each training batch in turn and averaged over them, so
+        it no longer depends on which patient the spot came from. Multiply by a library size (e.g. 1e4) and take
+        ``log1p`` for a batch-free log1p CP10k.
+
+        Parameters
+        ----------
+        adata
+            Spots x genes raw counts (as for :meth:`embed`).
+        layer
+            Read the counts from ``.layers[layer]`` instead of ``.X``.
+        n_samples
+            Posterior samples of each spot's latent averaged over (scVI decodes samples, not the mean).
+        seed
+            Seed of those samples (the global random state is left as it was), so the same spots give the same values.
+
+        Returns
+        -------
+        Spots x the encoder's genes (float32 shares), index = ``adata.obs_names``.
+        """
+        import torch
+
+        from bitro._checks import check_int
+
+        check_int("n_samples", n_samples, minimum=1)
+        query = self._query(adata, layer, "adata")
+        with _quiet(), torch.random.fork_rng():
+            torch.manual_seed(seed)
+            rate = self.model.get_normalized_expression(
+                query, library_size=1.0, transform_batch=self.batches, n_samples=n_samples, return_numpy=True
+            )
+        return pd.DataFrame(np.asarray(rate, dtype=np.float32), index=adata.obs_names, columns=self.genes)
+
     def transfer_labels(
         self, adata: AnnData, *, layer: str | None = None, key_added: str | None = Key.TRANSFERRED
     ) -> pd.DataFrame:
