@@ -98,11 +98,27 @@ def pathologist_regions(folder: Path, sample: str, obs_names: pd.Index) -> pd.Se
     lab = lab[(lab["label"] != UNDETERMINED) & lab["x"].notna() & lab["y"].notna() & lab["label"].notna()]
     names = pd.Index([f"{sample}_{round(x)}x{round(y)}" for x, y in zip(lab["x"], lab["y"], strict=True)])
     found = names.isin(obs_names)
-    logger.info("Atlas section %r: %d of %d labelled spots matched to counts.", sample, int(found.sum()), len(lab))
+    logger.info("Section %r: %d of %d labelled spots matched to counts.", sample, int(found.sum()), len(lab))
     out = pd.Series(np.nan, index=obs_names, dtype=object)
     matched = names[found]
     out[matched[~matched.duplicated()]] = lab["label"].astype(str).to_numpy()[found][~matched.duplicated()]
     return out
+
+
+def pathologist_column(folder: Path, samples: Sequence[str], obs_names: pd.Index) -> tuple[pd.Categorical, list[str]]:
+    """The pathologist's regions of the ``samples``' spots (``obs_names``) as one categorical.
+
+    Also the samples without a ``pathologist/{S}.tsv`` file (their spots are missing).
+    """
+    region = pd.Series(np.nan, index=obs_names, dtype=object)
+    missing = []
+    for s in samples:
+        part = pathologist_regions(folder, s, obs_names)
+        if part is None:
+            missing.append(s)
+        else:
+            region = region.where(part.isna(), part)
+    return pd.Categorical(region.to_numpy(), categories=sorted(region.dropna().unique())), missing
 
 
 def her2st_atlas(
@@ -165,18 +181,11 @@ def her2st_atlas(
         atlas.obs[col] = pd.Categorical(atlas.obs[col], categories=list(dict.fromkeys(atlas.obs[col])))
     atlas.X = atlas.X.tocsr().astype(np.float32)
     if regions:
-        region = pd.Series(np.nan, index=atlas.obs_names, dtype=object)
-        labelled = []
-        for s in samples:
-            part = pathologist_regions(folder, s, atlas.obs_names)
-            if part is not None:
-                region = region.where(part.isna(), part)
-                labelled.append(s)
-        if not labelled:
+        atlas.obs[Key.REGION], missing = pathologist_column(folder, samples, atlas.obs_names)
+        if len(missing) == len(samples):
             logger.warning(
                 "No pathologist labels for sections %s in %s; `.obs['region']` is all missing.", samples, folder
             )
-        atlas.obs[Key.REGION] = pd.Categorical(region.to_numpy(), categories=sorted(region.dropna().unique()))
     atlas.uns[Key.UNS] = {
         Key.DATASET: {
             **{k: v for k, v in CITATION.items() if k != "genes"},

@@ -137,29 +137,13 @@ def her2st(
         Key.READ_ST: params,
     }
     if regions:
-        _add_pathologist_regions(table, folder, samples)
+        from bitro.datasets._atlas import pathologist_column
+
+        table.obs[Key.REGION_PATHOLOGIST], missing = pathologist_column(folder, samples, table.obs_names)
+        if missing:
+            logger.warning("No pathologist labels (pathologist/{S}.tsv) in %s for sections %s.", folder, missing)
     logger.info("HER2ST: %d sections, %d spots, %d genes.", len(samples), table.n_obs, table.n_vars)
     return SpatialData(images=images, shapes=shapes, tables={Key.SPOTS_TABLE: table})
-
-
-def _add_pathologist_regions(table, folder: Path, samples: list[str]) -> None:
-    """``.obs["region_pathologist"]`` from ``folder / "pathologist" / "{S}.tsv"`` (the atlas's reader)."""
-    import numpy as np
-    import pandas as pd
-
-    from bitro.datasets._atlas import pathologist_regions
-
-    region = pd.Series(np.nan, index=table.obs_names, dtype=object)
-    missing = []
-    for s in samples:
-        part = pathologist_regions(folder, s, table.obs_names)
-        if part is None:
-            missing.append(s)
-        else:
-            region = region.where(part.isna(), part)
-    if missing:
-        logger.warning("No pathologist labels (pathologist/{S}.tsv) in %s for sections %s.", folder, missing)
-    table.obs[Key.REGION_PATHOLOGIST] = pd.Categorical(region.to_numpy(), categories=sorted(region.dropna().unique()))
 
 
 def her2st_genes(*, path: str | Path | None = None) -> list[str]:
