@@ -27,8 +27,6 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 LOSSES = ("clip", "bleep")
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "weights.safetensors"
 #: ``format`` of the saved config, checked when loading.
 FORMAT = "bitro.image_aligner/1"
 
@@ -229,7 +227,7 @@ class ImageAligner:
         -------
         The folder.
         """
-        from bitro.tl._regions import _write_saved
+        from bitro.tl._saved import write_saved
 
         state = {f"image_head.{k}": v for k, v in self.image_head.state_dict().items()}
         state |= {f"gene_head.{k}": v for k, v in self.gene_head.state_dict().items()}
@@ -237,7 +235,7 @@ class ImageAligner:
         arrays["image_mean"] = np.ascontiguousarray(self.mean, dtype=np.float32)
         arrays["image_std"] = np.ascontiguousarray(self.std, dtype=np.float32)
         config = {**self.config, "history": [float(v) for v in self.history]}
-        return _write_saved(Path(path), arrays, config, FORMAT, CONFIG_FILE, WEIGHTS_FILE, "ImageAligner.save")
+        return write_saved(Path(path), arrays, config, FORMAT, "ImageAligner.save")
 
 
 def load_image_aligner(path: str | Path) -> ImageAligner:
@@ -260,10 +258,10 @@ def load_image_aligner(path: str | Path) -> ImageAligner:
     """
     import torch
 
-    from bitro.tl._regions import _read_saved
+    from bitro.tl._saved import read_saved
 
     folder = Path(path)
-    config, arrays = _read_saved(folder, "image aligner", FORMAT, CONFIG_FILE, WEIGHTS_FILE, "ImageAligner.save")
+    config, arrays = read_saved(folder, "image aligner", FORMAT, "ImageAligner.save")
     history = config.pop("history", [])
     try:
         n_in, n_expr = int(config["n_image_features"]), int(config["n_expression_features"])

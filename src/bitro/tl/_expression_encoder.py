@@ -12,7 +12,6 @@ scvi-tools is an optional dependency (``pip install 'bitro[scvi]'``), imported i
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import warnings
 from collections.abc import Iterator
@@ -32,8 +31,6 @@ if TYPE_CHECKING:
 
 METHODS = ("scvi", "scanvi")
 LIKELIHOODS = ("nb", "zinb", "poisson")
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "weights.safetensors"
 #: ``format`` of the saved config, checked when loading.
 FORMAT = "bitro.expression_encoder/1"
 #: Internal columns of the AnnData copies handed to scvi-tools.
@@ -322,16 +319,10 @@ class ExpressionEncoder:
         -------
         The folder.
         """
-        from safetensors.torch import save_file
+        from bitro.tl._saved import write_saved
 
-        from bitro._atomic import staged
-
-        path = Path(path)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.module.state_dict().items()}
-        with staged(path) as tmp:
-            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
-            (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, **self.config}, indent=1))
-        return path
+        state = {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in self.model.module.state_dict().items()}
+        return write_saved(Path(path), state, self.config, FORMAT, "ExpressionEncoder.save")
 
 
 def _build(config: dict[str, Any], adata: AnnData) -> Any:
@@ -570,24 +561,11 @@ def load_expression_encoder(path: str | Path) -> ExpressionEncoder:
     """
     import anndata as ad
     import scipy.sparse as sp
-    from safetensors.torch import load_file
+    import torch
 
-    folder = Path(path)
-    config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    if not config_file.is_file() or not weights_file.is_file():
-        msg = (
-            f"{str(folder)!r} is not a saved expression encoder: it needs {CONFIG_FILE} and {WEIGHTS_FILE} "
-            "(written by `ExpressionEncoder.save`)."
-        )
-        raise FileNotFoundError(msg)
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        msg = f"{str(config_file)!r} is not valid JSON ({e}); save the encoder again."
-        raise ValueError(msg) from None
-    if not isinstance(config, dict) or config.pop("format", None) != FORMAT:
-        msg = f"{str(config_file)!r} is not the config of a bitro expression encoder (format {FORMAT!r})."
-        raise ValueError(msg)
+    from bitro.tl._saved import read_saved
+
+    config, arrays = read_saved(Path(path), "expression encoder", FORMAT, "ExpressionEncoder.save")
     _scvi()
     batches = list(config["batches"])
     labels = list(config.get("label_categories", []))
@@ -601,7 +579,7 @@ def load_expression_encoder(path: str | Path) -> ExpressionEncoder:
     )
     with _quiet():
         model = _build(config, dummy)
-        model.module.load_state_dict(load_file(str(weights_file)))
+        model.module.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
         model.module.eval()
         model.is_trained_ = True
     return ExpressionEncoder(model, config)

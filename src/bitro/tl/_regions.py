@@ -13,7 +13,6 @@ silver standard, not a pathologist's ground truth.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,8 +27,6 @@ from bitro._logging import logger
 if TYPE_CHECKING:
     from anndata import AnnData
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "weights.safetensors"
 #: ``format`` of the saved config, checked when loading.
 FORMAT = "bitro.region_classifier/1"
 #: The fitted arrays of the pipeline, as saved: the scaler's, then the logistic regression's.
@@ -137,7 +134,9 @@ class RegionClassifier:
             "seed": None if clf.random_state is None else int(clf.random_state),
             "n_samples_seen": int(np.max(scaler.n_samples_seen_)),
         }
-        return _write_saved(Path(path), arrays, config, FORMAT, CONFIG_FILE, WEIGHTS_FILE, "RegionClassifier.save")
+        from bitro.tl._saved import write_saved
+
+        return write_saved(Path(path), arrays, config, FORMAT, "RegionClassifier.save")
 
 
 def _fit(x: np.ndarray, y: np.ndarray, C: float, seed: int) -> Any:
@@ -196,56 +195,6 @@ def region_classifier(
     return RegionClassifier(_fit(x[keep], y, float(C), seed), use_rep, x.shape[1])
 
 
-def _write_saved(
-    path: Path, arrays: dict[str, np.ndarray], config: dict, fmt: str, config_file: str, weights_file: str, saver: str
-) -> Path:
-    """Write ``arrays`` (safetensors) and ``config`` (JSON) to the folder ``path``, aside and swapped in once complete.
-
-    The counterpart of :func:`_read_saved`; ``path`` may not be a file.
-    """
-    from safetensors.numpy import save_file
-
-    from bitro._atomic import staged
-
-    if path.is_file():
-        msg = f"{str(path)!r} is a file; `{saver}` writes a folder: pass a folder path."
-        raise FileExistsError(msg)
-    with staged(path) as tmp:
-        save_file(arrays, str(tmp / weights_file), metadata={"format": fmt})
-        (tmp / config_file).write_text(json.dumps({"format": fmt, **config}, indent=1))
-    return path
-
-
-def _read_saved(folder: Path, what: str, fmt: str, config_file: str, weights_file: str, saver: str) -> tuple:
-    """The config (``format`` removed) and the arrays of a folder written by ``saver``; clear errors otherwise."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    if not folder.is_dir():
-        msg = f"{str(folder)!r}: no folder there; pass the folder written by `{saver}`."
-        raise FileNotFoundError(msg)
-    files = (folder / config_file, folder / weights_file)
-    if not all(f.is_file() for f in files):
-        msg = (
-            f"{str(folder)!r} is not a saved {what}: it needs {config_file} and {weights_file} (written by `{saver}`)."
-        )
-        raise FileNotFoundError(msg)
-    try:
-        config = json.loads(files[0].read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        msg = f"{str(files[0])!r} is corrupted or truncated (not valid JSON: {e}); save the {what} again."
-        raise ValueError(msg) from None
-    if not isinstance(config, dict) or config.pop("format", None) != fmt:
-        msg = f"{str(files[0])!r} is not the config of a bitro {what} (format {fmt!r})."
-        raise ValueError(msg)
-    try:
-        arrays = load_file(str(files[1]))
-    except (SafetensorError, OSError, ValueError) as e:
-        msg = f"{str(files[1])!r} is corrupted or truncated ({e}); save the {what} again."
-        raise ValueError(msg) from None
-    return config, arrays
-
-
 def load_region_classifier(path: str | Path) -> RegionClassifier:
     """Read a region classifier written by :meth:`RegionClassifier.save`.
 
@@ -268,10 +217,10 @@ def load_region_classifier(path: str | Path) -> RegionClassifier:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    from bitro.tl._saved import read_saved
+
     folder = Path(path)
-    config, arrays = _read_saved(
-        folder, "region classifier", FORMAT, CONFIG_FILE, WEIGHTS_FILE, "RegionClassifier.save"
-    )
+    config, arrays = read_saved(folder, "region classifier", FORMAT, "RegionClassifier.save")
     try:
         classes = [str(c) for c in config["classes"]]
         n, use_rep = int(config["n_features"]), str(config["use_rep"])
