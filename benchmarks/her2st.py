@@ -24,6 +24,9 @@ size over all genes; ``log1p``: log1p of raw counts; ``hist2st``: log1p of count
 - the gene space of BiTro (``--configs "free gene rows" "gene rank 10" "gene rank 20" "atlas gene space"``);
 - retrieval blended with regression (``--configs "no retrieval" "retrieval alone"``: ``retrieval_weight`` 0 or 1
   instead of the default 0.5);
+- multi-scale patch tokens (``--configs "patch tokens"``; issue #15 item 6): the ``rrr effnet`` row's spot embeddings
+  (``--embed``) as three extra tokens (one per field of view, ``patch_key`` / ``patch_scales`` of ``bt.tl.fit``) in each
+  spot's Transformer sequence beside its cells;
 - the batch-agnostic latent (issue #16; ``--configs "latent aux" "latent aux 0.3" "latent aux 3" "latent decode"
   "latent aux + decode" "atlas gene space 10"``): scVI (``bt.tl.expression_encoder``, batch = patient, 10 latent dimensions, 30 epochs) trained on the
   atlas's counts of the 785 genes without the held-out section's patient (``load_latent``; cached in
@@ -120,6 +123,9 @@ ABLATIONS = {
     "latent decode": {"gene_reference": "decoded", "gene_rank": 10},
     "latent aux + decode": {"aux_key": "latent", "gene_reference": "decoded", "gene_rank": 10},
     "atlas gene space 10": {"gene_reference": "atlas", "gene_rank": 10},
+    # multi-scale patch tokens beside the cell tokens (issue #15 item 6): the ``rrr effnet`` row's spot embeddings
+    # (``EMBED_PATCHES``, cached by ``--embed``), one token per field of view in each spot's Transformer sequence
+    "patch tokens": {"patch_key": "effnet", "patch_scales": EMBED_PATCHES["scales"]},
 }
 
 
@@ -409,6 +415,9 @@ def run_fold(held: str, args: argparse.Namespace) -> list[tuple]:
     atlas = load_atlas(genes)
     reference = atlas[(atlas.obs["patient"].astype(str) != patient(held)).to_numpy()].copy()
     fold_cells = fold_features(cells, cells.obs[Key.SAMPLE].astype(str).to_numpy() != held) if need_cells else None
+    if any(kw.get("patch_key") == "effnet" for kw in rows_to_fit.values()) and "effnet" not in spots.obsm:
+        msg = "the 'patch tokens' row reads the cached spot embeddings: run `python benchmarks/her2st.py --embed` first"
+        raise SystemExit(msg)
     decoded = None
     if any(kw.get("aux_key") == "latent" or kw.get("gene_reference") == "decoded" for kw in rows_to_fit.values()):
         latent, decoded = load_latent(patient(held), spots, genes)

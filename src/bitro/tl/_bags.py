@@ -40,11 +40,15 @@ if TYPE_CHECKING:
 
 @dataclass
 class Seq:
-    """One sequence of a bag: cell rows (pooled cells first), how many are pooled, centre (um)."""
+    """One sequence of a bag: cell rows (pooled cells first), how many are pooled, centre (um).
+
+    ``patch``: the spot's patch embedding (``patch_key`` of :func:`bitro.tl.fit`), or ``None``.
+    """
 
     cells: np.ndarray
     n_pool: int
     centre: np.ndarray
+    patch: np.ndarray | None = None
 
 
 @dataclass
@@ -92,6 +96,9 @@ class Batch:
     size
         ``(n_bags,)`` bag size: ``log1p`` of the number of pooled cells of the whole bag (before any
         sampling or cell dropout).
+    patch
+        ``(n_sequences, patch_dim)`` each sequence's patch embedding (``patch_key`` of :func:`bitro.tl.fit`), or
+        ``None``.
     """
 
     x: torch.Tensor
@@ -104,6 +111,7 @@ class Batch:
     phenotype: torch.Tensor
     cell: torch.Tensor
     size: torch.Tensor
+    patch: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         """The batch on ``device``."""
@@ -291,6 +299,7 @@ def spot_bags(
     max_context: int,
     radius: float | None = None,
     empty: Literal["skip", "context"] = "skip",
+    patches: np.ndarray | None = None,
 ) -> list[list[Seq] | None]:
     """One bag per row of the spot table.
 
@@ -298,7 +307,8 @@ def spot_bags(
     ``(.obs["sample"], .obs["spot_id"])`` (the spot table's ``obs_names`` when it has no ``"spot_id"`` column);
     with ``radius`` (um), the cells within that distance of its centre instead (virtual spots). Spot centres
     are ``.obsm["spatial"]`` in the section's pixels. A spot without a pooled cell is ``None`` (``empty="skip"``)
-    or pools its context cells instead (``empty="context"``; ``None`` when there are none either).
+    or pools its context cells instead (``empty="context"``; ``None`` when there are none either). ``patches``:
+    one patch embedding per row (:func:`patch_embeddings`), carried by the row's sequence.
     """
     from scipy.spatial import cKDTree
 
@@ -327,6 +337,8 @@ def spot_bags(
                     continue
                 pooled, near = np.sort(near), near[:0]
             bags[r] = [_spot_seq(pooled, near, centre, cells, max_context)]
+            if patches is not None:
+                bags[r][0].patch = patches[r]
     n_empty = sum(b is None for b in bags)
     if n_empty:
         logger.info(f"{n_empty} of {spots.n_obs} spots have no cell to pool and are skipped.")
@@ -399,7 +411,7 @@ def log_cell_count(bag: Sequence[Seq]) -> float:
 def _drop(seq: Seq, rate: float, rng: np.random.Generator) -> Seq:
     keep = rng.random(len(seq.cells)) >= rate
     keep[: seq.n_pool] |= ~keep[: seq.n_pool].any() & (np.arange(seq.n_pool) == 0)  # keep one pooled cell
-    return Seq(seq.cells[keep], int(keep[: seq.n_pool].sum()), seq.centre)
+    return Seq(seq.cells[keep], int(keep[: seq.n_pool].sum()), seq.centre, seq.patch)  # the patch is never dropped
 
 
 def collate(
@@ -438,6 +450,11 @@ def collate(
     for s, start in zip(seqs, starts, strict=True):
         sub = cells.adjacency[s.cells][:, s.cells].tocoo()
         edges.append(np.stack([sub.col, sub.row]) + start)  # messages flow from neighbour (col) to cell (row)
+    with_patch = [s.patch is not None for s in seqs]
+    if any(with_patch) and not all(with_patch):
+        msg = "Some sequences of the batch carry a patch embedding and others do not; give every spot one."
+        raise ValueError(msg)
+    patch = torch.from_numpy(np.stack([s.patch for s in seqs]).astype(np.float32)) if all(with_patch) else None
     return Batch(
         x=torch.from_numpy(cells.features[idx]),
         pos=torch.from_numpy(pos.astype(np.float32)),
@@ -449,6 +466,7 @@ def collate(
         phenotype=torch.from_numpy(cells.phenotype[idx]),
         cell=torch.from_numpy(idx),
         size=torch.from_numpy(size.astype(np.float32)),
+        patch=patch,
     )
 
 
@@ -482,17 +500,31 @@ def resolve_tables(
 
 
 def make_bags(
-    table: AnnData, cells: CellData, target: str, settings: BagSettings, *, for_what: str, patches: bool = False
+    table: AnnData,
+    cells: CellData,
+    target: str,
+    settings: BagSettings,
+    *,
+    for_what: str,
+    patches: bool = False,
+    embeddings: np.ndarray | None = None,
 ) -> tuple[list[list[Seq]], np.ndarray]:
     """The training bags of the rows of ``table`` that have cells, and which rows those are (``keep``).
 
     Raises when fewer than 2 rows have cells (``for_what``: ``"train"`` or ``"fine-tune"``, for the message).
     ``patches``: ``cells`` is a patch table, whose tokens may reach beyond their spot (not checked against it).
+    ``embeddings``: each spot row's patch embedding (:func:`patch_embeddings`), carried by its bag.
     """
     if target == "spot":
         if not patches:
             check_cells_match_spots(table, cells)
-        all_bags = spot_bags(table, cells, context_radius=settings.context_radius, max_context=settings.max_context)
+        all_bags = spot_bags(
+            table,
+            cells,
+            context_radius=settings.context_radius,
+            max_context=settings.max_context,
+            patches=embeddings,
+        )
     else:
         all_bags = bulk_bags(table, cells, chunk_size=settings.chunk_size)
     keep = np.array([b is not None for b in all_bags])
@@ -523,11 +555,59 @@ def feature_config(cells: AnnData, use_rep: str) -> dict[str, Any]:
     }
 
 
-def check_features(config: ModelConfig, reference: dict[str, Any], cells: AnnData) -> None:
+#: How to make the per-spot patch embedding a BiTro model with patch tokens reads (``patch_key`` of :func:`bitro.tl.fit`).
+PATCH_EMBEDDING_HOW = (
+    "cut each spot's patches with `bt.pp.spot_patches(sdata, encoder='efficientnet', scales=3, fov='growing')` and "
+    "write the mean of each spot's tokens per scale, concatenated (spots x scales * 1280), into the spot table's "
+    ".obsm (as `build_embeddings` of benchmarks/her2st.py does)"
+)
+
+
+def patch_embeddings(table: AnnData, key: str, *, width: int | None = None) -> np.ndarray:
+    """Each row's patch embedding ``table.obsm[key]`` (rows x width, float32), checked before any work.
+
+    ``width``: the width a trained model reads. Raises a :class:`ValueError` saying what is missing and how to make it.
+    """
+    if key not in table.obsm:
+        msg = (
+            f"The model reads each spot's patch embedding .obsm[{key!r}], which the spot table lacks (obsm: "
+            f"{sorted(table.obsm) or 'none'}); {PATCH_EMBEDDING_HOW}."
+        )
+        raise ValueError(msg)
+    x = np.asarray(table.obsm[key])
+    if x.ndim != 2 or x.shape[0] != table.n_obs or not np.issubdtype(x.dtype, np.number):
+        msg = f"The patch embedding .obsm[{key!r}] must be a numeric (spots x features) array, got shape {x.shape}."
+        raise ValueError(msg)
+    if width is not None and x.shape[1] != width:
+        msg = (
+            f"The model was trained on {width}-wide patch embeddings .obsm[{key!r}], the spot table's are "
+            f"{x.shape[1]} wide; make them as the training spots' were: {PATCH_EMBEDDING_HOW}."
+        )
+        raise ValueError(msg)
+    x = x.astype(np.float32)
+    check_finite_array(x, f"The patch embedding .obsm[{key!r}]", "drop those spots or embed them again")
+    return x
+
+
+def check_features(
+    config: ModelConfig, reference: dict[str, Any], cells: AnnData, *, spots: AnnData | None = None
+) -> None:
     """Raise, in one line, when the cell table's features do not mean what a model was trained on.
 
-    ``config`` and ``reference``: the model's :class:`~bitro.tl._config.ModelConfig` and cell reference.
+    ``config`` and ``reference``: the model's :class:`~bitro.tl._config.ModelConfig` and cell reference. A model
+    with patch tokens (``config.patch_key``) also needs ``spots``, a spot table holding the patch embedding it was
+    trained on (:func:`patch_embeddings`); without one (fine-tuning, slides without spots) it is refused.
     """
+    if config.patch_key is not None:
+        if spots is None or config.target != "spot":
+            msg = (
+                f"This model reads each spot's patch embedding .obsm[{config.patch_key!r}] beside its cells "
+                "(`patch_key` of bt.tl.fit), which only a spot table holding it gives: it predicts measured spots "
+                "(`bt.tl.predict(model, spots, cells=cells)`), not slides without spots, and cannot be fine-tuned "
+                "with bt.tl.transfer; train a model without patch_key for those."
+            )
+            raise ValueError(msg)
+        patch_embeddings(spots, config.patch_key, width=config.architecture.patch_dim)
     key, dim = config.feature_key, config.architecture.n_features
     check_key(cells.obsm, key, "Cell features .obsm")
     record = record_of(cells)

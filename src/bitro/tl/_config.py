@@ -55,6 +55,9 @@ class ModelConfig:
         Per gene: the training targets' mean and standard deviation (predictions are z-scores of these).
     feature_key
         The cell features' key in ``.obsm`` (``use_rep``).
+    patch_key
+        With patch tokens (``patch_key`` of :func:`bitro.tl.fit`): the spot table's ``.obsm`` key of the per-spot patch
+        embedding the model reads beside the cells; ``None`` (not written) without.
     features
         The settings that define the cell features and their fingerprint (:func:`bitro.tl._bags.feature_config`).
     architecture
@@ -99,6 +102,7 @@ class ModelConfig:
     stain_reference: dict[str, Any] | None = None
     training_data: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
+    patch_key: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-able dict written to ``config.json`` (fields that are ``None`` left out)."""
@@ -188,6 +192,11 @@ class ModelConfig:
             )
         if not isinstance(c.get("feature_key", ""), str):
             fail("feature_key must be a string")
+        patch_dim = getattr(c["architecture"], "patch_dim", 0)
+        if c.get("patch_key") is not None and not (isinstance(c["patch_key"], str) and c["patch_key"]):
+            fail(f"patch_key must be a non-empty string, got {c['patch_key']!r}")
+        if bool(c.get("patch_key")) != bool(patch_dim):
+            fail(f"patch_key ({c.get('patch_key')!r}) and the architecture's patch_dim ({patch_dim}) must be set together")
         scores = c.get("gene_scores")
         if scores is not None and (
             not isinstance(scores, dict) or not all(isinstance(v, list) and len(v) == len(genes) for v in scores.values())

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 from anndata import AnnData
 
 from bitro._checks import check_bool, check_int, check_names, check_number
@@ -57,7 +58,7 @@ def _check_params(p: dict[str, Any]) -> None:
     check_bool("refit", p["refit"])
     check_bool("center_samples", p["center_samples"], allow_none=True)
     check_keys(**{k: p[k] for k in ("graph_key", "phenotype_key")})
-    check_keys(**{k: p[k] for k in ("table_key", "cells_key", "use_rep", "aux_key") if p[k] is not None})
+    check_keys(**{k: p[k] for k in ("table_key", "cells_key", "use_rep", "aux_key", "patch_key") if p[k] is not None})
     if p["device"] is not None and not isinstance(p["device"], str):
         msg = f"`device` must be a torch device name such as 'cpu' or 'cuda', got {p['device']!r}."
         raise TypeError(msg)
@@ -94,6 +95,7 @@ def fit(
     n_members: int = 3,
     gene_reference: AnnData | None = None,
     aux_key: str | None = None,
+    patch_key: str | None = None,
     refit: bool = False,
     checkpoint_dir: str | Path | None = None,
     device: str | None = None,
@@ -199,6 +201,19 @@ def fit(
         target for BiTro"): scVI's batch-agnostic latent as the auxiliary target gains nothing measurable on HER2ST
         (leave-one-section-out PCC_gene 0.134 against 0.133 without, single networks; 0.131 and 0.130 with
         ``aux_weight`` 0.3 and 3), so it is off by default.
+    patch_key
+        Multi-scale patch tokens beside the cell tokens (a BiTro option, spot targets): a per-spot image embedding in
+        the spot table's ``.obsm`` (spots x ``patch_scales * d``; e.g. frozen EfficientNet-Lite0 embeddings of 150,
+        300 and 600 um fields of view around each spot, concatenated: ``bt.pp.spot_patches(sdata,
+        encoder="efficientnet", scales=3, fov="growing")`` and the mean of each spot's tokens per scale, as
+        ``benchmarks/her2st.py --embed`` makes them). It is cut into ``patch_scales`` (a BiTro option, default 1)
+        equal chunks, one per scale, each standardised with the training spots' statistics (saved with the model)
+        and projected by a linear layer of its own (a level-dependent embedding, as M2ORT's) into a token that
+        joins the spot's Transformer sequence beside its cells and context cells: the cells attend to it, the
+        pooling reads the cells (needs ``transformer_layers`` >= 1; cell dropout never drops it). Every row needs
+        finite values; predicting then needs a spot table with the same ``.obsm`` key and width (measured spots
+        only: no virtual spots over the tissue, no slides without spots, no :func:`bitro.tl.transfer`). Measured in
+        ``docs/benchmarks.md`` ("Multi-scale patch tokens in BiTro").
     refit
         After early stopping, train again on all the training data (validation included) for the chosen
         number of epochs.
@@ -255,7 +270,15 @@ def fit(
     params = {
         k: v for k, v in locals().items() if k not in ("data", "cells", "genes", "model_options", "gene_reference")
     }
-    from bitro.tl._bags import cell_data, feature_config, log_cell_count, make_bags, pooled_radius, resolve_tables
+    from bitro.tl._bags import (
+        cell_data,
+        feature_config,
+        log_cell_count,
+        make_bags,
+        patch_embeddings,
+        pooled_radius,
+        resolve_tables,
+    )
     from bitro.tl._config import BagSettings, ModelConfig
     from bitro.tl._persist import BitroModel, cell_reference
     from bitro.tl._targets import aux_targets, aux_values, check_table, reference_targets, training_targets
@@ -283,6 +306,15 @@ def fit(
     if aux_key is None and "aux_weight" in model_options:
         msg = "`aux_weight` weighs the auxiliary target of `aux_key`, which is not given; give aux_key or drop aux_weight."
         raise ValueError(msg)
+    if patch_key is not None and not hasattr(probe, "patch_dim"):
+        msg = f"`patch_key` adds patch tokens to BiTro's Transformer; model={spec.name!r} has none: drop patch_key."
+        raise ValueError(msg)
+    if patch_key is not None and target != "spot":
+        msg = "`patch_key` gives each spot a patch embedding; a bulk model has no spots: drop patch_key."
+        raise ValueError(msg)
+    if patch_key is None and "patch_scales" in model_options:
+        msg = "`patch_scales` cuts the patch embedding of `patch_key`, which is not given; give patch_key or drop patch_scales."
+        raise ValueError(msg)
     if genes is not None:
         genes = check_names("genes", genes)
     table, cells = resolve_tables(data, target, cells=cells, table_key=table_key, cells_key=cells_key)
@@ -294,6 +326,9 @@ def fit(
         raise ValueError(msg)
     counts = check_table(table, target)
     aux_all = None if aux_key is None else aux_values(table, aux_key)
+    patch_all = None if patch_key is None else patch_embeddings(table, patch_key)
+    if patch_all is not None:  # the cut into scales and the Transformer checked before any work
+        dataclasses.replace(probe, patch_dim=patch_all.shape[1])
     cells_data = cell_data(
         cells,
         use_rep=use_rep,
@@ -305,7 +340,9 @@ def fit(
     # a spot's patch is its whole input: no tokens of neighbouring spots' patches join it as context
     radius = 0.0 if patches else float(context_radius)
     settings = BagSettings(context_radius=radius, max_context=max_context, chunk_size=chunk_size)
-    bags, keep = make_bags(table, cells_data, target, settings, for_what="train", patches=patches)
+    bags, keep = make_bags(
+        table, cells_data, target, settings, for_what="train", patches=patches, embeddings=patch_all
+    )
     samples = table.obs[Key.SAMPLE].astype(str).to_numpy()[keep]
     center = target == "spot" if center_samples is None else center_samples
     chosen, zscore, yz = training_targets(
@@ -323,6 +360,15 @@ def fit(
     )
     if aux is not None:
         arch = dataclasses.replace(arch, aux_dim=aux.shape[1])
+    build = spec.network
+    if patch_all is not None:
+        arch = dataclasses.replace(arch, patch_dim=patch_all.shape[1], patch_scales=arch.patch_scales or 1)
+        mean, std = patch_all[keep].mean(0), patch_all[keep].std(0)
+        std = np.where(std > 1e-6, std, 1.0)
+
+        def build(a):
+            return spec.network(a).set_patch_scaling(mean, std)
+
     if target != "spot" and getattr(arch, "retrieval_weight", 0) and "retrieval_weight" not in model_options:
         arch = dataclasses.replace(arch, retrieval_weight=0.0)  # measured on spots; bulk has a few slides to retrieve
     options = TrainOptions.from_params(params)
@@ -332,7 +378,7 @@ def fit(
         f"device {dev}."
     )
     nets, histories, members = train_ensemble(
-        lambda k: spec.network(arch),
+        lambda k: build(arch),
         bags,
         yz,
         cells_data,
@@ -363,6 +409,7 @@ def fit(
         training={**params, **model_options, "gene_reference": _describe(gene_reference)},
         training_samples=sorted(set(samples)),
         members=members,
+        patch_key=patch_key,
     )
     return BitroModel(nets, config, histories, cell_reference(cells, phenotype_key))
 

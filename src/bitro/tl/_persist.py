@@ -362,6 +362,8 @@ def meaning_digest(config: dict[str, Any]) -> str:
     parts = {k: plain(config.get(k)) for k in MEANING_FIELDS}
     if config.get("model", "bitro") != "bitro":  # BiTro models were saved before other models existed
         parts["model"] = config["model"]
+    if config.get("patch_key") is not None:  # models saved before patch tokens keep their digest
+        parts["patch_key"] = config["patch_key"]
     parts["features"] = (
         (config.get("features") or {}).get("fingerprint") if isinstance(config.get("features"), dict) else None
     )

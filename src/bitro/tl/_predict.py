@@ -113,7 +113,10 @@ def predict(
     slide from all its cells. A patch model (``"m2ort"``, ``"cmrcnet"``) predicts the spots (measured or virtual)
     that ``bt.pp.spot_patches`` cut patches around, and no cells. A BiTro spot model with retrieval
     (``retrieval_weight``, the default of :func:`bitro.tl.fit`) blends each spot's prediction with the training
-    spots' measured profiles most similar to it; the cells keep the network's own values.
+    spots' measured profiles most similar to it; the cells keep the network's own values. A BiTro model with patch
+    tokens (``patch_key`` of :func:`bitro.tl.fit`) reads each spot's patch embedding from the spot table (same
+    ``.obsm`` key and width as in training), so it predicts measured spots only, and their cells (``coverage="spots"``
+    whatever is asked); a slide without a spot table holding it is refused.
 
     Parameters
     ----------
@@ -182,7 +185,14 @@ def predict(
     >>> spots = bt.tl.predict(m2ort_model, new_sdata)  # doctest: +SKIP
     """
     from bitro.pp._virtual import virtual_spots
-    from bitro.tl._bags import bulk_bags, cell_data, check_cells_match_spots, check_features, spot_bags
+    from bitro.tl._bags import (
+        bulk_bags,
+        cell_data,
+        check_cells_match_spots,
+        check_features,
+        patch_embeddings,
+        spot_bags,
+    )
     from bitro.tl.models._base import predict_ensemble
 
     patch_model = reads_patches(model)
@@ -194,7 +204,8 @@ def predict(
     if not (isinstance(tokens_per_batch, int | np.integer) and tokens_per_batch >= 1):
         msg = f"tokens_per_batch must be a positive integer, got {tokens_per_batch!r}."
         raise ValueError(msg)
-    check_features(model.config, model.cell_reference, cells)
+    patch_key = model.config.patch_key
+    check_features(model.config, model.cell_reference, cells, spots=table)
     genes, bag_cfg = model.genes, model.config.bags
     if cells.n_obs == 0:
         warnings.warn("The cell table is empty (no tissue found?): nothing is predicted.", UserWarning, stacklevel=2)
@@ -244,7 +255,11 @@ def predict(
     if model.target == "spot":
         context = {"context_radius": bag_cfg.context_radius, "max_context": bag_cfg.max_context}
         if table is not None:
-            bags = spot_bags(table, feats, empty="context", **context)
+            embedded = None if patch_key is None else patch_embeddings(table, patch_key)
+            if patch_key is not None and coverage == "tissue":  # virtual spots have no patch embedding
+                logger.info("A model with patch tokens predicts the cells of the measured spots only (coverage='spots').")
+                coverage = "spots"
+            bags = spot_bags(table, feats, empty="context", patches=embedded, **context)
             # with tissue coverage the cells' values come from the virtual spots below: not computed twice
             keep, y, cell_sum, n_bags = run(bags, "predict spots", with_cells=coverage == "spots")
             inside = _cells_per_spot(table, feats)

@@ -91,8 +91,15 @@ class BitroArchitecture(Architecture):
     retrieval_weight: float = 0.0
     #: Softmax temperature of the retrieval's cosine similarities (smaller: fewer, closer training bags).
     retrieval_temperature: float = 0.1
+    #: Width of each spot's patch embedding (``patch_key`` of :func:`bitro.tl.fit`, e.g. frozen EfficientNet-Lite0
+    #: embeddings of several fields of view around the spot, concatenated); 0: no patch tokens (set from the data).
+    patch_dim: int = 0
+    #: How many tokens the patch embedding is cut into, one per scale (equal chunks of ``patch_dim``), each standardised
+    #: with the training spots' statistics and projected into the model by a linear layer of its own; the tokens join
+    #: every spot's Transformer sequence beside its cells (attended to, not pooled). 0 with ``patch_dim``: 1.
+    patch_scales: int = 0
 
-    data_fields = ("n_features", "n_genes", "size_mean", "size_std", "aux_dim")
+    data_fields = ("n_features", "n_genes", "size_mean", "size_std", "aux_dim", "patch_dim")
     extra_options = ("heads",)
 
     def validate(self) -> None:
@@ -120,6 +127,20 @@ class BitroArchitecture(Architecture):
                 f"{self.retrieval_weight!r} and {self.retrieval_temperature!r}."
             )
             raise ValueError(msg)
+        if self.patch_dim:
+            scales = self.patch_scales or 1
+            if self.patch_dim % scales:
+                msg = (
+                    f"`patch_scales` ({scales}) must divide the width of the patch embedding ({self.patch_dim}): one "
+                    "equal chunk of it per scale."
+                )
+                raise ValueError(msg)
+            if self.transformer_layers < 1:
+                msg = (
+                    "Patch tokens (`patch_key`) join the cells in the Transformer, which is off (transformer_layers=0); "
+                    "set transformer_layers >= 1 or drop patch_key."
+                )
+                raise ValueError(msg)
         if self.cluster_weight < 0 or self.size_std <= 0:
             msg = f"`cluster_weight` must be >= 0 and `size_std` > 0, got {self.cluster_weight!r} and {self.size_std!r}."
             raise ValueError(msg)
@@ -210,7 +231,8 @@ class BitroNet(CellBagNetwork):
     """The BiTro network.
 
     cells -> ``in_proj`` -> GAT layers (kNN graph) -> + position embedding (um) -> Transformer layers
-    (context tokens included) -> gene-query attention pooling over the bag's pooled cells -> readout
+    (context tokens included, and with ``patch_dim`` one token per scale of the spot's patch embedding, attended to
+    but not pooled) -> gene-query attention pooling over the bag's pooled cells -> readout
     (per-gene linear weights, or the paper's MLP shared by all genes) -> one value per gene and bag.
 
     Attention pooling is a weighted mean, blind to how many cells a bag holds; with ``bag_size`` each gene
@@ -267,6 +289,32 @@ class BitroNet(CellBagNetwork):
             self.aux_head = nn.Linear(d, arch.aux_dim)
         if arch.retrieval_weight > 0:  # the training bags' z-scored targets, filled by prepare(), saved with the weights
             self.register_buffer("bank", torch.zeros(0, g))
+        if arch.patch_dim:  # one projection per scale; the training spots' statistics from set_patch_scaling()
+            scales = arch.patch_scales or 1
+            self.patch_proj = nn.ModuleList(nn.Linear(arch.patch_dim // scales, d) for _ in range(scales))
+            self.register_buffer("patch_mean", torch.zeros(arch.patch_dim))
+            self.register_buffer("patch_std", torch.ones(arch.patch_dim))
+
+    def set_patch_scaling(self, mean: np.ndarray, std: np.ndarray) -> BitroNet:
+        """With patch tokens: the training spots' mean and standard deviation of each patch-embedding column.
+
+        Every column is standardised with them before its scale's projection (:meth:`patch_tokens`); kept as buffers,
+        so they are saved with the weights. Returns the network.
+        """
+        with torch.no_grad():
+            self.patch_mean.copy_(torch.as_tensor(mean, dtype=self.patch_mean.dtype))
+            self.patch_std.copy_(torch.as_tensor(std, dtype=self.patch_std.dtype))
+        return self
+
+    def patch_tokens(self, patch: torch.Tensor) -> torch.Tensor:
+        """The patch tokens ``(n_seq, n_scales, dim)`` of the sequences' patch embeddings ``(n_seq, patch_dim)``.
+
+        Each scale's chunk of the standardised embedding through its own linear layer (a level-dependent embedding,
+        as M2ORT's), then the input dropout the cell tokens get.
+        """
+        z = (patch.to(self.patch_mean.dtype) - self.patch_mean) / self.patch_std
+        chunks = z.view(z.shape[0], len(self.patch_proj), -1)
+        return self.in_drop(torch.stack([proj(chunks[:, j]) for j, proj in enumerate(self.patch_proj)], dim=1))
 
     def prepare(self, target: torch.Tensor, reference: torch.Tensor | None = None) -> None:
         """With ``gene_rank``: the gene basis, the top principal axes of the training targets ``(n_bags, n_genes)``.
@@ -350,9 +398,20 @@ class BitroNet(CellBagNetwork):
         h = h + self.pos_proj(position_features(batch.pos))
         if len(self.transformer):
             hd, mask = to_dense_batch(h, batch.seq)
+            n = hd.shape[1]
+            if self.arch.patch_dim:  # each sequence's patch tokens after its (padded) cells, never masked
+                if batch.patch is None:
+                    msg = (
+                        "This BiTro model reads each spot's patch embedding (`patch_key`), and the batch has none: "
+                        "predict measured spots from a spot table that holds it."
+                    )
+                    raise ValueError(msg)
+                tokens = self.patch_tokens(batch.patch)
+                hd = torch.cat([hd, tokens], dim=1)
+                mask = torch.cat([mask, mask.new_ones(tokens.shape[:2])], dim=1)
             for layer in self.transformer:
                 hd = layer(hd, mask)
-            h = hd[mask]
+            h = hd[:, :n][mask[:, :n]]
         return self.out_norm(h)
 
     def attend(self, h_pooled: torch.Tensor, bag: torch.Tensor, n_bags: int):
