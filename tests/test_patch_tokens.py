@@ -163,6 +163,17 @@ def test_slides_without_spots_and_transfer_are_refused(fitted):
         bt.tl.transfer(model, spots.copy(), "spot", cells=cells, epochs=1, validation=None)
 
 
+def test_predict_slide_refuses_before_reading_the_slide(fitted, tmp_path):
+    """A slide without spots has no patch embeddings: refused before the slide is read or segmented."""
+    import tifffile
+
+    model = fitted[0]
+    slide = tmp_path / "slide.tif"
+    tifffile.imwrite(slide, np.zeros((64, 64, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="without `patch_key`"):
+        bt.predict_slide(slide, model, pixel_size=0.5)
+
+
 @pytest.mark.parametrize(
     ("kw", "exc", "words"),
     [

@@ -472,6 +472,12 @@ def predict_slide(
             "patches around spots (`bt.pp.spot_patches`) and use `bt.tl.predict` (or `bitro predict` on a store)."
         )
         raise ValueError(msg)
+    if model.config.patch_key is not None:
+        msg = (
+            "This model reads each spot's patch embedding (`patch_key` of bt.tl.fit) beside its cells, and a slide "
+            "without spots has none: use a model trained without `patch_key`."
+        )
+        raise ValueError(msg)
     shown = figure_genes(model, genes) if out is not None or genes is not None else []
 
     sdata = read_slide(path, pixel_size=pixel_size)
