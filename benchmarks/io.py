@@ -60,7 +60,7 @@ def worker(args: argparse.Namespace) -> None:
         bt.logger.setLevel("WARNING")
         # one-time costs of the first use in a process (spatialdata's lazy imports, dask's thread pool), not of reading
         warm = _build.pyramid_image_element([da.zeros((3, 8, 8), dtype=np.uint8, chunks=4)], "warmup", 1.0)
-        warm["scale0"]["image"][:, :6, :6].values
+        _ = warm["scale0"]["image"][:, :6, :6].values
         decodes = {"full": 0, "reduced": 0}
         decode = _lazy_image._decode
 
@@ -86,7 +86,7 @@ def worker(args: argparse.Namespace) -> None:
                 out[key], out[key.replace("_s", "_cpu")] = time.perf_counter() - t, time.process_time() - c
                 assert crop.shape == (3, CROP, CROP)
             t = time.perf_counter()
-            image["scale3"]["image"].values
+            _ = image["scale3"]["image"].values
             out["coarse_s"] = time.perf_counter() - t
         else:
             t, c = time.perf_counter(), time.process_time()
@@ -173,7 +173,7 @@ def main() -> None:
         pil, bit = med("pil", scenario, key), med("bitro", scenario, key)
         if key == "open_s":
             pil = float("nan")  # PIL reads no spots or counts
-        fmt = (lambda v: f"{v:.0f} {unit}".strip()) if unit != "s" else (lambda v: f"{v:.3f} s")
+        fmt = (lambda v, unit=unit: f"{v:.0f} {unit}".strip()) if unit != "s" else (lambda v: f"{v:.3f} s")
         ratio = bit / pil if pil and np.isfinite(pil) else float("nan")
         print(f"| {label:<40} | {fmt(pil) if np.isfinite(pil) else '-':>9} | {fmt(bit):>9} | {ratio:>11.2f} |")
 

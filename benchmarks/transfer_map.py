@@ -77,6 +77,12 @@ def parse_method(spec: str) -> dict:
     return kw
 
 
+def csv_path(args, seed: int) -> Path:
+    """``--csv`` itself for one seed; with several seeds one file per seed (``name_seedS.csv``)."""
+    path = Path(args.csv)
+    return path if len(args.seeds) == 1 else path.with_name(f"{path.stem}_seed{seed}{path.suffix}")
+
+
 def cohort(seed: int, n: int, size: int):
     """Spot table, bulk table and cell table of ``n`` synthetic sections."""
     import bitro as bt
@@ -157,6 +163,8 @@ def run_seed(seed: int, args) -> list[dict]:
                 ("bulk -> spot", score_spot, spot_score, t_spot, score_spot(mean_s)),
                 ("spot -> bulk", score_bulk, bulk_score, t_bulk, score_bulk(mean_b)),
             ):
+                if direction not in args.directions:
+                    continue
                 rows.append({**cell, "direction": direction, "method": "mean", **mean, "seconds": 0.0, "share": 0.0})
                 rows.append(
                     {
@@ -199,7 +207,7 @@ def run_seed(seed: int, args) -> list[dict]:
             if args.csv:  # written as the grid goes, so a long run can be summarised part way
                 import pandas as pd
 
-                pd.DataFrame(rows).to_csv(args.csv, index=False)
+                pd.DataFrame(rows).to_csv(csv_path(args, seed), index=False)
             print(f"seed {seed}: {b} bulk-only x {k} spot sections done", flush=True)
     return rows
 
@@ -208,6 +216,9 @@ def summarise(rows: list[dict], args) -> None:
     import pandas as pd
 
     df = pd.DataFrame(rows)
+    for column in ("js", "gain", "adapter_kb"):  # absent when only bulk -> spot (js) or no method ran
+        if column not in df:
+            df[column] = np.nan
     keys = ["direction", "bulk_slides", "spot_slides", "method"]
     agg = df.groupby(keys, sort=False).agg(
         spots=("spots", "median"),
@@ -303,11 +314,11 @@ def cost_table() -> None:
     from bitro.tl.models._bitro import BitroArchitecture, BitroNet
 
     ranks = (2, 4, 8, 16)
-    targets = {"all": ["in_proj", "q", "k", "v", "o", "ff1", "ff2"], "q+v": ["q", "v"]}
+    targets = {"all": ["in_proj", "q", "k", "v", "o", "ff1", "ff2"], "in_proj+q+v": ["in_proj", "q", "v"], "q+v": ["q", "v"]}
     print("\nLoRA cost by rank: trained % of the parameters (adapter file KB, float32), default network (dim 64,")
     print("43 cell features); 'all' targets = in_proj, q, k, v, o, ff1, ff2; train_genes='new' with no new gene")
     print(
-        f"{'genes':>5} {'gene_rank':>9} {'targets':>7} {'train_genes':>11} "
+        f"{'genes':>5} {'gene_rank':>9} {'targets':>11} {'train_genes':>11} "
         + " ".join(f"{'rank ' + str(r):>15}" for r in ranks)
     )
     for n_genes in (60, 785):
@@ -327,7 +338,7 @@ def cost_table() -> None:
                         kb = sum(state[k].numel() for k in adapter_names(net, train_genes)) * 4 / 1024
                         cells.append(f"{100 * n_trained / n_total:5.1f}% ({kb:5.1f})")
                     print(
-                        f"{n_genes:5d} {gene_rank:9d} {name:>7} {train_genes:>11} "
+                        f"{n_genes:5d} {gene_rank:9d} {name:>11} {train_genes:>11} "
                         + " ".join(f"{c:>15}" for c in cells)
                     )
 
@@ -341,10 +352,17 @@ def main() -> None:
     p.add_argument("--size", type=int, default=1024, help="section image edge (pixels at 0.5 um)")
     p.add_argument("--epochs", type=int, default=20, help="epochs of every fit and fine-tuning")
     p.add_argument("--methods", nargs="*", default=["default", "full"], help="default, full, lora:rank=4,targets=q+v")
+    p.add_argument(
+        "--directions",
+        nargs="*",
+        default=["bulk -> spot", "spot -> bulk"],
+        choices=["bulk -> spot", "spot -> bulk"],
+        help="directions to measure (both by default)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads per job")
     p.add_argument("--jobs", type=int, default=1, help="data seeds run in parallel")
     p.add_argument("--figure", default=str(FIGURE), help="where to write the heatmaps ('' for none)")
-    p.add_argument("--csv", default="", help="write every row (seed, cell, direction, method) to this CSV (one seed)")
+    p.add_argument("--csv", default="", help="write every row (seed, cell, direction, method) to this CSV (one file per seed with several seeds)")
     p.add_argument(
         "--skip-full", action="store_true", help="no full fine-tuning (rows to join others' with --from-csv)"
     )

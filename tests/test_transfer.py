@@ -118,8 +118,8 @@ def test_lora_trains_only_adapters_and_head(bulk_model, toy, caplog_bitro):
     net = tuned.nets[0]
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     assert trainable == {n for n in trainable if ".lora_" in n or n in GENE_PARAMS}
-    # the default: adapters on the attention query and value projections (LoRA paper's choice)
-    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable if ".lora_" in n} == {"q", "v"}
+    # the default: adapters on the input projection and the attention query and value projections
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable if ".lora_" in n} == {"in_proj", "q", "v"}
     after = _base_state(net)
     for name, t in base.items():
         if name not in GENE_PARAMS:
@@ -224,6 +224,12 @@ def test_full_fine_tuning_and_spot_to_bulk(toy):
     b = bulk.copy()
     bt.tl.predict(tuned, b, cells=cells.copy())
     assert np.isfinite(b.obsm["bitro_predicted"].to_numpy()).all()
+    lora = bt.tl.transfer(spot_model, bulk, "bulk", cells=cells.copy(), epochs=1)  # towards bulk: q and v only
+    assert lora.config.transfer["lora"]["target_modules"] == ["q", "v"]
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in lora.nets[0].named_parameters() if ".lora_" in n} == {
+        "q",
+        "v",
+    }
 
 
 def test_bad_input_fails_before_training(bulk_model, toy):
@@ -288,13 +294,15 @@ def test_default_lora_trains_at_most_15_percent(toy):
     model = bt.tl.fit(spots.copy(), cells=cells.copy(), epochs=1, n_members=1, validation=None)
     info = bt.tl.transfer(model, spots.copy(), "spot", cells=cells.copy(), epochs=1, validation=None).config.transfer
     assert info["method"] == "lora" and 0 < info["n_trained"] <= 0.15 * info["n_parameters"], info
-    net = BitroNet(BitroArchitecture.for_data(n_features=43, n_genes=785, bag_sizes=[1.0, 2.0]))
     defaults = {k: v.default for k, v in inspect.signature(bt.tl.transfer).parameters.items()}
-    lora = {k: defaults[k] for k in ("rank", "alpha", "dropout")} | {"target_modules": list(net.lora_targets)}
-    none_new = torch.zeros(785, dtype=torch.bool)
-    add_lora(net, lora, train_genes="all", new_rows=none_new, seed=0)
-    n_trained, n_total = count_trained(net, "all", none_new)
-    assert n_trained <= 0.15 * n_total, (n_trained, n_total)
+    assert set(BitroNet.lora_targets) == {"spot", "bulk"}
+    for level, targets in BitroNet.lora_targets.items():  # the default layers towards each level
+        net = BitroNet(BitroArchitecture.for_data(n_features=43, n_genes=785, bag_sizes=[1.0, 2.0]))
+        lora = {k: defaults[k] for k in ("rank", "alpha", "dropout")} | {"target_modules": list(targets)}
+        none_new = torch.zeros(785, dtype=torch.bool)
+        add_lora(net, lora, train_genes="all", new_rows=none_new, seed=0)
+        n_trained, n_total = count_trained(net, "all", none_new)
+        assert n_trained <= 0.15 * n_total, (level, n_trained, n_total)
 
 
 @pytest.fixture(scope="module")

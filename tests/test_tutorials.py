@@ -185,7 +185,8 @@ def test_outputs_are_fresh(name):
 
 
 def test_changed_defaults_sees_a_changed_default_not_a_new_option(monkeypatch):
-    """A function's keyword default, a model's architecture field and a DEFAULT_* count; a new option does not."""
+    """A function's keyword default, a model's architecture field, a DEFAULT_* and a model's default LoRA layers count;
+    a new option does not."""
     import dataclasses
     import inspect
 
@@ -214,6 +215,9 @@ def test_changed_defaults_sees_a_changed_default_not_a_new_option(monkeypatch):
     field = next(f for f in dataclasses.fields(_bitro.BitroArchitecture) if f.name == "retrieval_weight")
     monkeypatch.setattr(field, "default", 0.25)
     assert execute.changed_defaults(recorded) == ["bitro.tl.models._bitro.BitroArchitecture.retrieval_weight"]
+    monkeypatch.undo()
+    monkeypatch.setattr(_bitro.BitroNet, "lora_targets", {"spot": ("q", "v"), "bulk": ("q", "v")})  # the layers bt.tl.transfer adapts by default
+    assert execute.changed_defaults(recorded) == ["bitro.tl.models.MODELS['bitro'].lora_targets"]
     monkeypatch.undo()
     assert execute.changed_defaults(recorded) == []
 

@@ -52,7 +52,8 @@ def defaults() -> dict[str, str]:
     The keyword defaults of the public functions and classes of ``bt.pp``, ``bt.tl``, ``bt.pl``, ``bt.io``,
     ``bt.datasets`` and ``bt.predict_slide``; the field defaults of every dataclass in bitro's modules (the models'
     architectures, bag and training settings); and the ``DEFAULT_*`` constants of bitro's modules (defaults applied
-    inside a function, such as ``gene_rank``). Defaults whose ``repr`` holds a memory address are left out.
+    inside a function, such as ``gene_rank``); and each registered model's default LoRA layers (``lora_targets``,
+    where its class fixes them). Defaults whose ``repr`` holds a memory address are left out.
     """
     import dataclasses
     import importlib
@@ -83,6 +84,12 @@ def defaults() -> dict[str, str]:
             if callable(obj):
                 signature(f"{mod.__name__}.{attr}", obj)
     signature("bitro.predict_slide", bitro.predict_slide)
+    from bitro.tl.models import MODELS
+
+    for name, spec in sorted(MODELS.items()):  # the layers bt.tl.transfer adapts by default, where fixed per class
+        targets = vars(spec.network).get("lora_targets")
+        if isinstance(targets, tuple | dict):
+            keep(f"bitro.tl.models.MODELS[{name!r}].lora_targets", targets)
     for info in pkgutil.walk_packages(bitro.__path__, "bitro."):
         if info.name.endswith("__main__"):
             continue

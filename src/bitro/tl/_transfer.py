@@ -29,8 +29,8 @@ METHODS: tuple[str, ...] = ("lora", "full")
 #: map (``docs/benchmarks.md``, "When does transfer pay off?"): towards spots the adapters need larger steps (5e-3
 #: kept more of full fine-tuning's gain than 1e-3); towards bulk, with a few bulk profiles, 5e-3 overfits and 1e-3
 #: gained most.
-LORA_LR: dict[str, float] = {"spot": 5e-3, "bulk": 1e-3}
-FULL_LR: float = 1e-3
+DEFAULT_LORA_LR: dict[str, float] = {"spot": 5e-3, "bulk": 1e-3}
+DEFAULT_FULL_LR: float = 1e-3
 TRAIN_GENES: tuple[str, ...] = ("all", "new")
 
 
@@ -141,8 +141,9 @@ def transfer(
         Dropout on the LoRA branch input.
     target_modules
         Layers that get adapters (names or name suffixes of :class:`torch.nn.Linear` layers); default: the model's
-        own choice; for BiTro the attention query and value projections ``["q", "v"]`` (the others:
-        ``"in_proj"``, ``"k"``, ``"o"``, ``"ff1"``, ``"ff2"``).
+        own choice; for BiTro the attention query and value projections and, towards spots, the cell features'
+        input projection: ``["in_proj", "q", "v"]`` towards spots, ``["q", "v"]`` towards bulk (the others: ``"k"``,
+        ``"o"``, ``"ff1"``, ``"ff2"``); measured in ``docs/benchmarks.md``, "When does transfer pay off?".
     genes
         Genes to predict; default: the source model's genes found in ``data``.
     train_genes
@@ -198,9 +199,11 @@ def transfer(
     cluster_weight = getattr(source_arch, "cluster_weight", 0.0) if cluster_weight is None else cluster_weight
     params["cluster_weight"] = cluster_weight
     lora_default = getattr(model.nets[0], "lora_targets", ())
+    if isinstance(lora_default, dict):  # a choice by target level
+        lora_default = lora_default.get(target, ())
     params["target_modules"] = list(lora_default if target_modules is None else target_modules)
     if params["lr"] is None:
-        params["lr"] = LORA_LR.get(target, FULL_LR) if method == "lora" else FULL_LR
+        params["lr"] = DEFAULT_LORA_LR.get(target, DEFAULT_FULL_LR) if method == "lora" else DEFAULT_FULL_LR
     _check_params(params)
     table, cells = resolve_tables(data, target, cells=cells, table_key=table_key, cells_key=cells_key)
     counts = check_table(table, target)
