@@ -558,8 +558,8 @@ def feature_config(cells: AnnData, use_rep: str) -> dict[str, Any]:
 #: How to make the per-spot patch embedding a BiTro model with patch tokens reads (``patch_key`` of :func:`bitro.tl.fit`).
 PATCH_EMBEDDING_HOW = (
     "cut each spot's patches with `bt.pp.spot_patches(sdata, encoder='efficientnet', scales=3, fov='growing')` and "
-    "write the mean of each spot's tokens per scale, concatenated (spots x scales * 1280), into the spot table's "
-    ".obsm (as `build_embeddings` of benchmarks/her2st.py does)"
+    "write the mean of each spot's tokens per scale into the spot table with `bt.tl.spot_image_features(sdata)` "
+    "(.obsm['X_bitro_image'], spots x scales * 1280)"
 )
 
 

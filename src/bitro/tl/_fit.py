@@ -205,8 +205,9 @@ def fit(
         Multi-scale patch tokens beside the cell tokens (a BiTro option, spot targets): a per-spot image embedding in
         the spot table's ``.obsm`` (spots x ``patch_scales * d``; e.g. frozen EfficientNet-Lite0 embeddings of 150,
         300 and 600 um fields of view around each spot, concatenated: ``bt.pp.spot_patches(sdata,
-        encoder="efficientnet", scales=3, fov="growing")`` and the mean of each spot's tokens per scale, as
-        ``benchmarks/her2st.py --embed`` makes them). It is cut into ``patch_scales`` (a BiTro option, default 1)
+        encoder="efficientnet", scales=3, fov="growing")``, then the mean of each spot's tokens per scale,
+        :func:`bitro.tl.spot_image_features`: ``.obsm["X_bitro_image"]``, as ``benchmarks/her2st.py --embed``
+        makes them). It is cut into ``patch_scales`` (a BiTro option, default 1)
         equal chunks, one per scale, each standardised with the training spots' statistics (saved with the model)
         and projected by a linear layer of its own (a level-dependent embedding, as M2ORT's) into a token that
         joins the spot's Transformer sequence beside its cells and context cells: the cells attend to it, the
