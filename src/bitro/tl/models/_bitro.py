@@ -248,8 +248,8 @@ class BitroNet(CellBagNetwork):
     #: The layers :func:`bitro.tl.transfer` puts LoRA adapters on by default, by target level: the attention query
     #: and value projections of every Transformer layer (the LoRA paper's choice, Hu et al. 2021), and towards spots
     #: also the cell features' input projection, which re-maps the cells to the new level. Chosen by the transfer
-    #: map in ``docs/benchmarks.md``, "When does transfer pay off?": towards spots ``in_proj`` kept all of full
-    #: fine-tuning's gain where ``q``/``v`` alone kept three quarters; towards bulk (a few profiles) it gained less.
+    #: map in ``docs/benchmarks.md``, "When does transfer pay off?": towards spots, with ``in_proj`` LoRA kept 91% of
+    #: full fine-tuning's gain, with ``q``/``v`` alone 57%; towards bulk (a few profiles) ``in_proj`` gained less.
     lora_targets: ClassVar[dict[str, tuple[str, ...]]] = {"spot": ("in_proj", "q", "v"), "bulk": ("q", "v")}
 
     def __init__(self, arch: BitroArchitecture):
