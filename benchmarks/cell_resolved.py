@@ -27,6 +27,7 @@ CONFIGS = {
     "default": {},
     "gene readout": {"readout": "gene"},
     "no GAT": {"gat_layers": 0},
+    "no fields": {"field_radii": ()},
 }
 
 

@@ -26,7 +26,9 @@ size over all genes; ``log1p``: log1p of raw counts; ``hist2st``: log1p of count
   instead of the default 0.5);
 - multi-scale patch tokens (``--configs "patch tokens"``; issue #15 item 6): the ``rrr effnet`` row's spot embeddings
   (``--embed``) as three extra tokens (one per field of view, ``patch_key`` / ``patch_scales`` of ``bt.tl.fit``) in each
-  spot's Transformer sequence beside its cells;
+  spot's Transformer sequence beside its cells (the fields of cells below are left out then: they exclude each other);
+- fields of cells (``field_radii``, on by default; ``--configs "no fields"`` turns them off): the mean cell features
+  within 75, 150 and 300 um of each spot centre, one token each, beside its cells;
 - the batch-agnostic latent (issue #16; ``--configs "latent aux" "latent aux 0.3" "latent aux 3" "latent decode"
   "latent aux + decode" "atlas gene space 10"``): scVI (``bt.tl.expression_encoder``, batch = patient, 10 latent dimensions, 30 epochs) trained on the
   atlas's counts of the 785 genes without the held-out section's patient (``load_latent``; cached in
@@ -126,7 +128,10 @@ ABLATIONS = {
     # multi-scale patch tokens beside the cell tokens (issue #15 item 6): the ``rrr effnet`` row's spot embeddings
     # (``EMBED_PATCHES``, cached by ``--embed``), one token per field of view in each spot's Transformer sequence
     "patch tokens": {"patch_key": "effnet", "patch_scales": EMBED_PATCHES["scales"]},
+    # fields of cells (on by default): the mean cell features within 75, 150 and 300 um of each spot, one token each
+    "no fields": {"field_radii": ()},
 }
+
 
 
 # -- cache -------------------------------------------------------------------------------------------------

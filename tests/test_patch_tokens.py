@@ -76,7 +76,7 @@ def test_the_option_off_leaves_the_network_as_it_was(toy_tl):
     assert sum(p.numel() for p in now.parameters()) == sum(p.numel() for p in before.parameters())
     assert not any("patch" in name for name in now.state_dict())
     spots, cells = toy_tl
-    model = bt.tl.fit(spots, cells=cells, **TINY)
+    model = bt.tl.fit(spots, cells=cells, field_radii=(), **TINY)  # and no fields of cells (on by default)
     assert model.config.patch_key is None and "patch_key" not in model.config.to_dict()
     assert model.config.architecture.patch_dim == 0
     assert not any("patch" in name for name in model.nets[0].state_dict())

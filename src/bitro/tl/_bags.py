@@ -589,6 +589,52 @@ def patch_embeddings(table: AnnData, key: str, *, width: int | None = None) -> n
     return x
 
 
+def field_embeddings(spots: AnnData, cells: CellData, radii: Sequence[float]) -> np.ndarray:
+    """Each spot row's fields of cells: the mean features of the cells within each radius (um) of its centre.
+
+    Returns rows x ``len(radii) * n_features`` (float32), one block per radius in the order given; a field without a
+    cell holds zeros (the features' centre, as the scaler + PCA leaves them). Spot centres are ``.obsm["spatial"]`` in
+    the section's pixels, as for :func:`spot_bags`.
+    """
+    from scipy.spatial import cKDTree
+
+    s_sample, _, centres = _spot_rows(spots, cells)
+    n_feat = cells.n_features
+    out = np.zeros((spots.n_obs, len(radii) * n_feat), dtype=np.float32)
+    for sample in pd.unique(s_sample):
+        rows = np.flatnonzero(s_sample == sample)
+        cell_rows = np.flatnonzero(cells.sample == sample)
+        if not len(cell_rows):
+            continue
+        tree = cKDTree(cells.xy_um[cell_rows])
+        feats = np.asarray(cells.features[cell_rows], dtype=np.float32)
+        centre_um = centres[rows] * cells.pixel_size[sample]
+        for j, r in enumerate(radii):
+            found = tree.query_ball_point(centre_um, r)
+            counts = np.array([len(f) for f in found])
+            members = sp.csr_matrix(
+                (np.ones(int(counts.sum()), dtype=np.float32), np.concatenate(found).astype(np.int64),
+                 np.concatenate([[0], np.cumsum(counts)])),
+                shape=(len(rows), len(cell_rows)),
+            )
+            out[rows, j * n_feat : (j + 1) * n_feat] = (members @ feats) / np.maximum(counts, 1)[:, None]
+    return out
+
+
+def bag_embeddings(config: ModelConfig, table: AnnData, cells: CellData, *, target: str) -> np.ndarray | None:
+    """What the bags of ``table`` (rows of level ``target``) carry beside their cells for a model of ``config``.
+
+    The patch embedding (``patch_key``), the fields of cells (``field_radii``, :func:`field_embeddings`) or nothing;
+    bulk rows, which have no centre, carry nothing.
+    """
+    if target != "spot":
+        return None
+    if config.patch_key is not None:
+        return patch_embeddings(table, config.patch_key, width=config.architecture.patch_dim)
+    radii = getattr(config.architecture, "field_radii", ())
+    return field_embeddings(table, cells, radii) if radii else None
+
+
 def check_features(
     config: ModelConfig, reference: dict[str, Any], cells: AnnData, *, spots: AnnData | None = None
 ) -> None:

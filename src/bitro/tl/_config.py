@@ -195,8 +195,14 @@ class ModelConfig:
         patch_dim = getattr(c["architecture"], "patch_dim", 0)
         if c.get("patch_key") is not None and not (isinstance(c["patch_key"], str) and c["patch_key"]):
             fail(f"patch_key must be a non-empty string, got {c['patch_key']!r}")
-        if bool(c.get("patch_key")) != bool(patch_dim):
-            fail(f"patch_key ({c.get('patch_key')!r}) and the architecture's patch_dim ({patch_dim}) must be set together")
+        radii = getattr(c["architecture"], "field_radii", ())
+        if c.get("patch_key") and radii:
+            fail(f"patch_key ({c['patch_key']!r}) and the architecture's field_radii ({list(radii)}) exclude each other")
+        if bool(c.get("patch_key") or radii) != bool(patch_dim):
+            fail(
+                f"patch_key ({c.get('patch_key')!r}) or field_radii ({list(radii)}) and the architecture's patch_dim "
+                f"({patch_dim}) must be set together"
+            )
         scores = c.get("gene_scores")
         if scores is not None and (
             not isinstance(scores, dict) or not all(isinstance(v, list) and len(v) == len(genes) for v in scores.values())

@@ -213,8 +213,9 @@ def fit(
         joins the spot's Transformer sequence beside its cells and context cells: the cells attend to it, the
         pooling reads the cells (needs ``transformer_layers`` >= 1; cell dropout never drops it). Every row needs
         finite values; predicting then needs a spot table with the same ``.obsm`` key and width (measured spots
-        only: no virtual spots over the tissue, no slides without spots, no :func:`bitro.tl.transfer`). Measured in
-        ``docs/benchmarks.md`` ("Multi-scale patch tokens in BiTro").
+        only: no virtual spots over the tissue, no slides without spots, no :func:`bitro.tl.transfer`). The fields
+        of cells (``field_radii``, below) are left out with it. Measured in ``docs/benchmarks.md`` ("Multi-scale
+        patch tokens in BiTro").
     refit
         After early stopping, train again on all the training data (validation included) for the chosen
         number of epochs.
@@ -254,6 +255,13 @@ def fit(
           to the predicted profile (``retrieval_temperature``, 0.1); 0 switches it off, 1 predicts by retrieval
           alone. The training spots' targets are saved with the model (spots x genes float32 per network). Measured
           (``docs/benchmarks.md``, "Retrieval blended with regression").
+        - ``field_radii`` ((75, 150, 300) um for spot models; () for bulk models, with ``patch_key`` or without a
+          Transformer): fields of cells, one token per radius in each spot's Transformer sequence beside its cells,
+          the mean features of the cells within that distance of the spot's centre (fields of 150, 300 and 600 um),
+          standardised with the training spots' statistics and projected by a linear layer per radius. They come
+          from the cell table alone, so measured spots, virtual spots over the tissue and slides without spots all
+          get them; bulk bags (no centre; e.g. after :func:`bitro.tl.transfer` to bulk) leave them out. ``()``
+          switches them off. Measured (``docs/benchmarks.md``, "Fields of cells").
 
         M2ORT's and CMRCNet's options: :class:`bitro.tl.models.M2ORTArchitecture`,
         :class:`bitro.tl.models.CMRCNetArchitecture`.
@@ -274,6 +282,7 @@ def fit(
     from bitro.tl._bags import (
         cell_data,
         feature_config,
+        field_embeddings,
         log_cell_count,
         make_bags,
         patch_embeddings,
@@ -316,6 +325,19 @@ def fit(
     if patch_key is None and "patch_scales" in model_options:
         msg = "`patch_scales` cuts the patch embedding of `patch_key`, which is not given; give patch_key or drop patch_scales."
         raise ValueError(msg)
+    radii = tuple(getattr(probe, "field_radii", ()))
+    if radii and (target != "spot" or patch_key is not None or not probe.transformer_layers):
+        if model_options.get("field_radii"):
+            why = (
+                "a bulk model's bags have no centre"
+                if target != "spot"
+                else "they and the patch tokens of `patch_key` cannot be combined"
+                if patch_key is not None
+                else "they join the Transformer, which is off (transformer_layers=0)"
+            )
+            msg = f"`field_radii` gives each spot fields of cells, but {why}: set field_radii=()."
+            raise ValueError(msg)
+        radii = ()  # the default's fields only where spots have a centre and a Transformer reads them
     if genes is not None:
         genes = check_names("genes", genes)
     table, cells = resolve_tables(data, target, cells=cells, table_key=table_key, cells_key=cells_key)
@@ -329,7 +351,7 @@ def fit(
     aux_all = None if aux_key is None else aux_values(table, aux_key)
     patch_all = None if patch_key is None else patch_embeddings(table, patch_key)
     if patch_all is not None:  # the cut into scales and the Transformer checked before any work
-        dataclasses.replace(probe, patch_dim=patch_all.shape[1])
+        dataclasses.replace(probe, patch_dim=patch_all.shape[1], field_radii=())
     cells_data = cell_data(
         cells,
         use_rep=use_rep,
@@ -337,12 +359,13 @@ def fit(
         phenotype_key=phenotype_key,
         need_phenotype=probe.needs_phenotype,
     )
+    tokens = field_embeddings(table, cells_data, radii) if radii else patch_all
     features = feature_config(cells, use_rep)
     # a spot's patch is its whole input: no tokens of neighbouring spots' patches join it as context
     radius = 0.0 if patches else float(context_radius)
     settings = BagSettings(context_radius=radius, max_context=max_context, chunk_size=chunk_size)
     bags, keep = make_bags(
-        table, cells_data, target, settings, for_what="train", patches=patches, embeddings=patch_all
+        table, cells_data, target, settings, for_what="train", patches=patches, embeddings=tokens
     )
     samples = table.obs[Key.SAMPLE].astype(str).to_numpy()[keep]
     center = target == "spot" if center_samples is None else center_samples
@@ -361,10 +384,12 @@ def fit(
     )
     if aux is not None:
         arch = dataclasses.replace(arch, aux_dim=aux.shape[1])
+    if hasattr(arch, "field_radii"):
+        arch = dataclasses.replace(arch, field_radii=radii)
     build = spec.network
-    if patch_all is not None:
-        arch = dataclasses.replace(arch, patch_dim=patch_all.shape[1], patch_scales=arch.patch_scales or 1)
-        mean, std = patch_all[keep].mean(0), patch_all[keep].std(0)
+    if tokens is not None:
+        arch = dataclasses.replace(arch, patch_dim=tokens.shape[1], patch_scales=arch.patch_scales or len(radii) or 1)
+        mean, std = tokens[keep].mean(0), tokens[keep].std(0)
         std = np.where(std > 1e-6, std, 1.0)
 
         def build(a):

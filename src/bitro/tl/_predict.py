@@ -113,7 +113,9 @@ def predict(
     slide from all its cells. A patch model (``"m2ort"``, ``"cmrcnet"``) predicts the spots (measured or virtual)
     that ``bt.pp.spot_patches`` cut patches around, and no cells. A BiTro spot model with retrieval
     (``retrieval_weight``, the default of :func:`bitro.tl.fit`) blends each spot's prediction with the training
-    spots' measured profiles most similar to it; the cells keep the network's own values. A BiTro model with patch
+    spots' measured profiles most similar to it; the cells keep the network's own values. A BiTro spot model with
+    fields of cells (``field_radii``, the default of :func:`bitro.tl.fit`) computes each spot's and virtual spot's
+    fields from the cell table given here (the mean features of its cells within each radius). A BiTro model with patch
     tokens (``patch_key`` of :func:`bitro.tl.fit`) reads each spot's patch embedding from the spot table (same
     ``.obsm`` key and width as in training), so it predicts measured spots only, and their cells (``coverage="spots"``
     whatever is asked); a slide without a spot table holding it is refused.
@@ -186,11 +188,11 @@ def predict(
     """
     from bitro.pp._virtual import virtual_spots
     from bitro.tl._bags import (
+        bag_embeddings,
         bulk_bags,
         cell_data,
         check_cells_match_spots,
         check_features,
-        patch_embeddings,
         spot_bags,
     )
     from bitro.tl.models._base import predict_ensemble
@@ -255,7 +257,7 @@ def predict(
     if model.target == "spot":
         context = {"context_radius": bag_cfg.context_radius, "max_context": bag_cfg.max_context}
         if table is not None:
-            embedded = None if patch_key is None else patch_embeddings(table, patch_key)
+            embedded = bag_embeddings(model.config, table, feats, target="spot")
             if patch_key is not None and coverage == "tissue":  # virtual spots have no patch embedding
                 logger.info("A model with patch tokens predicts the cells of the measured spots only (coverage='spots').")
                 coverage = "spots"
@@ -276,7 +278,9 @@ def predict(
                 spots = virtual_spots(
                     cells[cells.obs[Key.SAMPLE].astype(str).isin(samples).to_numpy()], diameter_um=2 * radius
                 )
-            keep, y, cell_sum, n_bags = run(spot_bags(spots, feats, radius=radius, **context), "predict virtual spots")
+            fields = bag_embeddings(model.config, spots, feats, target="spot")
+            bags = spot_bags(spots, feats, radius=radius, patches=fields, **context)
+            keep, y, cell_sum, n_bags = run(bags, "predict virtual spots")
             if table is None:
                 spots.obs[Key.PREDICTED_FROM] = "spot"
                 spot_out = (spots[keep], y)

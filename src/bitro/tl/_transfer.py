@@ -188,7 +188,15 @@ def transfer(
     import torch
 
     from bitro.tl._adapters import add_lora, carry_genes, count_trained, merged_net, model_fingerprint
-    from bitro.tl._bags import cell_data, check_features, log_cell_count, make_bags, pooled_radius, resolve_tables
+    from bitro.tl._bags import (
+        bag_embeddings,
+        cell_data,
+        check_features,
+        log_cell_count,
+        make_bags,
+        pooled_radius,
+        resolve_tables,
+    )
     from bitro.tl._targets import check_table, select_genes, training_targets
     from bitro.tl._train import TrainOptions, split, train_ensemble
 
@@ -234,7 +242,8 @@ def transfer(
         phenotype_key=phenotype_key,
         need_phenotype=cluster_weight > 0,
     )
-    bags, keep = make_bags(table, data_cells, target, settings, for_what="fine-tune")
+    tokens = bag_embeddings(model.config, table, data_cells, target=target)  # a spot model's fields of cells
+    bags, keep = make_bags(table, data_cells, target, settings, for_what="fine-tune", embeddings=tokens)
     samples = table.obs[Key.SAMPLE].astype(str).to_numpy()[keep]
     center = target == "spot" if center_samples is None else center_samples
     genes, zscore, yz = training_targets(

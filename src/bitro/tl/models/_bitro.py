@@ -46,6 +46,10 @@ DEFAULT_GENE_RANK: int = 5
 #: predicted profile is blended with the similarity-weighted mean of the training spots' measured profiles
 #: (:meth:`BitroNet.retrieve`). Measured in ``docs/benchmarks.md`` ("Retrieval blended with regression").
 DEFAULT_RETRIEVAL_WEIGHT: float = 0.5
+#: The radii (um) of the fields of cells :func:`bitro.tl.fit` gives a new spot model (``field_radii``): each spot's
+#: sequence gets one token per radius, the mean features of the cells within it (fields of 150, 300 and 600 um, those
+#: of the multi-scale image baseline of the guide). Measured in ``docs/benchmarks.md`` ("Fields of cells").
+DEFAULT_FIELD_RADII: tuple[float, ...] = (75.0, 150.0, 300.0)
 
 
 @dataclass
@@ -98,6 +102,12 @@ class BitroArchitecture(Architecture):
     #: with the training spots' statistics and projected into the model by a linear layer of its own; the tokens join
     #: every spot's Transformer sequence beside its cells (attended to, not pooled). 0 with ``patch_dim``: 1.
     patch_scales: int = 0
+    #: Field tokens (radii in um; empty: none): each spot's sequence gets one token per radius, the mean features of
+    #: the cells within that distance of its centre, built from the cell table for any spot, measured or virtual, so
+    #: they need no image. They ride on the patch-token path (``patch_dim`` = radii x features, one scale per radius)
+    #: and are left out of bulk bags, which have no centre. Empty here, so that models saved before the option load as
+    #: they were; :func:`bitro.tl.fit` gives spot models :data:`DEFAULT_FIELD_RADII` unless told otherwise.
+    field_radii: tuple[float, ...] = ()
 
     data_fields = ("n_features", "n_genes", "size_mean", "size_std", "aux_dim", "patch_dim")
     extra_options = ("heads",)
@@ -127,6 +137,21 @@ class BitroArchitecture(Architecture):
                 f"{self.retrieval_weight!r} and {self.retrieval_temperature!r}."
             )
             raise ValueError(msg)
+        from bitro._checks import is_number
+
+        radii = self.field_radii
+        if not (
+            isinstance(radii, list | tuple) and all(is_number(r) and np.isfinite(r) and r > 0 for r in radii)
+        ) or len(set(radii)) != len(radii):
+            msg = f"`field_radii` must be distinct positive radii in um (e.g. (75, 150, 300); () for none), got {radii!r}."
+            raise ValueError(msg)
+        self.field_radii = tuple(float(r) for r in radii)
+        if self.field_radii and self.patch_dim and self.patch_dim != len(radii) * self.n_features:
+            msg = (
+                f"Field tokens give {len(radii)} x {self.n_features} features per spot, but patch_dim is "
+                f"{self.patch_dim}: fields of cells and a patch embedding (`patch_key`) cannot be combined."
+            )
+            raise ValueError(msg)
         if self.patch_dim:
             scales = self.patch_scales or 1
             if self.patch_dim % scales:
@@ -137,8 +162,8 @@ class BitroArchitecture(Architecture):
                 raise ValueError(msg)
             if self.transformer_layers < 1:
                 msg = (
-                    "Patch tokens (`patch_key`) join the cells in the Transformer, which is off (transformer_layers=0); "
-                    "set transformer_layers >= 1 or drop patch_key."
+                    "Patch or field tokens (`patch_key`, `field_radii`) join the cells in the Transformer, which is off "
+                    "(transformer_layers=0); set transformer_layers >= 1, or drop patch_key / set field_radii=()."
                 )
                 raise ValueError(msg)
         if self.cluster_weight < 0 or self.size_std <= 0:
@@ -161,6 +186,7 @@ class BitroArchitecture(Architecture):
             options = {"gat_heads": heads, "transformer_heads": heads, **options}
         options.setdefault("gene_rank", DEFAULT_GENE_RANK)
         options.setdefault("retrieval_weight", DEFAULT_RETRIEVAL_WEIGHT)
+        options.setdefault("field_radii", DEFAULT_FIELD_RADII)
         std = float(np.std(bag_sizes))
         stats = {"size_mean": float(np.mean(bag_sizes)), "size_std": std if std > 1e-6 else 1.0}
         return cls.from_dict({"n_features": n_features, "n_genes": n_genes, **stats, **options})
@@ -400,7 +426,8 @@ class BitroNet(CellBagNetwork):
         if len(self.transformer):
             hd, mask = to_dense_batch(h, batch.seq)
             n = hd.shape[1]
-            if self.arch.patch_dim:  # each sequence's patch tokens after its (padded) cells, never masked
+            # each sequence's patch (or field) tokens after its (padded) cells, never masked; bulk bags have no fields
+            if self.arch.patch_dim and (batch.patch is not None or not self.arch.field_radii):
                 if batch.patch is None:
                     msg = (
                         "This BiTro model reads each spot's patch embedding (`patch_key`), and the batch has none: "
