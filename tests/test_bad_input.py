@@ -95,6 +95,13 @@ for _id, _kw, _exc, _words in [
     ("fit_option_of_another_model", {"qkv": "per_level"}, TypeError, ("'qkv' is an option of model='m2ort'",)),
     ("fit_aux_key_missing", {"aux_key": "X_bitro_latent"}, KeyError, ("`.obsm['X_bitro_latent']`", "embed")),
     ("fit_aux_weight_without_aux_key", {"aux_weight": 0.5}, ValueError, ("`aux_weight`", "aux_key")),
+    ("fit_field_radii_negative", {"field_radii": [-5.0]}, ValueError, ("`field_radii`", "positive radii")),
+    (
+        "fit_field_radii_without_transformer",
+        {"field_radii": [75.0], "transformer_layers": 0},
+        ValueError,
+        ("`field_radii`", "transformer_layers=0", "field_radii=()"),
+    ),
 ]:
     case(_id, "fit", f"`fit({', '.join(f'{k}={v!r}' for k, v in _kw.items())})`", _exc, *_words)(
         lambda ctx, kw=_kw: fit(ctx, **kw)
