@@ -133,7 +133,6 @@ ABLATIONS = {
 }
 
 
-
 # -- cache -------------------------------------------------------------------------------------------------
 def build_cache(section: str) -> Path:
     """Segment one section, extract raw cell features with every encoder, and spot colour statistics."""
