@@ -610,13 +610,11 @@ def field_embeddings(spots: AnnData, cells: CellData, radii: Sequence[float]) ->
         feats = np.asarray(cells.features[cell_rows], dtype=np.float32)
         centre_um = centres[rows] * cells.pixel_size[sample]
         for j, r in enumerate(radii):
-            found = tree.query_ball_point(centre_um, r)
+            found = tree.query_ball_point(centre_um, r)  # each spot's cells within r
             counts = np.array([len(f) for f in found])
-            members = sp.csr_matrix(
-                (np.ones(int(counts.sum()), dtype=np.float32), np.concatenate(found).astype(np.int64),
-                 np.concatenate([[0], np.cumsum(counts)])),
-                shape=(len(rows), len(cell_rows)),
-            )
+            spot_of = np.repeat(np.arange(len(rows)), counts)
+            cell_of = np.concatenate(found).astype(np.int64)
+            members = sp.csr_matrix((np.ones(len(cell_of), np.float32), (spot_of, cell_of)), shape=(len(rows), len(cell_rows)))
             out[rows, j * n_feat : (j + 1) * n_feat] = (members @ feats) / np.maximum(counts, 1)[:, None]
     return out
 

@@ -426,14 +426,13 @@ class BitroNet(CellBagNetwork):
         if len(self.transformer):
             hd, mask = to_dense_batch(h, batch.seq)
             n = hd.shape[1]
-            # each sequence's patch (or field) tokens after its (padded) cells, never masked; bulk bags have no fields
-            if self.arch.patch_dim and (batch.patch is not None or not self.arch.field_radii):
-                if batch.patch is None:
-                    msg = (
-                        "This BiTro model reads each spot's patch embedding (`patch_key`), and the batch has none: "
-                        "predict measured spots from a spot table that holds it."
-                    )
-                    raise ValueError(msg)
+            if self.arch.patch_dim and batch.patch is None and not self.arch.field_radii:  # bulk bags have no fields
+                msg = (
+                    "This BiTro model reads each spot's patch embedding (`patch_key`), and the batch has none: "
+                    "predict measured spots from a spot table that holds it."
+                )
+                raise ValueError(msg)
+            if self.arch.patch_dim and batch.patch is not None:  # after the (padded) cells, never masked
                 tokens = self.patch_tokens(batch.patch)
                 hd = torch.cat([hd, tokens], dim=1)
                 mask = torch.cat([mask, mask.new_ones(tokens.shape[:2])], dim=1)
